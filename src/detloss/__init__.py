@@ -1,0 +1,42 @@
+"""detloss: object-detection training losses and the target assignment behind them.
+
+Layers (imports go left to right): boxes -> priors -> coders -> matching -> sampling ->
+functional -> detectors -> compat. See ``CONTRIBUTING.md`` and ``DESIGN.md``.
+"""
+__version__ = "0.1.0"
+
+from ._validate import set_value_checks
+from .boxes import (
+    aligned_box_iou,
+    box_area,
+    box_convert,
+    box_iou,
+    cxcywh_to_xyxy,
+    xywh_to_xyxy,
+    xyxy_to_cxcywh,
+    xyxy_to_xywh,
+)
+from .coders import (
+    decode_boxes,
+    decode_deltas,
+    decode_landmarks,
+    decode_yolo,
+    encode_boxes,
+    encode_deltas,
+    encode_landmarks,
+)
+from .priors import (
+    SSD_PRESETS,
+    SSDPriorConfig,
+    rcnn_anchors,
+    rcnn_base_anchors,
+    retinaface_priors,
+    retinanet_anchors,
+    ssd_priors,
+    yolo_grid,
+    yolov3_anchors,
+)
+from .targets import pad_ground_truth
+from . import functional
+
+# family exports (matching, sampling, detectors) are appended below by each family.

@@ -1,0 +1,189 @@
+"""Box maths: format conversion, area, and the IoU family (IoU, GIoU, DIoU, CIoU).
+
+Formats (the last dimension of a box tensor, always 4):
+
+* ``"xyxy"``   corners ``(x1, y1, x2, y2)``
+* ``"cxcywh"`` centre and size ``(cx, cy, w, h)``
+* ``"xywh"``   top-left corner and size ``(x, y, w, h)``
+
+Coordinates may be normalised or pixels; nothing here cares, as long as both arguments
+use the same. Every IoU-family function takes ``xyxy`` boxes and:
+
+* computes in float32 when given float16/bfloat16 (float64 stays float64), so half
+  precision neither overflows nor loses the small epsilons;
+* treats inverted boxes (``x2 < x1``) as empty and returns finite values with finite
+  gradients for zero-area boxes (the denominators are clamped at ``eps``);
+* works on any leading (batch) dimensions.
+
+Papers: GIoU, Rezatofighi et al. 2019 (arXiv:1902.09630); DIoU and CIoU, Zheng et al. 2020
+(arXiv:1911.08287).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+from ._validate import require_boxes, require_choice
+
+BoxFormat = Literal["xyxy", "cxcywh", "xywh"]
+IoUKind = Literal["iou", "giou", "diou", "ciou"]
+
+BOX_FORMATS = ("xyxy", "cxcywh", "xywh")
+IOU_KINDS = ("iou", "giou", "diou", "ciou")
+DEFAULT_EPS = 1e-7
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype box maths runs in for ``x``: float32 for half types, else ``x.dtype``."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """``(..., 4)`` centre-size boxes -> ``(..., 4)`` corner boxes."""
+    centre, size = boxes[..., :2], boxes[..., 2:]
+    return torch.cat((centre - size / 2, centre + size / 2), dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    """``(..., 4)`` corner boxes -> ``(..., 4)`` centre-size boxes."""
+    low, high = boxes[..., :2], boxes[..., 2:]
+    return torch.cat(((high + low) / 2, high - low), dim=-1)
+
+
+def xywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """``(..., 4)`` top-left-size boxes -> ``(..., 4)`` corner boxes."""
+    return torch.cat((boxes[..., :2], boxes[..., :2] + boxes[..., 2:]), dim=-1)
+
+
+def xyxy_to_xywh(boxes: Tensor) -> Tensor:
+    """``(..., 4)`` corner boxes -> ``(..., 4)`` top-left-size boxes."""
+    return torch.cat((boxes[..., :2], boxes[..., 2:] - boxes[..., :2]), dim=-1)
+
+
+_TO_XYXY = {"xyxy": lambda b: b, "cxcywh": cxcywh_to_xyxy, "xywh": xywh_to_xyxy}
+_FROM_XYXY = {"xyxy": lambda b: b, "cxcywh": xyxy_to_cxcywh, "xywh": xyxy_to_xywh}
+
+
+def box_convert(boxes: Tensor, in_fmt: BoxFormat, out_fmt: BoxFormat) -> Tensor:
+    """Convert ``(..., 4)`` boxes between ``"xyxy"``, ``"cxcywh"`` and ``"xywh"``.
+
+    >>> box_convert(torch.tensor([[0.5, 0.5, 1.0, 2.0]]), "cxcywh", "xyxy")
+    tensor([[ 0.0000, -0.5000,  1.0000,  1.5000]])
+    """
+    require_choice(in_fmt, "in_fmt", BOX_FORMATS)
+    require_choice(out_fmt, "out_fmt", BOX_FORMATS)
+    require_boxes(boxes, "boxes")
+    if in_fmt == out_fmt:
+        return boxes
+    return _FROM_XYXY[out_fmt](_TO_XYXY[in_fmt](boxes))
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of ``(..., 4)`` xyxy boxes -> ``(...)``; inverted boxes have area 0."""
+    require_boxes(boxes, "boxes")
+    boxes = boxes.to(compute_dtype(boxes))
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+
+
+def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float) -> Tensor:
+    """IoU-family value of broadcastable xyxy boxes ``a (..., 4)`` and ``b (..., 4)``.
+
+    Works coordinate by coordinate so a pairwise call (``a[..., :, None, :]`` against
+    ``b[..., None, :, :]``) allocates ``(..., N, M)`` temporaries, never ``(..., N, M, 2)``.
+    The plain IoU follows the operation order of the original SSD code (widths times
+    heights, ``inter / (area_a + area_b - inter)``), so float32 results are bit-identical
+    to it wherever the union exceeds ``eps``.
+    """
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    inter_w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
+    inter_h = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
+    inter = inter_w * inter_h
+    aw, ah = (ax2 - ax1).clamp(min=0), (ay2 - ay1).clamp(min=0)
+    bw, bh = (bx2 - bx1).clamp(min=0), (by2 - by1).clamp(min=0)
+    union = aw * ah + bw * bh - inter
+    iou = inter / union.clamp(min=eps)
+    if kind == "iou":
+        return iou
+    enclose_w = torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)
+    enclose_h = torch.maximum(ay2, by2) - torch.minimum(ay1, by1)
+    if kind == "giou":
+        enclose = (enclose_w * enclose_h).clamp(min=eps)
+        return iou - (enclose - union) / enclose
+    diag_sq = (enclose_w**2 + enclose_h**2).clamp(min=eps)
+    centre_sq = ((ax1 + ax2 - bx1 - bx2) ** 2 + (ay1 + ay2 - by1 - by2) ** 2) / 4
+    diou = iou - centre_sq / diag_sq
+    if kind == "diou":
+        return diou
+    v = (4 / math.pi**2) * (torch.atan(bw / (bh + eps)) - torch.atan(aw / (ah + eps))) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v).clamp(min=eps)
+    return diou - alpha * v
+
+
+def _prepare_pair(boxes1: Tensor, boxes2: Tensor, eps: Optional[float], kind: str):
+    require_boxes(boxes1, "boxes1")
+    require_boxes(boxes2, "boxes2")
+    require_choice(kind, "kind", IOU_KINDS)
+    dtype = torch.promote_types(compute_dtype(boxes1), compute_dtype(boxes2))
+    return boxes1.to(dtype), boxes2.to(dtype), DEFAULT_EPS if eps is None else eps
+
+
+def aligned_box_iou(
+    boxes1: Tensor, boxes2: Tensor, kind: IoUKind = "iou", eps: Optional[float] = None
+) -> Tensor:
+    """Element-wise IoU-family value of xyxy boxes ``(..., 4)`` and ``(..., 4)`` -> ``(...)``.
+
+    The leading dimensions broadcast. ``kind`` is ``"iou"``, ``"giou"``, ``"diou"`` or
+    ``"ciou"``. Values lie in [0, 1] for IoU and [-1, 1] for the others.
+    """
+    boxes1, boxes2, eps = _prepare_pair(boxes1, boxes2, eps, kind)
+    return _iou_family(boxes1, boxes2, kind, eps)
+
+
+def box_iou(
+    boxes1: Tensor,
+    boxes2: Tensor,
+    kind: IoUKind = "iou",
+    eps: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Pairwise IoU-family matrix of xyxy boxes ``(..., N, 4)`` x ``(..., M, 4)`` -> ``(..., N, M)``.
+
+    Unbatched ``(N, 4) x (M, 4)`` and batched ``(B, N, 4) x (B, M, 4)`` inputs both work; the
+    leading dimensions must be equal. ``chunk_size`` bounds the temporaries to
+    ``chunk_size x M`` per leading index by filling the output ``chunk_size`` rows of
+    ``boxes1`` at a time (use it for hundreds of thousands of anchors); the result is the same.
+
+    >>> a = torch.tensor([[0., 0., 2., 2.]]); b = torch.tensor([[1., 1., 3., 3.], [5., 5., 6., 6.]])
+    >>> box_iou(a, b)
+    tensor([[0.1429, 0.0000]])
+    """
+    boxes1, boxes2, eps = _prepare_pair(boxes1, boxes2, eps, kind)
+    if boxes1.dim() < 2 or boxes2.dim() < 2:
+        raise ValueError(
+            f"boxes1, boxes2: expected shapes (..., N, 4) and (..., M, 4), "
+            f"got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
+        )
+    if boxes1.shape[:-2] != boxes2.shape[:-2]:
+        raise ValueError(
+            f"boxes1, boxes2: expected equal leading (batch) dimensions, "
+            f"got {tuple(boxes1.shape[:-2])} and {tuple(boxes2.shape[:-2])}"
+        )
+    n = boxes1.shape[-2]
+    if chunk_size is None or n <= chunk_size:
+        return _iou_family(boxes1.unsqueeze(-2), boxes2.unsqueeze(-3), kind, eps)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
+    out = boxes1.new_empty(boxes1.shape[:-1] + boxes2.shape[-2:-1])
+    b = boxes2.unsqueeze(-3)
+    for start in range(0, n, chunk_size):
+        a = boxes1[..., start : start + chunk_size, :].unsqueeze(-2)
+        out[..., start : start + chunk_size, :] = _iou_family(a, b, kind, eps)
+    return out

@@ -1,0 +1,225 @@
+"""Box coders: regression targets from matched boxes, and back.
+
+* Variance coder (SSD, RetinaFace): :func:`encode_boxes`, :func:`decode_boxes`,
+  :func:`encode_landmarks`, :func:`decode_landmarks`. Priors are normalised
+  ``(cx, cy, w, h)``; boxes are ``xyxy`` in the same units.
+* R-CNN delta coder (Faster R-CNN, RetinaNet): :func:`encode_deltas`, :func:`decode_deltas`,
+  with means/stds (or weights) and the ``+1`` pixel convention of the Caffe/TF originals
+  as an option.
+* YOLO grid decode: :func:`decode_yolo`.
+
+Arithmetic follows the originals' operation order, so float32 results agree with them to
+the last bit or two. Degenerate (zero or negative size) boxes give finite targets: the size
+ratio entering the logarithm is clamped at ``min_ratio`` instead of producing ``-inf``;
+the exponent of a decoded size is clamped at ``max_log_scale`` instead of overflowing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._validate import require_boxes, require_floating
+from .priors import yolo_grid
+
+DEFAULT_VARIANCES = (0.1, 0.2)
+MIN_RATIO = 1e-6
+MAX_LOG_SCALE = math.log(1000.0 / 16)
+
+
+def _check_variances(variances: Sequence[float]) -> tuple[float, float]:
+    if len(variances) != 2 or min(variances) <= 0:
+        raise ValueError(f"variances: expected two positive numbers (centre, size), got {variances!r}")
+    return float(variances[0]), float(variances[1])
+
+
+def encode_boxes(
+    matched: Tensor,
+    priors: Tensor,
+    variances: Sequence[float] = DEFAULT_VARIANCES,
+    *,
+    min_ratio: float = MIN_RATIO,
+) -> Tensor:
+    """SSD variance encoding of ``matched (..., 4)`` xyxy boxes against ``priors (..., 4)`` cxcywh.
+
+    ``((g_c - p_c) / (v0 * p_wh), log(g_wh / p_wh) / v1)``; shapes broadcast; the result is
+    ``(..., 4)``. ``g_wh / p_wh`` is clamped at ``min_ratio`` so a zero-size box gives a
+    large but finite target.
+    """
+    require_boxes(matched, "matched")
+    require_boxes(priors, "priors")
+    v0, v1 = _check_variances(variances)
+    g_cxcy = (matched[..., :2] + matched[..., 2:]) / 2 - priors[..., :2]
+    g_cxcy = g_cxcy / (v0 * priors[..., 2:])
+    g_wh = (matched[..., 2:] - matched[..., :2]) / priors[..., 2:]
+    g_wh = torch.log(g_wh.clamp(min=min_ratio)) / v1
+    return torch.cat([g_cxcy, g_wh], dim=-1)
+
+
+def decode_boxes(
+    loc: Tensor,
+    priors: Tensor,
+    variances: Sequence[float] = DEFAULT_VARIANCES,
+    *,
+    max_log_scale: float = MAX_LOG_SCALE,
+) -> Tensor:
+    """Invert :func:`encode_boxes`: ``loc (..., 4)`` offsets, ``priors (..., 4)`` cxcywh -> xyxy.
+
+    The size exponent ``loc_wh * v1`` is clamped at ``max_log_scale`` (log(1000/16)).
+    """
+    require_floating(loc, "loc")
+    require_boxes(priors, "priors")
+    v0, v1 = _check_variances(variances)
+    centre = priors[..., :2] + loc[..., :2] * v0 * priors[..., 2:]
+    size = priors[..., 2:] * torch.exp((loc[..., 2:] * v1).clamp(max=max_log_scale))
+    low = centre - size / 2
+    return torch.cat([low, low + size], dim=-1)
+
+
+def encode_landmarks(
+    matched: Tensor, priors: Tensor, variances: Sequence[float] = DEFAULT_VARIANCES
+) -> Tensor:
+    """Encode ``matched (..., 2K)`` points ``(x0, y0, x1, y1, ...)`` against ``priors (..., 4)`` cxcywh.
+
+    Each point becomes ``(pt - p_c) / (v0 * p_wh)``; the result is ``(..., 2K)`` in the same
+    interleaved order (RetinaFace uses K = 5).
+    """
+    require_floating(matched, "matched")
+    require_boxes(priors, "priors")
+    if matched.shape[-1] % 2:
+        raise ValueError(f"matched: expected an even last dimension (x, y pairs), got {tuple(matched.shape)}")
+    v0, _ = _check_variances(variances)
+    points = matched.unflatten(-1, (-1, 2))
+    centre, size = priors[..., None, :2], priors[..., None, 2:]
+    return ((points - centre) / (v0 * size)).flatten(-2)
+
+
+def decode_landmarks(
+    pre: Tensor, priors: Tensor, variances: Sequence[float] = DEFAULT_VARIANCES
+) -> Tensor:
+    """Invert :func:`encode_landmarks`: ``pre (..., 2K)``, ``priors (..., 4)`` -> points ``(..., 2K)``."""
+    require_floating(pre, "pre")
+    require_boxes(priors, "priors")
+    if pre.shape[-1] % 2:
+        raise ValueError(f"pre: expected an even last dimension (x, y pairs), got {tuple(pre.shape)}")
+    v0, _ = _check_variances(variances)
+    offsets = pre.unflatten(-1, (-1, 2))
+    return (priors[..., None, :2] + offsets * v0 * priors[..., None, 2:]).flatten(-2)
+
+
+def _delta_stats(values: Optional[Sequence[float]], default: float, name: str, ref: Tensor) -> Optional[Tensor]:
+    if values is None:
+        return None
+    if len(values) != 4:
+        raise ValueError(f"{name}: expected 4 numbers (dx, dy, dw, dh), got {values!r}")
+    if all(v == default for v in values):
+        return None
+    return torch.tensor(values, dtype=ref.dtype, device=ref.device)
+
+
+def encode_deltas(
+    boxes: Tensor,
+    reference: Tensor,
+    *,
+    means: Optional[Sequence[float]] = None,
+    stds: Optional[Sequence[float]] = None,
+    pixel_offset: float = 0.0,
+    min_ratio: float = MIN_RATIO,
+) -> Tensor:
+    """R-CNN deltas of ``boxes (..., 4)`` relative to ``reference (..., 4)``, both xyxy.
+
+    ``dx = (g_cx - r_cx) / r_w``, ``dw = log(g_w / r_w)`` (same for y, h), then
+    ``(delta - means) / stds``. ``pixel_offset=1.0`` is the inclusive-pixel convention of
+    py-faster-rcnn / tf-faster-rcnn (``w = x2 - x1 + 1``); 0 (torchvision, detectron2) by
+    default. Weights in the torchvision style ``(wx, wy, ww, wh)`` are ``stds = 1 / w``.
+    """
+    require_boxes(boxes, "boxes")
+    require_boxes(reference, "reference")
+    r_w = reference[..., 2] - reference[..., 0] + pixel_offset
+    r_h = reference[..., 3] - reference[..., 1] + pixel_offset
+    r_cx = reference[..., 0] + 0.5 * r_w
+    r_cy = reference[..., 1] + 0.5 * r_h
+    g_w = boxes[..., 2] - boxes[..., 0] + pixel_offset
+    g_h = boxes[..., 3] - boxes[..., 1] + pixel_offset
+    g_cx = boxes[..., 0] + 0.5 * g_w
+    g_cy = boxes[..., 1] + 0.5 * g_h
+    deltas = torch.stack(
+        (
+            (g_cx - r_cx) / r_w,
+            (g_cy - r_cy) / r_h,
+            torch.log((g_w / r_w).clamp(min=min_ratio)),
+            torch.log((g_h / r_h).clamp(min=min_ratio)),
+        ),
+        dim=-1,
+    )
+    mean_t = _delta_stats(means, 0.0, "means", deltas)
+    std_t = _delta_stats(stds, 1.0, "stds", deltas)
+    if mean_t is not None:
+        deltas = deltas - mean_t
+    if std_t is not None:
+        deltas = deltas / std_t
+    return deltas
+
+
+def decode_deltas(
+    deltas: Tensor,
+    reference: Tensor,
+    *,
+    means: Optional[Sequence[float]] = None,
+    stds: Optional[Sequence[float]] = None,
+    pixel_offset: float = 0.0,
+    max_log_scale: float = MAX_LOG_SCALE,
+) -> Tensor:
+    """Invert :func:`encode_deltas`: ``deltas (..., 4)`` on ``reference (..., 4)`` xyxy -> xyxy.
+
+    ``dw``/``dh`` are clamped at ``max_log_scale`` (log(1000/16)) before ``exp``.
+    """
+    require_floating(deltas, "deltas")
+    require_boxes(reference, "reference")
+    std_t = _delta_stats(stds, 1.0, "stds", deltas)
+    mean_t = _delta_stats(means, 0.0, "means", deltas)
+    if std_t is not None:
+        deltas = deltas * std_t
+    if mean_t is not None:
+        deltas = deltas + mean_t
+    r_w = reference[..., 2] - reference[..., 0] + pixel_offset
+    r_h = reference[..., 3] - reference[..., 1] + pixel_offset
+    r_cx = reference[..., 0] + 0.5 * r_w
+    r_cy = reference[..., 1] + 0.5 * r_h
+    cx = deltas[..., 0] * r_w + r_cx
+    cy = deltas[..., 1] * r_h + r_cy
+    w = torch.exp(deltas[..., 2].clamp(max=max_log_scale)) * r_w
+    h = torch.exp(deltas[..., 3].clamp(max=max_log_scale)) * r_h
+    return torch.stack(
+        (cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - pixel_offset, cy + 0.5 * h - pixel_offset), dim=-1
+    )
+
+
+def decode_yolo(
+    raw: Tensor,
+    anchors: Tensor,
+    stride: float,
+    *,
+    max_log_scale: float = 10.0,
+) -> Tensor:
+    """YOLOv3 box decode of ``raw (B, H, W, A, 4)`` ``(tx, ty, tw, th)`` -> ``(B, H, W, A, 4)``.
+
+    Centre ``(sigmoid(t_xy) + cell) * stride`` with x the column and y the row; size
+    ``exp(t_wh) * anchor * stride``; the output is ``(cx, cy, w, h)`` in input pixels.
+    ``anchors (A, 2)`` are ``(w, h)`` in grid units of this scale (tensorflow-yolov3's
+    layout). ``t_wh`` is clamped at ``max_log_scale`` so ``exp`` cannot overflow.
+    """
+    require_floating(raw, "raw")
+    if raw.dim() != 5 or raw.shape[-1] != 4:
+        raise ValueError(f"raw: expected shape (B, H, W, A, 4), got {tuple(raw.shape)}")
+    if anchors.shape != (raw.shape[3], 2):
+        raise ValueError(
+            f"anchors: expected shape (A={raw.shape[3]}, 2), got {tuple(anchors.shape)}"
+        )
+    grid = yolo_grid(raw.shape[1], raw.shape[2], device=raw.device, dtype=raw.dtype)
+    grid = grid[None, :, :, None, :]
+    xy = (torch.sigmoid(raw[..., :2]) + grid) * stride
+    wh = (torch.exp(raw[..., 2:].clamp(max=max_log_scale)) * anchors.to(raw.dtype)) * stride
+    return torch.cat((xy, wh), dim=-1)

@@ -1,0 +1,29 @@
+"""Element-wise detection losses, each with ``weight``, ``reduction`` and ``normalizer``.
+
+Weights, reductions and the positive-count normaliser are implemented once in
+:mod:`detloss.functional.reduce`; every loss here computes its element-wise value and
+hands it over.
+"""
+from .classification import (
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    sigmoid_focal_loss,
+    softmax_focal_loss,
+)
+from .dice import dice_loss
+from .iou import iou_loss
+from .reduce import positive_normalizer, weighted_reduce
+from .regression import l1_loss, smooth_l1_loss
+
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "dice_loss",
+    "iou_loss",
+    "l1_loss",
+    "positive_normalizer",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+    "softmax_focal_loss",
+    "weighted_reduce",
+]

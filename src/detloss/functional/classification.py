@@ -1,0 +1,135 @@
+"""Classification losses: softmax cross-entropy, binary cross-entropy, sigmoid and softmax focal.
+
+All take raw logits, compute in float32 (float64 stays float64) with log-sum-exp /
+log-sigmoid formulations that do not overflow at large logits, and reduce through
+:func:`detloss.functional.weighted_reduce`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._validate import require_floating, require_integer
+from .reduce import Reduction, weighted_reduce
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _check_pair(logits: Tensor, targets: Tensor) -> None:
+    require_floating(logits, "logits")
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"targets: expected the shape of logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
+        )
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    weight: Optional[Tensor] = None,
+    reduction: Reduction = "mean",
+    normalizer: Optional[Union[Tensor, float]] = None,
+) -> Tensor:
+    """Softmax cross-entropy of ``logits (..., C)`` against class indices ``target (...)``.
+
+    Entries whose target equals ``ignore_index`` contribute exactly 0 and are left out of
+    the ``"mean"`` divisor (as are zero-weight entries). Targets outside ``[0, C)`` other
+    than ``ignore_index`` are an error of the caller; they are clamped, not checked, here
+    so the loss stays free of host synchronisation.
+    """
+    require_floating(logits, "logits")
+    require_integer(target, "target")
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"target: expected shape {tuple(logits.shape[:-1])} (logits without the class "
+            f"dimension), got {tuple(target.shape)}"
+        )
+    keep = target != ignore_index
+    safe_target = torch.where(keep, target, 0).clamp(0, logits.shape[-1] - 1)
+    log_prob = F.log_softmax(_acc(logits), dim=-1)
+    loss = -log_prob.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    keep_weight = keep.to(loss.dtype)
+    weight = keep_weight if weight is None else keep_weight * weight
+    return weighted_reduce(loss, weight, reduction, normalizer)
+
+
+def binary_cross_entropy_with_logits(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    weight: Optional[Tensor] = None,
+    reduction: Reduction = "mean",
+    normalizer: Optional[Union[Tensor, float]] = None,
+) -> Tensor:
+    """Sigmoid binary cross-entropy of ``logits (...)`` against (soft) ``targets (...)`` in [0, 1].
+
+    ``max(x, 0) - x * t + log(1 + exp(-|x|))``: the same stable form as TensorFlow's
+    ``sigmoid_cross_entropy_with_logits``.
+    """
+    _check_pair(logits, targets)
+    x, t = _acc(logits), _acc(targets)
+    loss = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+    return weighted_reduce(loss, weight, reduction, normalizer)
+
+
+def sigmoid_focal_loss(
+    logits: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    *,
+    weight: Optional[Tensor] = None,
+    reduction: Reduction = "mean",
+    normalizer: Optional[Union[Tensor, float]] = None,
+) -> Tensor:
+    """Sigmoid focal loss (Lin et al. 2017, arXiv:1708.02002) of ``logits (...)``.
+
+    ``alpha_t * |t - p|**gamma * BCE(x, t)`` with ``p = sigmoid(x)`` and
+    ``alpha_t = alpha * t + (1 - alpha) * (1 - t)``. For 0/1 targets ``|t - p| = 1 - p_t``,
+    the paper's form; soft targets are allowed. ``alpha < 0`` disables the alpha weighting
+    (then ``alpha=-1, gamma=0`` is plain BCE). The modulating factor is not detached: its
+    gradient flows, as in the paper and in YOLOv3's objectness focal term.
+    """
+    _check_pair(logits, targets)
+    x, t = _acc(logits), _acc(targets)
+    loss = binary_cross_entropy_with_logits(x, t, reduction="none")
+    if gamma != 0:
+        loss = loss * (t - torch.sigmoid(x)).abs() ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+    return weighted_reduce(loss, weight, reduction, normalizer)
+
+
+def softmax_focal_loss(
+    logits: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    *,
+    alpha: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    weight: Optional[Tensor] = None,
+    reduction: Reduction = "mean",
+    normalizer: Optional[Union[Tensor, float]] = None,
+) -> Tensor:
+    """Softmax focal loss ``-alpha[y] * (1 - p_y)**gamma * log p_y`` of ``logits (..., C)``.
+
+    ``target (...)`` holds class indices; ``alpha`` is an optional per-class weight ``(C,)``;
+    ``ignore_index`` entries contribute 0. ``gamma = 0`` and no ``alpha`` is cross-entropy.
+    """
+    require_integer(target, "target")
+    keep = target != ignore_index
+    safe_target = torch.where(keep, target, 0).clamp(0, logits.shape[-1] - 1)
+    ce = cross_entropy(logits, safe_target, reduction="none")
+    loss = ce * (1 - torch.exp(-ce)) ** gamma if gamma != 0 else ce
+    if alpha is not None:
+        loss = loss * alpha.to(loss.dtype)[safe_target]
+    keep_weight = keep.to(loss.dtype)
+    weight = keep_weight if weight is None else keep_weight * weight
+    return weighted_reduce(loss, weight, reduction, normalizer)

@@ -1,0 +1,33 @@
+"""Dice loss on probabilities or logits (for mask-like targets)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reduce import Reduction, weighted_reduce
+
+
+def dice_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    smooth: float = 1.0,
+    weight: Optional[Tensor] = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """``1 - (2 |P.T| + s) / (|P| + |T| + s)`` per item, ``P = sigmoid(logits)``.
+
+    ``logits`` and ``targets`` are ``(N, ...)``; the sums run over all but the first
+    dimension, giving one loss per item ``(N,)`` before ``weight``/``reduction``.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"targets: expected the shape of logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
+        )
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    p = torch.sigmoid(logits.to(dtype)).flatten(1)
+    t = targets.to(dtype).flatten(1)
+    loss = 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return weighted_reduce(loss, weight, reduction)

@@ -1,0 +1,96 @@
+"""Weights, reduction and normalisation, written once for every element-wise loss.
+
+Every loss in :mod:`detloss.functional` computes an element-wise loss tensor and hands it to
+:func:`weighted_reduce`, so ``weight``, ``reduction`` and ``normalizer`` behave the same
+everywhere. Reductions run in float32 (float64 stays float64).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._validate import require_choice
+
+Reduction = Literal["none", "sum", "mean"]
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _accumulate_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def weighted_reduce(
+    loss: Tensor,
+    weight: Optional[Tensor] = None,
+    reduction: Reduction = "mean",
+    normalizer: Optional[Union[Tensor, float]] = None,
+) -> Tensor:
+    """Apply ``weight`` to an element-wise ``loss`` and reduce it.
+
+    Args:
+        loss: element-wise loss, any shape.
+        weight: optional, broadcastable to ``loss``; a zero weight removes an element
+            from the value exactly (selected away, not multiplied, so an inf there does not
+            turn into NaN).
+        reduction: ``"none"`` (weighted element-wise loss, same shape), ``"sum"``, or
+            ``"mean"``. For ``"mean"`` with a weight the divisor is the sum of the
+            weights (clamped to at least 1e-12); without, the number of elements (an empty
+            input gives 0, not NaN).
+        normalizer: if given, the weighted sum is divided by it instead (a positive-count
+            normaliser, for example); ``reduction`` must then be ``"sum"`` or ``"mean"``.
+
+    Returns:
+        A 0-d tensor (float32 or float64), or the weighted loss for ``"none"``.
+    """
+    require_choice(reduction, "reduction", REDUCTIONS)
+    acc = _accumulate_dtype(loss)
+    loss = loss.to(acc)
+    if weight is not None:
+        weight = weight.to(acc)
+        loss = torch.where(weight != 0, loss * weight, loss.new_zeros(()))
+    if reduction == "none":
+        if normalizer is not None:
+            raise ValueError("normalizer: expected None with reduction='none'")
+        return loss
+    total = loss.sum()
+    if normalizer is not None:
+        return total / normalizer
+    if reduction == "sum":
+        return total
+    if weight is None:
+        return total / max(loss.numel(), 1)
+    return total / torch.broadcast_to(weight, loss.shape).sum().clamp(min=1e-12)
+
+
+def positive_normalizer(
+    num_pos: Tensor,
+    *,
+    distributed: bool = False,
+    min_value: float = 1.0,
+) -> Tensor:
+    """The loss divisor built from a count of positives, safe for zero and for DDP.
+
+    Args:
+        num_pos: count of positives on this process, any shape (summed), any dtype; its
+            gradient is never taken.
+        distributed: when True and ``torch.distributed`` is initialised, the count is
+            all-reduced (summed) over processes, clamped to ``min_value``, and divided by the
+            world size. DDP averages gradients over processes, so each process then
+            contributes exactly ``1 / world_size`` of the single-process gradient on the
+            whole batch, whatever the split of positives, including steps where one process
+            has none.
+        min_value: lower bound of the (global) count, 1 by default, so a batch without
+            positives divides by 1 instead of 0.
+
+    Returns:
+        A 0-d float32 tensor (float64 if ``num_pos`` is float64) on ``num_pos``'s device.
+    """
+    count = num_pos.detach().to(_accumulate_dtype(num_pos)).sum()
+    if distributed and dist.is_available() and dist.is_initialized():
+        count = count.clone()
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        return count.clamp(min=min_value) / dist.get_world_size()
+    return count.clamp(min=min_value)

@@ -1,0 +1,1 @@
+"""detloss.sampling"""
