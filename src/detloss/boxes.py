@@ -91,7 +91,17 @@ def box_area(boxes: Tensor) -> Tensor:
     return (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
 
 
-def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float) -> Tensor:
+def _tf_minimum(x: Tensor, y: Tensor) -> Tensor:
+    """``minimum`` whose gradient goes to ``x`` on ties (TensorFlow's rule)."""
+    return torch.where(x <= y, x, y)
+
+
+def _tf_maximum(x: Tensor, y: Tensor) -> Tensor:
+    """``maximum`` whose gradient goes to ``x`` on ties (TensorFlow's rule)."""
+    return torch.where(x >= y, x, y)
+
+
+def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split") -> Tensor:
     """IoU-family value of broadcastable xyxy boxes ``a (..., 4)`` and ``b (..., 4)``.
 
     Works coordinate by coordinate so a pairwise call (``a[..., :, None, :]`` against
@@ -100,10 +110,11 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float) -> Tensor:
     heights, ``inter / (area_a + area_b - inter)``), so float32 results are bit-identical
     to it wherever the union exceeds ``eps``.
     """
+    minimum, maximum = (torch.minimum, torch.maximum) if ties == "split" else (_tf_minimum, _tf_maximum)
     ax1, ay1, ax2, ay2 = a.unbind(-1)
     bx1, by1, bx2, by2 = b.unbind(-1)
-    inter_w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
-    inter_h = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
+    inter_w = (minimum(ax2, bx2) - maximum(ax1, bx1)).clamp(min=0)
+    inter_h = (minimum(ay2, by2) - maximum(ay1, by1)).clamp(min=0)
     inter = inter_w * inter_h
     aw, ah = (ax2 - ax1).clamp(min=0), (ay2 - ay1).clamp(min=0)
     bw, bh = (bx2 - bx1).clamp(min=0), (by2 - by1).clamp(min=0)
@@ -111,8 +122,8 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float) -> Tensor:
     iou = inter / union.clamp(min=eps)
     if kind == "iou":
         return iou
-    enclose_w = torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)
-    enclose_h = torch.maximum(ay2, by2) - torch.minimum(ay1, by1)
+    enclose_w = maximum(ax2, bx2) - minimum(ax1, bx1)
+    enclose_h = maximum(ay2, by2) - minimum(ay1, by1)
     if kind == "giou":
         enclose = (enclose_w * enclose_h).clamp(min=eps)
         return iou - (enclose - union) / enclose
@@ -136,15 +147,25 @@ def _prepare_pair(boxes1: Tensor, boxes2: Tensor, eps: Optional[float], kind: st
 
 
 def aligned_box_iou(
-    boxes1: Tensor, boxes2: Tensor, kind: IoUKind = "iou", eps: Optional[float] = None
+    boxes1: Tensor,
+    boxes2: Tensor,
+    kind: IoUKind = "iou",
+    eps: Optional[float] = None,
+    *,
+    ties: Literal["split", "first"] = "split",
 ) -> Tensor:
     """Element-wise IoU-family value of xyxy boxes ``(..., 4)`` and ``(..., 4)`` -> ``(...)``.
 
     The leading dimensions broadcast. ``kind`` is ``"iou"``, ``"giou"``, ``"diou"`` or
     ``"ciou"``. Values lie in [0, 1] for IoU and [-1, 1] for the others.
+    ``ties`` only changes gradients where a coordinate of ``boxes1`` equals one of ``boxes2``
+    (identical or touching boxes): ``"split"`` (default, ``torch.minimum``/``maximum``) shares
+    the gradient between both, ``"first"`` gives it all to ``boxes1``, as TensorFlow's
+    ``minimum``/``maximum`` do (for parity with TensorFlow originals).
     """
     boxes1, boxes2, eps = _prepare_pair(boxes1, boxes2, eps, kind)
-    return _iou_family(boxes1, boxes2, kind, eps)
+    require_choice(ties, "ties", ("split", "first"))
+    return _iou_family(boxes1, boxes2, kind, eps, ties)
 
 
 def box_iou(
