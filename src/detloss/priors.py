@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validate import require_choice
+
 
 @dataclass(frozen=True)
 class SSDPriorConfig:
@@ -101,6 +103,11 @@ SSD_PRESETS: dict[str, SSDPriorConfig] = {
 }
 
 
+def _fresh_tensor(arr: np.ndarray, device: Optional[torch.device], dtype: torch.dtype) -> Tensor:
+    """A new tensor holding the cached array ``arr``: callers may modify it in place safely."""
+    return torch.tensor(arr, device=device, dtype=dtype)
+
+
 def _resolve_ssd_config(config: "str | SSDPriorConfig") -> SSDPriorConfig:
     if isinstance(config, SSDPriorConfig):
         return config
@@ -150,7 +157,7 @@ def ssd_priors(
     ``"coco300"`` -> 8732, ``"voc512"`` -> 24564) or an :class:`SSDPriorConfig`.
     """
     cfg = _resolve_ssd_config(config)
-    return torch.from_numpy(_ssd_priors_np(cfg)).to(device=device, dtype=dtype)
+    return _fresh_tensor(_ssd_priors_np(cfg), device, dtype)
 
 
 @lru_cache(maxsize=16)
@@ -205,7 +212,7 @@ def retinaface_priors(
     arr = _retinaface_priors_np(
         (int(hw[0]), int(hw[1])), tuple(tuple(s) for s in min_sizes), tuple(steps), clip
     )
-    return torch.from_numpy(arr).to(device=device, dtype=dtype)
+    return _fresh_tensor(arr, device, dtype)
 
 
 def _whctrs(anchor: np.ndarray) -> tuple[float, float, float, float]:
@@ -251,9 +258,8 @@ def rcnn_base_anchors(
     ratio-major (scales within a ratio). The defaults give the well-known 9 anchors, e.g.
     ``[-84, -40, 99, 55]`` first.
     """
-    return torch.from_numpy(
-        _rcnn_base_anchors_np(int(base_size), tuple(float(r) for r in ratios), tuple(float(s) for s in scales))
-    )
+    arr = _rcnn_base_anchors_np(int(base_size), tuple(float(r) for r in ratios), tuple(float(s) for s in scales))
+    return _fresh_tensor(arr, None, torch.float64)
 
 
 def rcnn_anchors(
@@ -366,3 +372,156 @@ def yolo_grid(
         indexing="ij",
     )
     return torch.stack((xs, ys), dim=-1)
+
+
+def _pair(value: "float | Sequence[float] | None", default: "tuple[float, float]", name: str) -> tuple[float, float]:
+    """``None`` -> ``default``; a number -> ``(v, v)``; a ``(vertical, horizontal)`` pair as is."""
+    if value is None:
+        return default
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    if len(value) != 2:
+        raise ValueError(f"{name}: expected a number or a (height, width) pair, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _as_layers(value: "Sequence | None", n_layers: int, name: str) -> tuple:
+    if value is None:
+        return (None,) * n_layers
+    if len(value) != n_layers:
+        raise ValueError(f"{name}: expected {n_layers} entries (one per predictor layer), got {len(value)}")
+    return tuple(v if isinstance(v, (int, float)) else tuple(v) for v in value)
+
+
+@lru_cache(maxsize=16)
+def _ssd_keras_anchors_np(
+    img_hw: tuple[int, int],
+    predictor_sizes: tuple[tuple[int, int], ...],
+    scales: tuple[float, ...],
+    aspect_ratios: tuple[tuple[float, ...], ...],
+    two_boxes_for_ar1: bool,
+    steps: tuple,
+    offsets: tuple,
+    clip_boxes: bool,
+    normalize_coords: bool,
+    coords: str,
+) -> np.ndarray:
+    img_h, img_w = img_hw
+    size = min(img_h, img_w)
+    layers = []
+    for i, (fm_h, fm_w) in enumerate(predictor_sizes):
+        this_scale, next_scale = scales[i], scales[i + 1]
+        wh = []
+        for ar in aspect_ratios[i]:
+            if ar == 1:
+                wh.append((this_scale * size, this_scale * size))
+                if two_boxes_for_ar1:
+                    side = np.sqrt(this_scale * next_scale) * size
+                    wh.append((side, side))
+            else:
+                wh.append((this_scale * size * np.sqrt(ar), this_scale * size / np.sqrt(ar)))
+        wh_arr = np.array(wh, dtype=np.float64)  # (K, 2)
+        step_h, step_w = _pair(steps[i], (img_h / fm_h, img_w / fm_w), "steps")
+        off_h, off_w = _pair(offsets[i], (0.5, 0.5), "offsets")
+        cy = np.linspace(off_h * step_h, (off_h + fm_h - 1) * step_h, fm_h)
+        cx = np.linspace(off_w * step_w, (off_w + fm_w - 1) * step_w, fm_w)
+        cx_grid, cy_grid = np.meshgrid(cx, cy)  # (fm_h, fm_w), row-major over (y, x)
+        k = wh_arr.shape[0]
+        cx_all = np.repeat(cx_grid[..., None], k, axis=-1)
+        cy_all = np.repeat(cy_grid[..., None], k, axis=-1)
+        w_all, h_all = wh_arr[:, 0], wh_arr[:, 1]
+        corners = np.stack(
+            [cx_all - w_all / 2.0, cy_all - h_all / 2.0, cx_all + w_all / 2.0, cy_all + h_all / 2.0],
+            axis=-1,
+        )  # (fm_h, fm_w, K, 4) pixels
+        layers.append(corners.reshape(-1, 4))
+    boxes = np.concatenate(layers, axis=0)
+    if clip_boxes:  # the original's rule: >= side -> side - 1, < 0 -> 0 (pixels)
+        for cols, side in (([0, 2], img_w), ([1, 3], img_h)):
+            c = boxes[:, cols]
+            c[c >= side] = side - 1
+            c[c < 0] = 0
+            boxes[:, cols] = c
+    if normalize_coords:
+        boxes[:, [0, 2]] /= img_w
+        boxes[:, [1, 3]] /= img_h
+    if coords == "centroids":
+        return np.stack(
+            [
+                (boxes[:, 0] + boxes[:, 2]) / 2.0,
+                (boxes[:, 1] + boxes[:, 3]) / 2.0,
+                boxes[:, 2] - boxes[:, 0],
+                boxes[:, 3] - boxes[:, 1],
+            ],
+            axis=1,
+        )
+    if coords == "minmax":
+        return boxes[:, [0, 2, 1, 3]].copy()
+    return boxes
+
+
+def ssd_keras_anchors(
+    img_height: int,
+    img_width: int,
+    predictor_sizes: Sequence[Sequence[int]],
+    scales: Sequence[float],
+    aspect_ratios_per_layer: Sequence[Sequence[float]],
+    two_boxes_for_ar1: bool = True,
+    steps: Optional[Sequence] = None,
+    offsets: Optional[Sequence] = None,
+    clip_boxes: bool = False,
+    normalize_coords: bool = True,
+    coords: str = "centroids",
+    *,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Anchor boxes ``(P, 4)`` of ssd_keras (pierluigiferrari/ssd_keras ``SSDInputEncoder``).
+
+    Args:
+        img_height, img_width: input size in pixels.
+        predictor_sizes: ``(fm_height, fm_width)`` of each predictor layer.
+        scales: ``len(predictor_sizes) + 1`` fractions of ``min(img_height, img_width)``;
+            the last one only sizes the extra ar=1 box of the last layer.
+        aspect_ratios_per_layer: ``w / h`` ratios of each layer, in the order the boxes appear.
+        two_boxes_for_ar1: after each ar=1 box add one of side ``sqrt(s_k * s_k+1) * size``.
+        steps: per layer a pixel stride (number or ``(h, w)``); ``None`` -> image / feature map.
+        offsets: per layer the first centre as a fraction of the step; ``None`` -> 0.5.
+        clip_boxes: clip the pixel corners as the original does (``>= side`` -> ``side - 1``,
+            ``< 0`` -> 0).
+        normalize_coords: divide by the image width / height.
+        coords: output format: ``"centroids"`` ``(cx, cy, w, h)``, ``"corners"``
+            ``(xmin, ymin, xmax, ymax)`` or ``"minmax"`` ``(xmin, xmax, ymin, ymax)``.
+
+    Order: layer, row (y), column (x), box of the cell. Computed in float64 with the
+    original's operation order (centre -> corners -> clip -> normalise -> ``coords``), so
+    float64 output equals the original's template and float32 output its float32 cast.
+    The SSD300 configuration of the ssd_keras tutorial gives 8732 anchors.
+    """
+    require_choice(coords, "coords", ("centroids", "corners", "minmax"))
+    sizes = tuple((int(h), int(w)) for h, w in predictor_sizes)
+    n = len(sizes)
+    if len(scales) != n + 1:
+        raise ValueError(f"scales: expected {n + 1} values (one per layer plus one), got {len(scales)}")
+    if any(s <= 0 for s in scales):
+        raise ValueError(f"scales: expected values > 0, got {tuple(scales)}")
+    if len(aspect_ratios_per_layer) != n:
+        raise ValueError(
+            f"aspect_ratios_per_layer: expected {n} lists (one per layer), got {len(aspect_ratios_per_layer)}"
+        )
+    ars = tuple(tuple(float(a) for a in layer) for layer in aspect_ratios_per_layer)
+    if any(a <= 0 for layer in ars for a in layer):
+        raise ValueError(f"aspect_ratios_per_layer: expected values > 0, got {ars}")
+    boxes = _ssd_keras_anchors_np(
+        (int(img_height), int(img_width)),
+        sizes,
+        tuple(float(s) for s in scales),
+        ars,
+        bool(two_boxes_for_ar1),
+        _as_layers(steps, n, "steps"),
+        _as_layers(offsets, n, "offsets"),
+        bool(clip_boxes),
+        bool(normalize_coords),
+        coords,
+    )
+    return torch.tensor(boxes, device=device, dtype=dtype)  # a copy: the cache stays intact
