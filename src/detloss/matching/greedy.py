@@ -1,0 +1,210 @@
+"""ssd_keras matching: greedy bipartite matching, then optional 'multi' threshold matching.
+
+The matcher of pierluigiferrari/ssd_keras (``SSDInputEncoder`` with
+``ssd_encoder_decoder/matching_utils.py``), batched over images:
+
+1. **Greedy bipartite** (:func:`greedy_bipartite_match`): repeat ``n_i`` times (``n_i`` the
+   number of valid GTs of image ``i``): take the globally largest similarity of the GT x anchor
+   matrix, match that GT to that anchor, then zero the GT's row and the anchor's column. Every GT
+   gets one anchor, however low its IoU. Ties go to the lowest anchor index, then the lowest GT
+   index (``np.argmax``).
+2. **Multi** (``matching_type="multi"``): every anchor not taken in step 1 whose best IoU with a
+   GT is ``>= pos_iou_threshold`` takes that GT (lowest GT index on ties).
+3. **Neutral band**: an unmatched anchor whose best IoU with any GT is ``>= neg_iou_limit`` is
+   neutral (ignored by the loss); the others are negatives (background).
+
+Quirks of the original kept on purpose (they only show in degenerate inputs):
+
+* Step 1 takes the argmax over *all* rows, already-matched (zeroed) rows included. When every
+  remaining similarity is 0 (a GT that overlaps no free anchor), the zeroed row of the first GT
+  wins again and is re-matched to anchor 0, and the GT that never won keeps the initial match,
+  anchor 0. When two GTs end on the same anchor, the later GT (higher index) owns it.
+* With ``pos_iou_threshold <= 0`` step 2 also re-assigns the anchors of step 1 (their column is
+  zeroed, so 0 >= threshold) to the first valid GT.
+
+Background label: ssd_keras's class 0 (the encoder writes a one-hot row with column 0 set for
+negatives and an all-zero row for neutral anchors); this module returns masks, not labels.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import as_bool_mask, require_boxes, require_choice, require_finite, require_floating
+from .._validate import require_range, require_shape
+from ..boxes import box_iou, compute_dtype
+
+MATCHING_TYPES = ("multi", "bipartite")
+
+
+class GreedyMatch(NamedTuple):
+    """Result of :func:`match_greedy` (all ``(B, P)``, P anchors).
+
+    Attributes:
+        gt_index: int64 index of the GT each anchor is matched to, ``-1`` where unmatched.
+        positive: bool, ``gt_index >= 0``.
+        negative: bool, unmatched and best IoU ``< neg_iou_limit`` (background).
+        neutral: bool, unmatched and best IoU ``>= neg_iou_limit`` (ignored).
+    """
+
+    gt_index: Tensor
+    positive: Tensor
+    negative: Tensor
+    neutral: Tensor
+
+
+def _check_similarity(similarity: Tensor, gt_valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    require_floating(similarity, "similarity")
+    dims = require_shape(similarity, "similarity", ("B", "M", "P"))
+    if gt_valid is None:
+        gt_valid = torch.ones(similarity.shape[:2], dtype=torch.bool, device=similarity.device)
+    gt_valid = as_bool_mask(gt_valid, "gt_valid")
+    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+    require_finite(similarity, "similarity")
+    require_range(similarity, "similarity", 0.0, None)
+    return similarity.to(compute_dtype(similarity)), gt_valid
+
+
+def greedy_bipartite_match(similarity: Tensor, gt_valid: Optional[Tensor] = None) -> Tensor:
+    """ssd_keras greedy bipartite matching of GTs to anchors, all images at once.
+
+    Args:
+        similarity: ``(B, M, P)`` floating, GT x anchor similarity (IoU), values ``>= 0``.
+        gt_valid: ``(B, M)`` bool, which GT rows are real (default: all). Rows need not be
+            contiguous; image ``i`` runs ``gt_valid[i].sum()`` rounds, as the original does
+            for its ``n_i`` GTs.
+
+    Returns:
+        ``(B, M)`` int64: the anchor matched to each GT, ``-1`` for invalid rows.
+
+    Runs at most ``M`` rounds of batched tensor ops (one global argmax per round, as the
+    algorithm requires) and no host synchronisation. Each round only looks at the
+    ``min(M + 1, P)`` best anchors of each GT (sorted once, stably): at most ``M`` columns
+    are ever zeroed, so a row's current maximum is always among them, or is 0.
+    """
+    similarity, gt_valid = _check_similarity(similarity, gt_valid)
+    b, m, p = similarity.shape
+    device = similarity.device
+    match = torch.zeros(b, m, dtype=torch.int64, device=device)
+    if m == 0 or b == 0:
+        return match - 1
+    if p == 0:
+        raise ValueError(f"similarity: expected at least one anchor (P >= 1), got shape {tuple(similarity.shape)}")
+    k = min(m + 1, p)
+    cand_val, cand_idx = torch.sort(similarity, dim=-1, descending=True, stable=True)
+    cand_val, cand_idx = cand_val[..., :k].contiguous(), cand_idx[..., :k].contiguous()
+    flat_idx = cand_idx.reshape(b, m * k)
+    n_rounds = gt_valid.sum(dim=1)  # (B,)
+    row_used = torch.zeros(b, m, dtype=torch.bool, device=device)
+    col_used = torch.zeros(b, p, dtype=torch.bool, device=device)
+    batch = torch.arange(b, device=device)
+    minus_inf = torch.tensor(float("-inf"), dtype=similarity.dtype, device=device)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    for r in range(m):
+        free = ~col_used.gather(1, flat_idx).view(b, m, k)
+        first = free.to(torch.int32).argmax(dim=-1, keepdim=True)  # first free candidate
+        value = cand_val.gather(-1, first).squeeze(-1)
+        anchor = cand_idx.gather(-1, first).squeeze(-1)
+        # a row whose best free value is 0 is all zeros: np.argmax gives anchor 0
+        live = free.any(dim=-1) & ~row_used & (value > 0)
+        row_val = torch.where(live, value, torch.zeros_like(value))
+        row_val = torch.where(gt_valid, row_val, minus_inf)
+        row_arg = torch.where(live, anchor, zero)
+        gt = row_val.argmax(dim=1)  # (B,) first maximal row, used rows included
+        chosen = row_arg[batch, gt]
+        active = r < n_rounds
+        match[batch, gt] = torch.where(active, chosen, match[batch, gt])
+        row_used[batch, gt] = row_used[batch, gt] | active
+        col_used[batch, chosen] = col_used[batch, chosen] | active
+    return torch.where(gt_valid, match, -torch.ones_like(match))
+
+
+def _anchor_owner(match: Tensor, gt_valid: Tensor, num_anchors: int) -> Tensor:
+    """``(B, P)`` GT index owning each anchor after step 1 (the later GT wins), else -1."""
+    b, m = match.shape
+    owner = torch.full((b, num_anchors), -1, dtype=torch.int64, device=match.device)
+    gt_ids = torch.arange(m, device=match.device).expand(b, m)
+    src = torch.where(gt_valid, gt_ids, -torch.ones_like(gt_ids))
+    index = torch.where(gt_valid, match, torch.zeros_like(match))
+    return owner.scatter_reduce(1, index, src, reduce="amax", include_self=True)
+
+
+def match_greedy(
+    similarity: Tensor,
+    gt_valid: Optional[Tensor] = None,
+    *,
+    matching_type: str = "multi",
+    pos_iou_threshold: float = 0.5,
+    neg_iou_limit: float = 0.3,
+) -> GreedyMatch:
+    """ssd_keras matching (greedy bipartite, then 'multi', then the neutral band), batched.
+
+    Args:
+        similarity: ``(B, M, P)`` floating GT x anchor IoU, values ``>= 0``.
+        gt_valid: ``(B, M)`` bool mask of real GT rows (default: all).
+        matching_type: ``"multi"`` (bipartite, then every anchor with IoU ``>=
+            pos_iou_threshold`` to its best GT) or ``"bipartite"`` (one anchor per GT only).
+        pos_iou_threshold: IoU a 'multi' match needs.
+        neg_iou_limit: unmatched anchors with best IoU ``>=`` this are neutral.
+
+    Returns:
+        :class:`GreedyMatch` of ``(B, P)`` tensors. Images without valid GT are all negative.
+    """
+    require_choice(matching_type, "matching_type", MATCHING_TYPES)
+    similarity, gt_valid = _check_similarity(similarity, gt_valid)
+    b, m, p = similarity.shape
+    device = similarity.device
+    if m == 0:
+        none = torch.zeros(b, p, dtype=torch.bool, device=device)
+        return GreedyMatch(torch.full((b, p), -1, dtype=torch.int64, device=device), none, ~none, none)
+    bipartite = greedy_bipartite_match(similarity, gt_valid)
+    owner = _anchor_owner(bipartite, gt_valid, p)
+    # step 1 zeroes the columns of its anchors; invalid rows never take part
+    valid_rows = gt_valid.unsqueeze(-1)
+    minus_inf = torch.tensor(float("-inf"), dtype=similarity.dtype, device=device)
+    rest = torch.where(valid_rows, similarity, minus_inf)
+    rest = torch.where(valid_rows & (owner >= 0).unsqueeze(1), torch.zeros_like(rest), rest)
+    best_gt = rest.argmax(dim=1)  # (B, P), first maximal GT
+    best_val = rest.gather(1, best_gt.unsqueeze(1)).squeeze(1)
+    gt_index = owner
+    if matching_type == "multi":
+        gt_index = torch.where(best_val >= pos_iou_threshold, best_gt, owner)
+    positive = gt_index >= 0
+    # unmatched anchors keep their column, so their remaining best IoU is best_val
+    neutral = ~positive & (best_val >= neg_iou_limit)
+    return GreedyMatch(gt_index, positive, ~positive & ~neutral, neutral)
+
+
+def match_greedy_boxes(
+    gt_boxes: Tensor,
+    anchors: Tensor,
+    gt_valid: Optional[Tensor] = None,
+    *,
+    matching_type: str = "multi",
+    pos_iou_threshold: float = 0.5,
+    neg_iou_limit: float = 0.3,
+    chunk_size: Optional[int] = None,
+) -> GreedyMatch:
+    """:func:`match_greedy` on boxes: IoU of ``gt_boxes (B, M, 4)`` and ``anchors (P, 4)``.
+
+    Both are ``xyxy`` in the same units (normalised or pixels); ``anchors`` may also be
+    ``(B, P, 4)``. The IoU is :func:`detloss.boxes.box_iou` (no +1 pixel convention, as
+    ssd_keras with ``border_pixels='half'``); ``chunk_size`` bounds its memory by chunking
+    over anchors.
+    """
+    require_boxes(gt_boxes, "gt_boxes", ndim=3)
+    require_boxes(anchors, "anchors")
+    if anchors.dim() == 2:
+        anchors = anchors.unsqueeze(0).expand(gt_boxes.shape[0], -1, -1)
+    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
+    require_shape(anchors, "anchors", ("B", "P", 4), dims)
+    similarity = box_iou(anchors, gt_boxes, chunk_size=chunk_size).transpose(1, 2)
+    return match_greedy(
+        similarity,
+        gt_valid,
+        matching_type=matching_type,
+        pos_iou_threshold=pos_iou_threshold,
+        neg_iou_limit=neg_iou_limit,
+    )
