@@ -101,6 +101,24 @@ def _tf_maximum(x: Tensor, y: Tensor) -> Tensor:
     return torch.where(x >= y, x, y)
 
 
+def _ordered(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """``(min, max)`` of two corner coordinates; exactly ``(low, high)`` when ``low <= high``."""
+    swap = high < low
+    return torch.where(swap, high, low), torch.where(swap, low, high)
+
+
+def _aspect_angle(w: Tensor, h: Tensor, eps: float) -> Tensor:
+    """``atan(w / (h + eps))``, the CIoU aspect angle, with a bounded gradient.
+
+    Its gradient grows like ``1 / h``: about ``1 / eps`` for a box of (near) zero height,
+    which overflows float16 gradients. Boxes lower than ``sqrt(eps)`` therefore keep the
+    value but pass no gradient through the angle (an undefined aspect ratio has no useful
+    direction); every other box gets the exact gradient.
+    """
+    angle = torch.atan(w / (h + eps))
+    return torch.where(h >= math.sqrt(eps), angle, angle.detach())
+
+
 def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split") -> Tensor:
     """IoU-family value of broadcastable xyxy boxes ``a (..., 4)`` and ``b (..., 4)``.
 
@@ -122,8 +140,13 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split"
     iou = inter / union.clamp(min=eps)
     if kind == "iou":
         return iou
-    enclose_w = maximum(ax2, bx2) - minimum(ax1, bx1)
-    enclose_h = maximum(ay2, by2) - minimum(ay1, by1)
+    # The enclosing box spans both boxes' corners; an inverted box (x2 < x1) counts with its
+    # span [x2, x1], so the centre penalty stays <= 1 and GIoU/DIoU stay in [-1, 1].
+    # For ordinary boxes _ordered() returns (x1, x2) themselves, gradients included.
+    (alx, ahx), (aly, ahy) = _ordered(ax1, ax2), _ordered(ay1, ay2)
+    (blx, bhx), (bly, bhy) = _ordered(bx1, bx2), _ordered(by1, by2)
+    enclose_w = maximum(ahx, bhx) - minimum(alx, blx)
+    enclose_h = maximum(ahy, bhy) - minimum(aly, bly)
     if kind == "giou":
         enclose = (enclose_w * enclose_h).clamp(min=eps)
         return iou - (enclose - union) / enclose
@@ -132,7 +155,7 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split"
     diou = iou - centre_sq / diag_sq
     if kind == "diou":
         return diou
-    v = (4 / math.pi**2) * (torch.atan(bw / (bh + eps)) - torch.atan(aw / (ah + eps))) ** 2
+    v = (4 / math.pi**2) * (_aspect_angle(bw, bh, eps) - _aspect_angle(aw, ah, eps)) ** 2
     with torch.no_grad():
         alpha = v / (1 - iou + v).clamp(min=eps)
     return diou - alpha * v
@@ -157,7 +180,9 @@ def aligned_box_iou(
     """Element-wise IoU-family value of xyxy boxes ``(..., 4)`` and ``(..., 4)`` -> ``(...)``.
 
     The leading dimensions broadcast. ``kind`` is ``"iou"``, ``"giou"``, ``"diou"`` or
-    ``"ciou"``. Values lie in [0, 1] for IoU and [-1, 1] for the others.
+    ``"ciou"``. Values lie in [0, 1] for IoU, [-1, 1] for GIoU and DIoU and (-1.5, 1] for
+    CIoU. An inverted box (``x2 < x1`` or ``y2 < y1``) has area 0 and enters the enclosing
+    box (GIoU, DIoU, CIoU) with its span, so the penalty terms stay bounded.
     ``ties`` only changes gradients where a coordinate of ``boxes1`` equals one of ``boxes2``
     (identical or touching boxes): ``"split"`` (default, ``torch.minimum``/``maximum``) shares
     the gradient between both, ``"first"`` gives it all to ``boxes1``, as TensorFlow's

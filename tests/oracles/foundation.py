@@ -5,6 +5,7 @@ papers / the originals' documented arithmetic (see the golden READMEs), not from
 Everything is float64. Conventions shared with detloss and stated here once:
 
 * boxes are xyxy unless a name says otherwise; an inverted side (x2 < x1) has width 0;
+* the enclosing box of GIoU / DIoU / CIoU spans all eight corner coordinates;
 * the IoU-family denominators are clamped at ``eps`` (union, enclosing area, enclosing
   diagonal, ``1 - iou + v``) and CIoU uses ``atan(w / (h + eps))``, so degenerate boxes give
   finite values;
@@ -90,9 +91,9 @@ def iou_pair(a: Sequence[float], b: Sequence[float], kind: str = "iou", eps: flo
     iou = inter / max(union, eps)
     if kind == "iou":
         return iou
-    # smallest enclosing box (its sides from the raw corners)
-    cw = max(a[2], b[2]) - min(a[0], b[0])
-    ch = max(a[3], b[3]) - min(a[1], b[1])
+    # smallest box enclosing all corners (an inverted box counts with its span)
+    cw = max(a[0], a[2], b[0], b[2]) - min(a[0], a[2], b[0], b[2])
+    ch = max(a[1], a[3], b[1], b[3]) - min(a[1], a[3], b[1], b[3])
     if kind == "giou":
         enclose = max(cw * ch, eps)
         return iou - (enclose - union) / enclose
