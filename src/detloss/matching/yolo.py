@@ -1,0 +1,278 @@
+"""YOLOv3 target builder: which anchor of which scale is responsible for each ground-truth box.
+
+The rule of tensorflow-yolov3 (``core/dataset.py``, ``preprocess_true_boxes``), batched:
+
+* Per GT and per scale ``s`` the GT centre falls in cell ``floor(centre / stride_s)``. The
+  ``A`` anchors of that scale, centred in that cell (centre ``cell + 0.5``, size the anchor,
+  all in grid units of ``s``) are compared with the GT by IoU; every anchor with
+  IoU > ``iou_threshold`` is responsible, so a GT can be responsible on several anchors of
+  several scales.
+* A GT that no anchor on any scale passes takes the single best of all ``S * A`` anchors
+  (first on ties, scale-major order).
+* Later GTs overwrite earlier ones in the same (cell, anchor) slot. This is made
+  deterministic by a ``scatter_reduce(amax)`` of the GT index per slot (never a duplicate-index
+  scatter of values), then a gather.
+* The per-scale true-box list holds every GT assigned to that scale, in GT order, at slot
+  ``count mod max_boxes_per_scale`` (so it wraps like the original's).
+
+Label layout per scale: ``(B, H, W, A, 5 + C)`` = ``[cx, cy, w, h]`` in input pixels, the
+responsibility flag (1 responsible, 0 not: background and ignore are decided by the loss),
+then the smoothed one-hot ``onehot * (1 - eps) + eps / C``.
+
+Differences from the original (each an option): the original clips the fallback cell index
+with the grid size of the last scale (13 at 416) whatever scale the fallback picked; here the
+scale's own grid size is used unless ``faithful_fallback_clip=True``.
+
+The anchor IoUs run in float64 (``B x M x S x A`` numbers, tiny) so the ``> 0.3`` decisions
+equal the original's NumPy float64 ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .._validate import (
+    as_bool_mask,
+    require_boxes,
+    require_integer,
+    require_positive,
+    require_range,
+    require_shape,
+)
+from ..boxes import aligned_box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from ..priors import YOLOV3_STRIDES, yolov3_anchors
+
+__all__ = ["YoloAssignment", "YoloTargets", "assign_yolo_anchors", "build_yolo_targets", "yolo_input_hw"]
+
+
+def yolo_input_hw(input_size: Union[int, Sequence[int]], strides: Sequence[int]) -> tuple[int, int]:
+    """``input_size`` (int or ``(H, W)``) as ``(H, W)``; each must be divisible by every stride."""
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+    if len(hw) != 2 or min(hw) <= 0:
+        raise ValueError(f"input_size: expected a positive int or (H, W), got {input_size!r}")
+    step = max(strides)
+    if any(v % s for v in hw for s in strides):
+        raise ValueError(
+            f"input_size: expected H and W divisible by every stride {tuple(strides)} "
+            f"(a multiple of {step}), got {hw}"
+        )
+    return hw
+
+
+@dataclass
+class YoloAssignment:
+    """Sparse result of the assignment, per scale ``s`` (tuples of length ``S``).
+
+    * ``slot[s]`` ``(B, M, A)`` int64: flat index ``(row * W_s + col) * A + a`` of the slot each
+      (GT, anchor) pair would write to.
+    * ``positive[s]`` ``(B, M, A)`` bool: the pair is responsible *and* won its slot (later GT wins).
+    * ``winner[s]`` ``(B, H_s * W_s * A)`` int64: index of the GT owning each slot, -1 if none.
+    * ``in_list[s]`` ``(B, M)`` bool: the GT is in the scale's true-box list (assigned to the
+      scale and not overwritten by the wrap at ``max_boxes_per_scale``).
+    * ``list_slot[s]`` ``(B, M)`` int64: its row in that list.
+    * ``gt_cxcywh`` ``(B, M, 4)`` float64: the GT boxes as centre/size, input pixels.
+    """
+
+    slot: tuple[Tensor, ...]
+    positive: tuple[Tensor, ...]
+    winner: tuple[Tensor, ...]
+    in_list: tuple[Tensor, ...]
+    list_slot: tuple[Tensor, ...]
+    gt_cxcywh: Tensor
+
+
+class YoloTargets(NamedTuple):
+    """Dense targets: ``labels[s]`` ``(B, H_s, W_s, A, 5 + C)``, ``true_boxes[s]`` ``(B, K, 4)`` cxcywh."""
+
+    labels: tuple[Tensor, ...]
+    true_boxes: tuple[Tensor, ...]
+
+
+def _check_inputs(
+    gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, num_classes: int, hw: tuple[int, int]
+) -> Tensor:
+    require_boxes(gt_boxes, "gt_boxes", ndim=3)
+    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
+    require_integer(gt_labels, "gt_labels")
+    require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
+    valid = as_bool_mask(gt_valid, "gt_valid")
+    require_shape(valid, "gt_valid", ("B", "M"), dims)
+    require_range(gt_labels, "gt_labels (class ids of valid boxes)", 0, num_classes - 1, where=valid)
+    h, w = hw
+    require_range(gt_boxes[..., 0::2], f"gt_boxes x (valid boxes, input width {w})", 0, w, where=valid)
+    require_range(gt_boxes[..., 1::2], f"gt_boxes y (valid boxes, input height {h})", 0, h, where=valid)
+    size = gt_boxes[..., 2:] - gt_boxes[..., :2]
+    require_range(size, "gt_boxes width/height (x2 - x1, y2 - y1 of valid boxes)", 0, None, where=valid)
+    return valid
+
+
+def assign_yolo_anchors(
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    *,
+    num_classes: int,
+    anchors: Optional[Tensor] = None,
+    strides: Sequence[int] = YOLOV3_STRIDES,
+    input_size: Union[int, Sequence[int]] = 416,
+    iou_threshold: float = 0.3,
+    max_boxes_per_scale: int = 150,
+    faithful_fallback_clip: bool = False,
+) -> YoloAssignment:
+    """Batched YOLOv3 anchor assignment (see the module doc for the rule).
+
+    Args:
+        gt_boxes: ``(B, M, 4)`` xyxy input pixels, floating point, inside the image.
+        gt_labels: ``(B, M)`` integer class ids in ``[0, num_classes)`` (checked on valid rows).
+        gt_valid: ``(B, M)`` bool (or 0/1) mask of real boxes; padding rows are ignored.
+        num_classes: ``C``.
+        anchors: ``(S, A, 2)`` anchor (w, h) in **grid units of each scale** (pixels / stride,
+            tensorflow-yolov3's anchor file); default the YOLOv3 COCO anchors.
+        strides: ``S`` strides, one per scale, small to large.
+        input_size: int or ``(H, W)`` pixels, divisible by every stride.
+        iou_threshold: an anchor is responsible when its IoU with the GT exceeds this.
+        max_boxes_per_scale: ``K``, rows of each scale's true-box list (wraps around).
+        faithful_fallback_clip: clip the fallback cell with the last scale's grid size (the
+            original's bug) instead of the chosen scale's.
+
+    Returns:
+        A :class:`YoloAssignment`, on ``gt_boxes``'s device. No host synchronisation beyond
+        the optional value checks.
+    """
+    hw = yolo_input_hw(input_size, strides)
+    require_positive(num_classes, "num_classes")
+    require_positive(max_boxes_per_scale, "max_boxes_per_scale")
+    valid = _check_inputs(gt_boxes, gt_labels, gt_valid, num_classes, hw)
+    device = gt_boxes.device
+    f64 = torch.float64
+    if anchors is None:
+        anchors = yolov3_anchors(grid_units=True, strides=strides)
+    anchors = anchors.to(device=device, dtype=f64)
+    n_scales, n_anchors = len(strides), anchors.shape[1]
+    if anchors.dim() != 3 or anchors.shape[0] != n_scales or anchors.shape[2] != 2:
+        raise ValueError(f"anchors: expected shape (S={n_scales}, A, 2), got {tuple(anchors.shape)}")
+    batch, m = gt_labels.shape
+
+    # GT centre/size in input pixels and in grid units of every scale: (B, M, S, 4).
+    gt_cxcywh = xyxy_to_cxcywh(gt_boxes.to(f64))
+    stride_t = torch.tensor(strides, dtype=f64, device=device)
+    scaled = gt_cxcywh[:, :, None, :] / stride_t[:, None]
+    cell = torch.floor(scaled[..., :2])
+
+    # IoU of the GT with the A anchors centred in its cell, per scale: (B, M, S, A).
+    anchor_boxes = torch.cat(
+        (cell[:, :, :, None, :].expand(-1, -1, -1, n_anchors, -1) + 0.5,
+         anchors[None, None].expand(batch, m, -1, -1, -1)),
+        dim=-1,
+    )
+    iou = aligned_box_iou(cxcywh_to_xyxy(scaled[:, :, :, None, :]), cxcywh_to_xyxy(anchor_boxes))
+    passing = (iou > iou_threshold) & valid[:, :, None, None]
+    has_positive = passing.flatten(2).any(-1)  # (B, M)
+    best = iou.flatten(2).argmax(-1)  # first maximum, scale-major like np.argmax
+    fallback = torch.nn.functional.one_hot(best, n_scales * n_anchors).bool().view_as(passing)
+    fallback = fallback & (valid & ~has_positive)[:, :, None, None]
+    responsible = passing | fallback
+
+    # Cell of each (GT, scale), clipped with the scale's grid (or the last one's, faithfully).
+    grid_hw = torch.tensor([[hw[0] // s, hw[1] // s] for s in strides], device=device)  # (S, 2) rows, cols
+    col_row = cell.long()
+    own_max = grid_hw.flip(-1) - 1  # (S, 2) as (x max, y max)
+    clip_max = own_max
+    if faithful_fallback_clip:
+        clip_max = torch.where(has_positive[:, :, None, None], own_max, own_max[-1])
+    col_row = torch.minimum(col_row.clamp(min=0), clip_max)
+
+    slots, positives, winners, in_lists, list_slots = [], [], [], [], []
+    gt_index = torch.arange(m, device=device).view(1, m, 1)
+    for s in range(n_scales):
+        n_slots = int(grid_hw[s, 0] * grid_hw[s, 1]) * n_anchors
+        resp_s = responsible[:, :, s]  # (B, M, A)
+        cell_flat = col_row[:, :, s, 1] * grid_hw[s, 1] + col_row[:, :, s, 0]  # (B, M)
+        slot = cell_flat[:, :, None] * n_anchors + torch.arange(n_anchors, device=device)
+        claim = torch.where(resp_s, gt_index, -1).flatten(1)
+        winner = torch.full((batch, n_slots), -1, dtype=torch.int64, device=device)
+        winner = winner.scatter_reduce(1, slot.flatten(1), claim, "amax", include_self=True)
+        won = resp_s & (winner.gather(1, slot.flatten(1)).view_as(slot) == gt_index)
+        # True-box list: GT order, row = count mod K; the last K assigned GTs survive the wrap.
+        assigned = resp_s.any(-1)
+        order = torch.cumsum(assigned.long(), dim=1) - 1
+        total = assigned.long().sum(1, keepdim=True)
+        in_list = assigned & (order >= total - max_boxes_per_scale)
+        slots.append(slot)
+        positives.append(won)
+        winners.append(winner)
+        in_lists.append(in_list)
+        list_slots.append(order.clamp(min=0) % max_boxes_per_scale)
+    return YoloAssignment(
+        tuple(slots), tuple(positives), tuple(winners), tuple(in_lists), tuple(list_slots), gt_cxcywh
+    )
+
+
+def smoothed_one_hot(labels: Tensor, num_classes: int, label_smoothing: float) -> Tensor:
+    """``onehot * (1 - eps) + eps * (1 / C)`` of ``labels (...)`` -> ``(..., C)`` float64.
+
+    The operation order of tensorflow-yolov3, so float32 casts are bit-identical to it.
+    """
+    onehot = torch.nn.functional.one_hot(labels.clamp(0, num_classes - 1), num_classes).to(torch.float64)
+    return onehot * (1 - label_smoothing) + label_smoothing * (1.0 / num_classes)
+
+
+def build_yolo_targets(
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    *,
+    num_classes: int,
+    anchors: Optional[Tensor] = None,
+    strides: Sequence[int] = YOLOV3_STRIDES,
+    input_size: Union[int, Sequence[int]] = 416,
+    iou_threshold: float = 0.3,
+    label_smoothing: float = 0.01,
+    max_boxes_per_scale: int = 150,
+    faithful_fallback_clip: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> YoloTargets:
+    """Dense YOLOv3 targets of a padded batch (tensorflow-yolov3's label tensors, batched).
+
+    Args: as :func:`assign_yolo_anchors`, plus ``label_smoothing`` (``eps`` in
+    ``onehot * (1 - eps) + eps / C``, 0 allowed) and ``dtype`` of the outputs (default the
+    dtype of ``gt_boxes``).
+
+    Returns:
+        :class:`YoloTargets`: per scale ``labels[s]`` ``(B, H_s, W_s, A, 5 + C)`` =
+        ``[cx, cy, w, h]`` input pixels, responsibility (0/1), smoothed one-hot; and
+        ``true_boxes[s]`` ``(B, max_boxes_per_scale, 4)`` cxcywh input pixels (the original's
+        ``xywh``), zero rows where empty.
+    """
+    require_positive(label_smoothing, "label_smoothing", allow_zero=True)
+    a = assign_yolo_anchors(
+        gt_boxes, gt_labels, gt_valid, num_classes=num_classes, anchors=anchors, strides=strides,
+        input_size=input_size, iou_threshold=iou_threshold, max_boxes_per_scale=max_boxes_per_scale,
+        faithful_fallback_clip=faithful_fallback_clip,
+    )
+    dtype = gt_boxes.dtype if dtype is None else dtype
+    hw = yolo_input_hw(input_size, strides)
+    batch, m = gt_labels.shape
+    n_anchors = a.slot[0].shape[-1]
+    # Per-GT label row, plus an all-zero row M for empty slots: (B, M + 1, 5 + C).
+    gt_rows = torch.cat(
+        (a.gt_cxcywh, a.gt_cxcywh.new_ones(batch, m, 1),
+         smoothed_one_hot(gt_labels, num_classes, label_smoothing)),
+        dim=-1,
+    )
+    gt_rows = torch.cat((gt_rows, gt_rows.new_zeros(batch, 1, gt_rows.shape[-1])), dim=1)
+    labels, true_boxes = [], []
+    for s, stride in enumerate(strides):
+        winner = a.winner[s]
+        owner = torch.where(winner >= 0, winner, m)
+        rows = gt_rows.gather(1, owner[..., None].expand(-1, -1, gt_rows.shape[-1]))
+        labels.append(rows.to(dtype).view(batch, hw[0] // stride, hw[1] // stride, n_anchors, -1))
+        # Rows of dropped GTs go to a spare row K, cut off afterwards (no duplicate indices kept).
+        row = torch.where(a.in_list[s], a.list_slot[s], max_boxes_per_scale)
+        table = a.gt_cxcywh.new_zeros(batch, max_boxes_per_scale + 1, 4)
+        table = table.scatter(1, row[..., None].expand(-1, -1, 4), a.gt_cxcywh)
+        true_boxes.append(table[:, :max_boxes_per_scale].to(dtype))
+    return YoloTargets(tuple(labels), tuple(true_boxes))
