@@ -40,3 +40,7 @@ from .targets import pad_ground_truth
 from . import functional
 
 # family exports (matching, sampling, detectors) are appended below by each family.
+from .priors import ssd_keras_anchors  # ssd_keras family
+from .coders import encode_corner_offsets  # ssd_keras family
+from .matching.greedy import GreedyMatch, greedy_bipartite_match, match_greedy, match_greedy_boxes  # ssd_keras family
+from .sampling.batch_hard_negative import mine_hard_negatives_batchwide  # ssd_keras family

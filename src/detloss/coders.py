@@ -223,3 +223,25 @@ def decode_yolo(
     xy = (torch.sigmoid(raw[..., :2]) + grid) * stride
     wh = (torch.exp(raw[..., 2:].clamp(max=max_log_scale)) * anchors.to(raw.dtype)) * stride
     return torch.cat((xy, wh), dim=-1)
+
+
+def encode_corner_offsets(
+    matched: Tensor,
+    anchors: Tensor,
+    variances: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> Tensor:
+    """Corner offsets of ``matched (..., 4)`` xyxy boxes against ``anchors (..., 4)`` xyxy.
+
+    ``((x1 - a_x1) / a_w / v0, (y1 - a_y1) / a_h / v1, (x2 - a_x2) / a_w / v2,
+    (y2 - a_y2) / a_h / v3)``: ssd_keras's ``coords='corners'`` target (its ``'minmax'``
+    target is the same numbers in ``(x1, x2, y1, y2)`` order). Shapes broadcast.
+    """
+    require_boxes(matched, "matched")
+    require_boxes(anchors, "anchors")
+    if len(variances) != 4 or min(variances) <= 0:
+        raise ValueError(f"variances: expected four positive numbers, got {variances!r}")
+    a_w = anchors[..., 2] - anchors[..., 0]
+    a_h = anchors[..., 3] - anchors[..., 1]
+    size = torch.stack((a_w, a_h, a_w, a_h), dim=-1)
+    var = torch.tensor([float(v) for v in variances], dtype=matched.dtype, device=matched.device)
+    return (matched - anchors) / size / var

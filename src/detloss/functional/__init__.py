@@ -7,6 +7,7 @@ hands it over.
 from .classification import (
     binary_cross_entropy_with_logits,
     cross_entropy,
+    probability_cross_entropy,
     sigmoid_focal_loss,
     softmax_focal_loss,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "iou_loss",
     "l1_loss",
     "positive_normalizer",
+    "probability_cross_entropy",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
     "softmax_focal_loss",

@@ -133,3 +133,27 @@ def softmax_focal_loss(
     keep_weight = keep.to(loss.dtype)
     weight = keep_weight if weight is None else keep_weight * weight
     return weighted_reduce(loss, weight, reduction, normalizer)
+
+
+def probability_cross_entropy(
+    probs: Tensor,
+    target: Tensor,
+    *,
+    eps: float = 1e-15,
+    weight: Optional[Tensor] = None,
+    reduction: Reduction = "mean",
+    normalizer: Optional[Union[Tensor, float]] = None,
+) -> Tensor:
+    """Cross-entropy ``-sum_c target_c * log(max(probs_c, eps))`` of PROBABILITIES ``probs (..., C)``.
+
+    For models whose head already ends in a softmax (ssd_keras's ``SSDLoss.log_loss``):
+    ``target (..., C)`` is a one-hot or soft distribution of the same shape; the element-wise
+    loss has shape ``(...)`` (the class dimension summed) and goes through
+    :func:`weighted_reduce`. ``eps`` keeps ``log`` finite; below it the gradient w.r.t.
+    ``probs`` is 0 (as TensorFlow's ``maximum``). Prefer :func:`cross_entropy` on logits
+    where you have them: it is more accurate for tiny probabilities.
+    """
+    _check_pair(probs, target)
+    p, t = _acc(probs), _acc(target)
+    loss = -(t * torch.log(p.clamp(min=eps))).sum(dim=-1)
+    return weighted_reduce(loss, weight, reduction, normalizer)

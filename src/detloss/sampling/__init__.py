@@ -1,1 +1,2 @@
 """detloss.sampling"""
+from .batch_hard_negative import mine_hard_negatives_batchwide
