@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._validate import require_boxes, require_floating
+from ._validate import require_boxes, require_floating, require_tensor
+from .boxes import compute_dtype
 from .priors import yolo_grid
 
 DEFAULT_VARIANCES = (0.1, 0.2)
@@ -29,10 +30,44 @@ MIN_RATIO = 1e-6
 MAX_LOG_SCALE = math.log(1000.0 / 16)
 
 
+def _numbers(values: Sequence[float], name: str, count: int, what: str) -> list[float]:
+    """``values`` as ``count`` finite floats, else ``TypeError``/``ValueError`` naming ``name``."""
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected {count} numbers ({what}), got {values!r}") from None
+    if len(out) != count or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name}: expected {count} finite numbers ({what}), got {values!r}")
+    return out
+
+
 def _check_variances(variances: Sequence[float]) -> tuple[float, float]:
-    if len(variances) != 2 or min(variances) <= 0:
+    v0, v1 = _numbers(variances, "variances", 2, "centre, size")
+    if min(v0, v1) <= 0:
         raise ValueError(f"variances: expected two positive numbers (centre, size), got {variances!r}")
-    return float(variances[0]), float(variances[1])
+    return v0, v1
+
+
+def _require_last_dim(x: Tensor, name: str, size: int) -> None:
+    require_floating(x, name)
+    if x.dim() == 0 or x.shape[-1] != size:
+        raise ValueError(f"{name}: expected shape (..., {size}), got {tuple(x.shape)}")
+
+
+def _broadcast_pair(a: Tensor, a_name: str, b: Tensor, b_name: str) -> tuple[Tensor, Tensor]:
+    """Check that the leading dimensions broadcast; return both in the compute dtype.
+
+    Box maths runs in float32 for float16/bfloat16 inputs (float64 stays float64).
+    """
+    try:
+        torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"{a_name}, {b_name}: expected leading dimensions that broadcast, "
+            f"got {tuple(a.shape)} and {tuple(b.shape)}"
+        ) from None
+    dtype = torch.promote_types(compute_dtype(a), compute_dtype(b))
+    return a.to(dtype), b.to(dtype)
 
 
 def encode_boxes(
@@ -51,6 +86,7 @@ def encode_boxes(
     require_boxes(matched, "matched")
     require_boxes(priors, "priors")
     v0, v1 = _check_variances(variances)
+    matched, priors = _broadcast_pair(matched, "matched", priors, "priors")
     g_cxcy = (matched[..., :2] + matched[..., 2:]) / 2 - priors[..., :2]
     g_cxcy = g_cxcy / (v0 * priors[..., 2:])
     g_wh = (matched[..., 2:] - matched[..., :2]) / priors[..., 2:]
@@ -69,9 +105,10 @@ def decode_boxes(
 
     The size exponent ``loc_wh * v1`` is clamped at ``max_log_scale`` (log(1000/16)).
     """
-    require_floating(loc, "loc")
+    _require_last_dim(loc, "loc", 4)
     require_boxes(priors, "priors")
     v0, v1 = _check_variances(variances)
+    loc, priors = _broadcast_pair(loc, "loc", priors, "priors")
     centre = priors[..., :2] + loc[..., :2] * v0 * priors[..., 2:]
     size = priors[..., 2:] * torch.exp((loc[..., 2:] * v1).clamp(max=max_log_scale))
     low = centre - size / 2
@@ -88,9 +125,10 @@ def encode_landmarks(
     """
     require_floating(matched, "matched")
     require_boxes(priors, "priors")
-    if matched.shape[-1] % 2:
+    if matched.dim() == 0 or matched.shape[-1] % 2:
         raise ValueError(f"matched: expected an even last dimension (x, y pairs), got {tuple(matched.shape)}")
     v0, _ = _check_variances(variances)
+    matched, priors = _broadcast_pair(matched, "matched", priors, "priors")
     points = matched.unflatten(-1, (-1, 2))
     centre, size = priors[..., None, :2], priors[..., None, 2:]
     return ((points - centre) / (v0 * size)).flatten(-2)
@@ -102,9 +140,10 @@ def decode_landmarks(
     """Invert :func:`encode_landmarks`: ``pre (..., 2K)``, ``priors (..., 4)`` -> points ``(..., 2K)``."""
     require_floating(pre, "pre")
     require_boxes(priors, "priors")
-    if pre.shape[-1] % 2:
+    if pre.dim() == 0 or pre.shape[-1] % 2:
         raise ValueError(f"pre: expected an even last dimension (x, y pairs), got {tuple(pre.shape)}")
     v0, _ = _check_variances(variances)
+    pre, priors = _broadcast_pair(pre, "pre", priors, "priors")
     offsets = pre.unflatten(-1, (-1, 2))
     return (priors[..., None, :2] + offsets * v0 * priors[..., None, 2:]).flatten(-2)
 
@@ -112,8 +151,9 @@ def decode_landmarks(
 def _delta_stats(values: Optional[Sequence[float]], default: float, name: str, ref: Tensor) -> Optional[Tensor]:
     if values is None:
         return None
-    if len(values) != 4:
-        raise ValueError(f"{name}: expected 4 numbers (dx, dy, dw, dh), got {values!r}")
+    values = _numbers(values, name, 4, "dx, dy, dw, dh")
+    if name == "stds" and min(values) <= 0:
+        raise ValueError(f"stds: expected 4 positive numbers (dx, dy, dw, dh), got {values!r}")
     if all(v == default for v in values):
         return None
     return torch.tensor(values, dtype=ref.dtype, device=ref.device)
@@ -137,6 +177,7 @@ def encode_deltas(
     """
     require_boxes(boxes, "boxes")
     require_boxes(reference, "reference")
+    boxes, reference = _broadcast_pair(boxes, "boxes", reference, "reference")
     r_w = reference[..., 2] - reference[..., 0] + pixel_offset
     r_h = reference[..., 3] - reference[..., 1] + pixel_offset
     r_cx = reference[..., 0] + 0.5 * r_w
@@ -176,8 +217,9 @@ def decode_deltas(
 
     ``dw``/``dh`` are clamped at ``max_log_scale`` (log(1000/16)) before ``exp``.
     """
-    require_floating(deltas, "deltas")
+    _require_last_dim(deltas, "deltas", 4)
     require_boxes(reference, "reference")
+    deltas, reference = _broadcast_pair(deltas, "deltas", reference, "reference")
     std_t = _delta_stats(stds, 1.0, "stds", deltas)
     mean_t = _delta_stats(means, 0.0, "means", deltas)
     if std_t is not None:
@@ -212,12 +254,14 @@ def decode_yolo(
     layout). ``t_wh`` is clamped at ``max_log_scale`` so ``exp`` cannot overflow.
     """
     require_floating(raw, "raw")
+    require_floating(require_tensor(anchors, "anchors"), "anchors")
     if raw.dim() != 5 or raw.shape[-1] != 4:
         raise ValueError(f"raw: expected shape (B, H, W, A, 4), got {tuple(raw.shape)}")
     if anchors.shape != (raw.shape[3], 2):
         raise ValueError(
             f"anchors: expected shape (A={raw.shape[3]}, 2), got {tuple(anchors.shape)}"
         )
+    raw = raw.to(compute_dtype(raw))
     grid = yolo_grid(raw.shape[1], raw.shape[2], device=raw.device, dtype=raw.dtype)
     grid = grid[None, :, :, None, :]
     xy = (torch.sigmoid(raw[..., :2]) + grid) * stride
