@@ -1,0 +1,270 @@
+"""RetinaNet loss (Lin et al. 2017, "Focal Loss for Dense Object Detection", arXiv:1708.02002).
+
+``loss = (sum over non-ignored anchors and classes of sigmoid focal loss
+          + sum over positive anchors of the box loss) / max(1, number of positive anchors)``
+
+* Assignment: :func:`detloss.matching.max_iou.max_iou_match` with IoU >= 0.5 positive,
+  < 0.4 negative, in between ignored, plus every tie of each GT's best IoU as positive
+  (low-quality matches). Differs from detectron2 / torchvision in one place: a GT that
+  overlaps no anchor at all does not turn every non-overlapping anchor positive
+  (``low_quality_zero_iou=True`` restores it).
+* Classes: ``gt_labels`` are ``0 .. K-1`` with **no background class**: ``cls_logits`` has
+  ``K`` columns, one sigmoid per class; a negative anchor has an all-zero target row, an
+  ignored anchor (label -1) contributes nothing.
+* Box loss on the R-CNN deltas (``weights``, default ``(1, 1, 1, 1)``, i.e. stds ``1 / w``):
+  smooth L1 (``beta`` 0.1 as detectron2; 1/9 as the paper's Detectron), L1, or GIoU on
+  the decoded boxes.
+* Normaliser: :func:`detloss.functional.positive_normalizer` of the positive count
+  (all-reduced with ``distributed=True``). Images without boxes: all anchors negative, box
+  loss exactly 0.
+
+Memory: the focal term runs in chunks of anchors through a custom autograd function that
+keeps only the logits, the ``(B, A)`` target class and weight, so a forward plus backward
+needs about the logits' gradient on top of the logits (the IoU stage is chunked too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validate import (
+    as_bool_mask,
+    require_boxes,
+    require_choice,
+    require_floating,
+    require_integer,
+    require_range,
+    require_shape,
+)
+from ..boxes import compute_dtype
+from ..coders import decode_deltas, encode_deltas
+from ..functional import iou_loss, positive_normalizer, sigmoid_focal_loss, smooth_l1_loss
+from ..matching.max_iou import max_iou_match
+
+BoxLoss = Literal["smooth_l1", "l1", "giou"]
+# Logit elements per focal-loss chunk when ``cls_chunk_size`` is not given.
+FOCAL_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass
+class RetinaNetAssignment:
+    """Matcher decisions: ``labels (B, A)`` 1/0/-1, ``matched_gt (B, A)``, ``max_iou (B, A)``,
+    ``target_class (B, A)`` (the GT class of positives, -1 elsewhere) and ``num_pos`` (0-d)."""
+
+    labels: Tensor
+    matched_gt: Tensor
+    max_iou: Tensor
+    target_class: Tensor
+    num_pos: Tensor
+
+
+def _focal_grad(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
+    """d/dx of the sigmoid focal loss for 0/1 targets: ``a_t s q^g (g p_t log p_t - q)``,
+    with ``s = 2t - 1``, ``p_t = sigmoid(s x)``, ``q = 1 - p_t``."""
+    s = 2 * t - 1
+    z = s * x
+    q = torch.sigmoid(-z)
+    grad = -q
+    if gamma != 0:
+        grad = q.pow(gamma) * (gamma * torch.sigmoid(z) * F.logsigmoid(z) + grad)
+    if alpha >= 0:
+        grad = grad * (alpha * t + (1 - alpha) * (1 - t))
+    return grad * s
+
+
+class _ChunkedSigmoidFocalSum(torch.autograd.Function):
+    """Sum of weighted sigmoid focal loss of ``logits (R, K)`` against one-hot ``target (R,)``
+    (-1: all-zero row), computed ``chunk`` rows at a time in forward and backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, alpha: float, gamma: float, chunk: int):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        total = torch.zeros((), dtype=acc, device=logits.device)
+        num_classes = logits.shape[1]
+        for start in range(0, logits.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            onehot = F.one_hot(target[rows].clamp(min=0), num_classes).to(acc)
+            onehot = onehot * (target[rows] >= 0).unsqueeze(1).to(acc)
+            total = total + sigmoid_focal_loss(
+                logits[rows].to(acc), onehot, alpha, gamma, weight=weight[rows].unsqueeze(1), reduction="sum"
+            )
+        ctx.save_for_backward(logits, target, weight)
+        ctx.alpha, ctx.gamma, ctx.chunk = alpha, gamma, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, target, weight = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        acc = grad_out.dtype
+        num_classes = logits.shape[1]
+        for start in range(0, logits.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            onehot = F.one_hot(target[rows].clamp(min=0), num_classes).to(acc)
+            onehot = onehot * (target[rows] >= 0).unsqueeze(1).to(acc)
+            g = _focal_grad(logits[rows].to(acc), onehot, ctx.alpha, ctx.gamma)
+            grad[rows] = g * (weight[rows].to(acc) * grad_out).unsqueeze(1)
+        return grad, None, None, None, None, None
+
+
+def chunked_sigmoid_focal_sum(
+    logits: Tensor,
+    target_class: Tensor,
+    weight: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Memory-bounded ``sum(weight * sigmoid_focal_loss(logits, one_hot(target_class)))``.
+
+    Args:
+        logits: ``(..., K)`` floating point (any precision; maths in float32 or float64).
+        target_class: ``(...)`` int64 class in ``[0, K-1]`` or -1 for an all-zero target row.
+        weight: ``(...)`` per-row weight (0 drops the row).
+        alpha, gamma: as :func:`detloss.functional.sigmoid_focal_loss` (``alpha < 0``: none).
+        chunk_size: rows per chunk (default about 1M logits per chunk).
+
+    Returns:
+        0-d float32 (float64 for float64 logits) tensor, differentiable w.r.t. ``logits``;
+        its gradient is computed chunk by chunk, so no ``(..., K)`` temporary is kept.
+    """
+    num_classes = logits.shape[-1]
+    flat = logits.reshape(-1, num_classes)
+    if chunk_size is None:
+        chunk_size = max(1, FOCAL_CHUNK_ELEMENTS // max(1, num_classes))
+    if flat.shape[0] == 0:
+        return (flat.sum() * 0).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return _ChunkedSigmoidFocalSum.apply(
+        flat, target_class.reshape(-1), weight.reshape(-1).to(flat.dtype), float(alpha), float(gamma), int(chunk_size)
+    )
+
+
+class RetinaNetLoss(nn.Module):
+    """RetinaNet focal + box loss over all anchors of a batch (see the module doc).
+
+    Args:
+        num_classes: ``K``, the number of object classes (no background column).
+        pos_iou, neg_iou, allow_low_quality, low_quality_zero_iou: the matcher.
+        alpha, gamma: focal loss (0.25, 2); ``alpha < 0`` disables the alpha weighting.
+        box_loss: ``"smooth_l1"`` (with ``beta``), ``"l1"`` or ``"giou"``.
+        weights / means / stds: the delta coder (``weights`` are torchvision-style, ``stds =
+            1 / weights``; give one of ``weights`` and ``stds``).
+        pixel_offset: 0 (continuous pixels) or 1 (inclusive), for the IoU and the coder.
+        distributed: all-reduce the positive count (DDP).
+        chunk_size: anchors per IoU chunk; cls_chunk_size: rows per focal-loss chunk.
+
+    ``forward(cls_logits (B, A, K), box_pred (B, A, 4) deltas, anchors (A, 4) xyxy pixels,
+    gt_boxes (B, M, 4) xyxy pixels, gt_labels (B, M) in [0, K-1], gt_valid (B, M) bool, *,
+    return_assignment=False)`` returns ``{"loss_cls", "loss_box", "loss"}`` (0-d float32, or
+    float64 for float64 input) and ``"assignment"`` (:class:`RetinaNetAssignment`) when asked.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        pos_iou: float = 0.5,
+        neg_iou: float = 0.4,
+        allow_low_quality: bool = True,
+        low_quality_zero_iou: bool = False,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        box_loss: BoxLoss = "smooth_l1",
+        beta: float = 0.1,
+        weights: Optional[Sequence[float]] = None,
+        means: Optional[Sequence[float]] = None,
+        stds: Optional[Sequence[float]] = None,
+        pixel_offset: float = 0.0,
+        distributed: bool = False,
+        chunk_size: Optional[int] = None,
+        cls_chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        require_choice(box_loss, "box_loss", ("smooth_l1", "l1", "giou"))
+        if weights is not None and stds is not None:
+            raise ValueError("weights, stds: expected at most one of them, got both")
+        if weights is not None:
+            stds = tuple(1.0 / float(w) for w in weights)
+        self.num_classes = num_classes
+        self.match_options = dict(
+            pos_iou=pos_iou, neg_iou=neg_iou, allow_low_quality=allow_low_quality,
+            low_quality_zero_iou=low_quality_zero_iou, pixel_offset=pixel_offset, chunk_size=chunk_size,
+        )
+        self.alpha, self.gamma = float(alpha), float(gamma)
+        self.box_loss, self.beta = box_loss, float(beta)
+        self.coder = dict(means=means, stds=stds, pixel_offset=pixel_offset)
+        self.distributed = distributed
+        self.cls_chunk_size = cls_chunk_size
+
+    def forward(
+        self,
+        cls_logits: Tensor,
+        box_pred: Tensor,
+        anchors: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_valid: Tensor,
+        *,
+        return_assignment: bool = False,
+    ) -> dict:
+        require_floating(cls_logits, "cls_logits")
+        dims = require_shape(cls_logits, "cls_logits", ("B", "A", self.num_classes))
+        require_floating(box_pred, "box_pred")
+        require_shape(box_pred, "box_pred", ("B", "A", 4), dims)
+        require_boxes(anchors, "anchors", ndim=2)
+        require_shape(anchors, "anchors", ("A", 4), dims)
+        require_boxes(gt_boxes, "gt_boxes", ndim=3)
+        require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
+        require_integer(gt_labels, "gt_labels")
+        require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
+        gt_valid = as_bool_mask(gt_valid, "gt_valid")
+        require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+        require_range(gt_labels, "gt_labels", 0, self.num_classes - 1, where=gt_valid)
+
+        match = max_iou_match(anchors, gt_boxes, gt_valid, **self.match_options)
+        positive = match.labels == 1
+        if gt_labels.shape[1]:
+            target_class = torch.where(positive, gt_labels.gather(1, match.matched_gt), -1)
+        else:
+            target_class = torch.full_like(match.labels, -1)
+        num_pos = positive.sum()
+        normalizer = positive_normalizer(num_pos, distributed=self.distributed)
+
+        cls_sum = chunked_sigmoid_focal_sum(
+            cls_logits, target_class, (match.labels >= 0), self.alpha, self.gamma, self.cls_chunk_size
+        )
+        loss_cls = cls_sum / normalizer.to(cls_sum.dtype)
+        loss_box = self._box_loss(box_pred, anchors, gt_boxes, match.matched_gt, positive, normalizer)
+        out = {"loss_cls": loss_cls, "loss_box": loss_box, "loss": loss_cls + loss_box}
+        if return_assignment:
+            out["assignment"] = RetinaNetAssignment(
+                labels=match.labels, matched_gt=match.matched_gt, max_iou=match.max_iou,
+                target_class=target_class, num_pos=num_pos,
+            )
+        return out
+
+    def _box_loss(
+        self, box_pred: Tensor, anchors: Tensor, gt_boxes: Tensor, matched_gt: Tensor,
+        positive: Tensor, normalizer: Tensor,
+    ) -> Tensor:
+        dtype = compute_dtype(box_pred)
+        ref = anchors.to(dtype).unsqueeze(0).expand_as(box_pred)
+        if gt_boxes.shape[1]:
+            matched = gt_boxes.to(dtype).gather(1, matched_gt.unsqueeze(-1).expand(-1, -1, 4))
+        else:
+            matched = ref
+        # non-positive anchors regress onto themselves: finite values, zero weight
+        matched = torch.where(positive.unsqueeze(-1), matched, ref)
+        weight = positive.unsqueeze(-1).to(dtype)
+        if self.box_loss == "giou":
+            decoded = decode_deltas(box_pred.to(dtype), ref, **self.coder)
+            return iou_loss(decoded, matched, "giou", weight=positive.to(dtype), reduction="sum", normalizer=normalizer)
+        targets = encode_deltas(matched, ref, **self.coder)
+        beta = 0.0 if self.box_loss == "l1" else self.beta
+        return smooth_l1_loss(box_pred.to(dtype), targets, beta, weight=weight, reduction="sum", normalizer=normalizer)
