@@ -79,6 +79,18 @@ def binary_cross_entropy_with_logits(
     return weighted_reduce(loss, weight, reduction, normalizer)
 
 
+def _modulating_factor(distance: Tensor, gamma: float) -> Tensor:
+    """``distance ** gamma`` for ``distance >= 0``, with gradient 0 (not NaN) at ``distance == 0``.
+
+    For ``0 < gamma < 1`` the derivative at 0 is infinite, and autograd would multiply it by
+    the zero gradient of ``|.|`` at saturated logits (``sigmoid(x) == t`` in float32), giving
+    NaN. The value is unchanged.
+    """
+    positive = distance > 0
+    safe = torch.where(positive, distance, torch.ones_like(distance))
+    return torch.where(positive, safe**gamma, torch.zeros_like(distance))
+
+
 def sigmoid_focal_loss(
     logits: Tensor,
     targets: Tensor,
@@ -101,7 +113,7 @@ def sigmoid_focal_loss(
     x, t = _acc(logits), _acc(targets)
     loss = binary_cross_entropy_with_logits(x, t, reduction="none")
     if gamma != 0:
-        loss = loss * (t - torch.sigmoid(x)).abs() ** gamma
+        loss = loss * _modulating_factor((t - torch.sigmoid(x)).abs(), gamma)
     if alpha >= 0:
         loss = loss * (alpha * t + (1 - alpha) * (1 - t))
     return weighted_reduce(loss, weight, reduction, normalizer)
@@ -127,7 +139,7 @@ def softmax_focal_loss(
     keep = target != ignore_index
     safe_target = torch.where(keep, target, 0).clamp(0, logits.shape[-1] - 1)
     ce = cross_entropy(logits, safe_target, reduction="none")
-    loss = ce * (1 - torch.exp(-ce)) ** gamma if gamma != 0 else ce
+    loss = ce * _modulating_factor(-torch.expm1(-ce), gamma) if gamma != 0 else ce
     if alpha is not None:
         loss = loss * alpha.to(loss.dtype)[safe_target]
     keep_weight = keep.to(loss.dtype)
