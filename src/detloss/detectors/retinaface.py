@@ -1,0 +1,174 @@
+"""RetinaFace MultiBox loss with landmarks (Deng et al. 2019, arXiv:1905.00641), Pytorch_Retinaface conventions.
+
+Conventions of this family (Pytorch_Retinaface):
+
+* **Labels.** ``cls_logits (B, P, C)`` with ``C = 2``: column 0 background, column 1 face.
+  Every positive prior has target 1; there are no per-face class ids. Whether a face has
+  landmarks is ``gt_has_landmarks (B, M)`` (the original marks faces without landmarks with
+  label -1).
+* **Boxes.** ``priors (P, 4)`` normalised ``cxcywh``; ``gt_boxes (B, M, 4)`` normalised ``xyxy``;
+  ``gt_landmarks (B, M, 10)`` normalised ``(x0, y0, ..., x4, y4)``.
+
+The loss: matching (:func:`detloss.match_priors` with ``pos_iou=0.35`` and the 0.2 floor:
+GTs whose best IoU is below it are ignored, i.e. not forced), smooth L1 over the positives'
+boxes, cross-entropy over positives and 7 hard negatives per positive (per image), both
+divided by ``N = max(positives, 1)``; smooth L1 over the landmarks of positives whose GT has
+landmarks, divided by their count (at least 1). ``loss = 2 * box + cls + landmark`` as in the
+repo's ``train.py`` (the module itself returns unweighted terms).
+
+Differences from Pytorch_Retinaface (the drop-in :mod:`detloss.compat.retinaface` reproduces
+the original): an ignored GT does not claim its best prior (the original lets it take the
+prior's GT index, which can create a positive regressing to the ignored face); zero-area GTs
+are dropped; the mining loss is the per-row stable cross-entropy. Everything shared with SSD
+lives in :mod:`detloss.detectors.ssd`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import (
+    as_bool_mask,
+    require_choice,
+    require_finite,
+    require_floating,
+    require_positive,
+    require_shape,
+)
+from ..coders import DEFAULT_VARIANCES, encode_boxes, encode_landmarks
+from ..functional import positive_normalizer, smooth_l1_loss
+from ..matching.bipartite import match_priors
+from .ssd import (
+    NORMALIZERS,
+    MultiBoxAssignment,
+    gather_matched,
+    mined_cross_entropy,
+    multibox_normalizer,
+    validate_multibox_inputs,
+)
+
+NUM_LANDMARK_COORDS = 10
+
+
+class RetinaFaceLoss(nn.Module):
+    """RetinaFace loss: box and landmark smooth L1 + cross-entropy with hard negative mining.
+
+    Args:
+        num_classes: logit columns, background included (2: background, face).
+        variances: centre and size variances of the box / landmark coder.
+        pos_iou: IoU at or above which a prior is positive (0.35).
+        neg_pos_ratio: mined negatives per positive, per image (7).
+        min_best_iou: GTs whose best prior IoU is below it are ignored (0.2).
+        box_weight, cls_weight, landmark_weight: weights in ``loss`` (2, 1, 1 as in train.py).
+        normalizer: ``"num_pos"`` or ``"none"`` for the box and class terms (the landmark term
+            always divides by the landmark-positive count, clamped at 1).
+        distributed: all-reduce both positive counts over processes.
+        drop_degenerate_gt: treat zero-area GTs as invalid.
+        ignored_gt_claims_prior: reproduce the original's "ignored GT still claims a prior"
+            quirk (see :func:`detloss.match_priors`); off by default.
+
+    ``forward(loc_pred (B, P, 4), cls_logits (B, P, C), landmark_pred (B, P, 10), priors (P, 4)
+    cxcywh normalised, gt_boxes (B, M, 4) xyxy normalised, gt_landmarks (B, M, 10),
+    gt_has_landmarks (B, M) bool, gt_valid (B, M) bool, *, return_assignment=False)`` returns
+    ``{"loss_box", "loss_cls", "loss_landmark", "loss"}`` (0-d float32, float64 for float64
+    inputs) and, with ``return_assignment``, ``"assignment"``: a
+    :class:`detloss.detectors.ssd.MultiBoxAssignment` with the landmark fields set.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        *,
+        variances: Sequence[float] = DEFAULT_VARIANCES,
+        pos_iou: float = 0.35,
+        neg_pos_ratio: float = 7,
+        min_best_iou: Optional[float] = 0.2,
+        box_weight: float = 2.0,
+        cls_weight: float = 1.0,
+        landmark_weight: float = 1.0,
+        normalizer: str = "num_pos",
+        distributed: bool = False,
+        drop_degenerate_gt: bool = True,
+        ignored_gt_claims_prior: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes: expected an integer >= 2 (background included), got {num_classes!r}")
+        self.num_classes = num_classes
+        self.variances = tuple(float(v) for v in variances)
+        self.pos_iou = require_positive(pos_iou, "pos_iou")
+        self.neg_pos_ratio = require_positive(neg_pos_ratio, "neg_pos_ratio", allow_zero=True)
+        self.min_best_iou = min_best_iou
+        self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
+        self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
+        self.landmark_weight = require_positive(landmark_weight, "landmark_weight", allow_zero=True)
+        self.normalizer = require_choice(normalizer, "normalizer", NORMALIZERS)
+        self.distributed = bool(distributed)
+        self.drop_degenerate_gt = bool(drop_degenerate_gt)
+        self.ignored_gt_claims_prior = bool(ignored_gt_claims_prior)
+
+    def forward(
+        self,
+        loc_pred: Tensor,
+        cls_logits: Tensor,
+        landmark_pred: Tensor,
+        priors: Tensor,
+        gt_boxes: Tensor,
+        gt_landmarks: Tensor,
+        gt_has_landmarks: Tensor,
+        gt_valid: Tensor,
+        *,
+        return_assignment: bool = False,
+    ) -> dict:
+        dims, gt_valid = validate_multibox_inputs(loc_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
+        require_floating(landmark_pred, "landmark_pred")
+        require_floating(gt_landmarks, "gt_landmarks")
+        require_shape(landmark_pred, "landmark_pred", ("B", "P", NUM_LANDMARK_COORDS), dims)
+        require_shape(gt_landmarks, "gt_landmarks", ("B", "M", NUM_LANDMARK_COORDS), dims)
+        require_shape(gt_has_landmarks, "gt_has_landmarks", ("B", "M"), dims)
+        gt_has_landmarks = as_bool_mask(gt_has_landmarks, "gt_has_landmarks")
+        require_finite(landmark_pred, "landmark_pred")
+        require_finite(gt_landmarks, "gt_landmarks")
+
+        match = match_priors(
+            priors, gt_boxes, gt_valid,
+            pos_iou=self.pos_iou, min_best_iou=self.min_best_iou,
+            drop_degenerate_gt=self.drop_degenerate_gt,
+            ignored_gt_claims_prior=self.ignored_gt_claims_prior,
+        )
+        positive = match.positive
+        box_targets = encode_boxes(gather_matched(gt_boxes, match.matched_gt), priors, self.variances)
+        landmark_targets = encode_landmarks(
+            gather_matched(gt_landmarks, match.matched_gt), priors, self.variances
+        )
+        has_landmarks = gather_matched(gt_has_landmarks.unsqueeze(-1), match.matched_gt).squeeze(-1)
+        landmark_positive = positive & has_landmarks
+        labels = positive.long()
+
+        n = multibox_normalizer(positive, self.normalizer, self.distributed)
+        n_landmark = positive_normalizer(landmark_positive.sum(), distributed=self.distributed)
+        loss_box = smooth_l1_loss(
+            loc_pred, box_targets, 1.0, weight=positive.unsqueeze(-1), reduction="sum", normalizer=n
+        )
+        loss_landmark = smooth_l1_loss(
+            landmark_pred, landmark_targets, 1.0,
+            weight=landmark_positive.unsqueeze(-1), reduction="sum", normalizer=n_landmark,
+        )
+        loss_cls, negative = mined_cross_entropy(
+            cls_logits, labels, positive, neg_pos_ratio=self.neg_pos_ratio, normalizer=n
+        )
+        out = {
+            "loss_box": loss_box,
+            "loss_cls": loss_cls,
+            "loss_landmark": loss_landmark,
+            "loss": self.box_weight * loss_box + self.cls_weight * loss_cls + self.landmark_weight * loss_landmark,
+        }
+        if return_assignment:
+            out["assignment"] = MultiBoxAssignment(
+                labels=labels, positive=positive, negative=negative,
+                matched_gt=match.matched_gt, box_targets=box_targets, match=match,
+                landmark_positive=landmark_positive, landmark_targets=landmark_targets,
+            )
+        return out

@@ -1,0 +1,266 @@
+"""SSD MultiBox loss (Liu et al. 2016, arXiv:1512.02325), ssd.pytorch conventions.
+
+Conventions of this family (ssd.pytorch):
+
+* **Labels.** ``cls_logits (B, P, C)``: column 0 is **background**, column ``l + 1`` is
+  foreground class ``l``. ``gt_labels (B, M)`` hold foreground ids in ``[0, C - 2]`` (the
+  0-based VOC ids ssd.pytorch's ``match()`` receives and shifts by +1).
+* **Boxes.** ``priors (P, 4)`` are normalised ``cxcywh``; ``gt_boxes (B, M, 4)`` are normalised
+  ``xyxy`` (divide pixel boxes by the image width/height).
+* **Targets.** Variance coder ``((g_c - p_c) / (v0 p_wh), log(g_wh / p_wh) / v1)``.
+
+The loss, as the paper's equation: assignment (:func:`detloss.match_priors`: IoU >= 0.5 plus
+bipartite forcing), then smooth L1 (beta 1) over the positives' 4 offsets, then softmax
+cross-entropy over the positives and the hard negatives
+(:func:`detloss.mine_hard_negatives`, 3 per positive, per image), both divided by
+``N = max(total positives in the batch, 1)``.
+
+Differences from ssd.pytorch (the drop-in :mod:`detloss.compat.ssd_pytorch` reproduces the
+original where it matters):
+
+* zero-area GTs are dropped (``drop_degenerate_gt``); the original matches them and produces
+  infinite targets. Targets are finite in any case (the coder clamps the size ratio);
+* the mining loss is the per-row stable cross-entropy, not ``logsumexp`` with one global max
+  (same value up to rounding; the original's form underflows for rows far below the max);
+* positives never compete for negative slots; images without GT and batches without
+  positives give finite losses (the original crashes or divides by zero).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import (
+    as_bool_mask,
+    require_choice,
+    require_finite,
+    require_floating,
+    require_integer,
+    require_positive,
+    require_range,
+    require_shape,
+    value_checks_active,
+)
+from ..coders import DEFAULT_VARIANCES, encode_boxes
+from ..functional import cross_entropy, positive_normalizer, smooth_l1_loss, weighted_reduce
+from ..matching.bipartite import PriorMatch, match_priors
+from ..sampling.hard_negative import mine_hard_negatives
+
+NORMALIZERS = ("num_pos", "none")
+# Normalised coordinates further than this outside [0, 1] are taken for pixels.
+_NORMALISED_SLACK = 0.5
+
+
+@dataclass
+class MultiBoxAssignment:
+    """The decisions behind an SSD / RetinaFace loss (``B`` images, ``P`` priors).
+
+    Attributes:
+        labels: ``(B, P)`` int64 classification target: 0 background, else the logit column.
+        positive: ``(B, P)`` bool positives (box and class loss).
+        negative: ``(B, P)`` bool mined hard negatives (class loss, target 0).
+        matched_gt: ``(B, P)`` int64 GT slot of each prior (-1 in images without usable GT).
+        box_targets: ``(B, P, 4)`` encoded regression targets (meaningful where ``positive``).
+        match: the full :class:`detloss.matching.bipartite.PriorMatch`.
+        landmark_positive: RetinaFace only, ``(B, P)`` bool positives whose GT has landmarks.
+        landmark_targets: RetinaFace only, ``(B, P, 10)`` encoded landmark targets.
+    """
+
+    labels: Tensor
+    positive: Tensor
+    negative: Tensor
+    matched_gt: Tensor
+    box_targets: Tensor
+    match: PriorMatch
+    landmark_positive: Optional[Tensor] = None
+    landmark_targets: Optional[Tensor] = None
+
+
+def require_normalised(boxes: Tensor, name: str, where: Optional[Tensor] = None) -> Tensor:
+    """Raise ``ValueError`` if coordinates lie far outside [0, 1] (a value check).
+
+    ``boxes (..., 4)``; ``where`` an optional bool mask over ``boxes.shape[:-1]``. Pixel
+    boxes are the usual cause, so the message suggests normalising them.
+    """
+    if not value_checks_active() or boxes.numel() == 0:
+        return boxes
+    values = boxes if where is None else boxes[where]
+    if values.numel() == 0:
+        return boxes
+    lo, hi = float(values.min()), float(values.max())
+    if lo < -_NORMALISED_SLACK or hi > 1 + _NORMALISED_SLACK:
+        raise ValueError(
+            f"{name}: expected normalised coordinates (about [0, 1]), got min {lo:g} and max {hi:g}; "
+            f"divide pixel boxes by the image width and height"
+        )
+    return boxes
+
+
+def validate_multibox_inputs(
+    loc_pred: Tensor,
+    cls_logits: Tensor,
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    num_classes: int,
+) -> tuple[dict[str, int], Tensor]:
+    """Shared input checks of the SSD and RetinaFace losses; returns ``(dims, gt_valid as bool)``."""
+    require_floating(loc_pred, "loc_pred")
+    require_floating(cls_logits, "cls_logits")
+    require_floating(priors, "priors")
+    require_floating(gt_boxes, "gt_boxes")
+    dims = {"C": num_classes}
+    require_shape(loc_pred, "loc_pred", ("B", "P", 4), dims)
+    require_shape(cls_logits, "cls_logits", ("B", "P", "C"), dims)
+    require_shape(priors, "priors", ("P", 4), dims)
+    require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
+    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+    gt_valid = as_bool_mask(gt_valid, "gt_valid")
+    require_finite(loc_pred, "loc_pred")
+    require_finite(priors, "priors")
+    require_finite(gt_boxes, "gt_boxes")
+    require_normalised(priors, "priors")
+    require_normalised(gt_boxes, "gt_boxes", gt_valid)
+    return dims, gt_valid
+
+
+def gather_matched(values: Tensor, matched_gt: Tensor) -> Tensor:
+    """Per-prior rows of per-GT ``values (B, M, K)`` for ``matched_gt (B, P)`` -> ``(B, P, K)``.
+
+    Slot -1 (no GT) reads slot 0 (or zeros when ``M == 0``); such rows are never used.
+    """
+    b, m, k = values.shape
+    if m == 0:
+        return values.new_zeros(b, matched_gt.shape[1], k)
+    index = matched_gt.clamp(min=0).unsqueeze(-1).expand(-1, -1, k)
+    return values.gather(1, index)
+
+
+def mined_cross_entropy(
+    cls_logits: Tensor,
+    labels: Tensor,
+    positive: Tensor,
+    *,
+    neg_pos_ratio: float,
+    normalizer: Tensor,
+    candidates: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Softmax cross-entropy over positives and per-image hard negatives, summed / ``normalizer``.
+
+    ``cls_logits (B, P, C)``, ``labels (B, P)`` int64 (0 = background), ``positive (B, P)``
+    bool. The cross-entropy of every prior is computed once; its detached value ranks the
+    negatives. Returns ``(loss (0-d float32/64), negative (B, P) bool)``. A non-finite
+    cross-entropy (NaN/inf logits) is reported as a ``ValueError`` (a value check).
+    """
+    ce = cross_entropy(cls_logits, labels, reduction="none")
+    require_finite(ce, "cls_logits (per-prior cross-entropy)")
+    negative = mine_hard_negatives(ce, positive, neg_pos_ratio=neg_pos_ratio, candidates=candidates)
+    loss = weighted_reduce(ce, positive | negative, "sum", normalizer)
+    return loss, negative
+
+
+def multibox_normalizer(positive: Tensor, kind: str, distributed: bool) -> Tensor:
+    """``N``: the batch's positive count clamped at 1 (all-reduced if ``distributed``), or 1."""
+    if kind == "none":
+        return torch.ones((), device=positive.device)
+    return positive_normalizer(positive.sum(), distributed=distributed)
+
+
+class SSDLoss(nn.Module):
+    """SSD MultiBox loss: smooth L1 on positives + cross-entropy with hard negative mining.
+
+    Args:
+        num_classes: ``C``, logit columns including background (21 for VOC).
+        variances: centre and size variances of the box coder.
+        pos_iou: IoU at or above which a prior is positive (forced best priors always are).
+        neg_iou: optional lower edge of an ignore band ``[neg_iou, pos_iou)`` whose priors
+            are never mined as negatives (ssd.pytorch has no such band).
+        neg_pos_ratio: mined negatives per positive, per image.
+        box_weight, cls_weight: weights of the two terms in ``loss``.
+        normalizer: ``"num_pos"`` (divide both terms by ``max(positives, 1)``) or ``"none"``.
+        distributed: all-reduce the positive count over processes (see
+            :func:`detloss.functional.positive_normalizer`).
+        drop_degenerate_gt: treat zero-area GTs as invalid (see :func:`detloss.match_priors`).
+
+    ``forward(loc_pred (B, P, 4), cls_logits (B, P, C), priors (P, 4) cxcywh normalised,
+    gt_boxes (B, M, 4) xyxy normalised, gt_labels (B, M) int64 in [0, C-2], gt_valid (B, M)
+    bool, *, return_assignment=False)`` returns ``{"loss_box", "loss_cls", "loss"}`` (0-d
+    float32, float64 for float64 inputs) and, with ``return_assignment``, ``"assignment"``:
+    a :class:`MultiBoxAssignment`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        variances: Sequence[float] = DEFAULT_VARIANCES,
+        pos_iou: float = 0.5,
+        neg_iou: Optional[float] = None,
+        neg_pos_ratio: float = 3,
+        box_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        normalizer: str = "num_pos",
+        distributed: bool = False,
+        drop_degenerate_gt: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes: expected an integer >= 2 (background included), got {num_classes!r}")
+        self.num_classes = num_classes
+        self.variances = tuple(float(v) for v in variances)
+        self.pos_iou = require_positive(pos_iou, "pos_iou")
+        self.neg_iou = neg_iou
+        self.neg_pos_ratio = require_positive(neg_pos_ratio, "neg_pos_ratio", allow_zero=True)
+        self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
+        self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
+        self.normalizer = require_choice(normalizer, "normalizer", NORMALIZERS)
+        self.distributed = bool(distributed)
+        self.drop_degenerate_gt = bool(drop_degenerate_gt)
+
+    def forward(
+        self,
+        loc_pred: Tensor,
+        cls_logits: Tensor,
+        priors: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_valid: Tensor,
+        *,
+        return_assignment: bool = False,
+    ) -> dict:
+        dims, gt_valid = validate_multibox_inputs(loc_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
+        require_integer(gt_labels, "gt_labels")
+        require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
+        require_range(gt_labels, "gt_labels", 0, self.num_classes - 2, where=gt_valid)
+
+        match = match_priors(
+            priors, gt_boxes, gt_valid,
+            pos_iou=self.pos_iou, neg_iou=self.neg_iou, drop_degenerate_gt=self.drop_degenerate_gt,
+        )
+        positive = match.positive
+        box_targets = encode_boxes(gather_matched(gt_boxes, match.matched_gt), priors, self.variances)
+        matched_labels = gather_matched(gt_labels.unsqueeze(-1), match.matched_gt).squeeze(-1)
+        labels = torch.where(positive, matched_labels + 1, 0)
+
+        n = multibox_normalizer(positive, self.normalizer, self.distributed)
+        loss_box = smooth_l1_loss(
+            loc_pred, box_targets, 1.0, weight=positive.unsqueeze(-1), reduction="sum", normalizer=n
+        )
+        loss_cls, negative = mined_cross_entropy(
+            cls_logits, labels, positive,
+            neg_pos_ratio=self.neg_pos_ratio, normalizer=n, candidates=~match.ignore,
+        )
+        out = {
+            "loss_box": loss_box,
+            "loss_cls": loss_cls,
+            "loss": self.box_weight * loss_box + self.cls_weight * loss_cls,
+        }
+        if return_assignment:
+            out["assignment"] = MultiBoxAssignment(
+                labels=labels, positive=positive, negative=negative,
+                matched_gt=match.matched_gt, box_targets=box_targets, match=match,
+            )
+        return out

@@ -1,0 +1,197 @@
+"""Threshold matching of priors to ground truth with bipartite forcing (SSD, RetinaFace).
+
+The matcher of ssd.pytorch and Pytorch_Retinaface, batched over images:
+
+1. IoU of every (valid) GT with every prior.
+2. Each prior takes the GT of highest IoU (the **first** maximal GT on ties).
+3. Bipartite forcing: every valid GT keeps its best prior (the **first** maximal prior on
+   ties), whatever the IoU; that prior's IoU is reported as 2.0, as the originals write it.
+   When several GTs share a best prior the **later** GT wins it; the earlier GT keeps only its
+   ordinary (threshold) matches, possibly none.
+4. A prior is positive at IoU >= ``pos_iou``; with ``neg_iou`` the band
+   ``neg_iou <= IoU < pos_iou`` is ignored (neither positive nor negative).
+
+Everything is fixed-shape tensor work: no loop over images or boxes, no host
+synchronisation. "Later GT wins" is a ``scatter_reduce(amax)`` of the GT index, which is
+deterministic on every device (a plain scatter with duplicate indices is not on CUDA). The
+pairwise IoU is reduced chunk by chunk over priors, so its memory stays bounded for hundreds
+of thousands of priors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import as_bool_mask, require_boxes, require_shape
+from ..boxes import box_iou, compute_dtype, cxcywh_to_xyxy
+
+FORCED_IOU = 2.0
+# Upper bound on the number of (image, GT, prior) IoU entries held at once.
+_IOU_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class PriorMatch:
+    """What :func:`match_priors` decided, for a batch of ``B`` images, ``P`` priors, ``M`` GT slots.
+
+    Attributes:
+        matched_gt: ``(B, P)`` int64, the GT slot each prior is assigned to; -1 in images
+            without any usable GT. Only meaningful where ``positive`` (elsewhere it is the GT of
+            highest IoU, which a loss may use to build an unused target).
+        matched_iou: ``(B, P)`` float (float32 for half inputs), the prior's IoU with its GT;
+            2.0 (:data:`FORCED_IOU`) for forced priors; 0 in images without usable GT.
+        positive: ``(B, P)`` bool, ``matched_iou >= pos_iou``.
+        ignore: ``(B, P)`` bool, ``neg_iou <= matched_iou < pos_iou`` (all False without
+            ``neg_iou``).
+        forced: ``(B, P)`` bool, the prior is the best prior of a forcing GT.
+        best_prior: ``(B, M)`` int64, each GT's best prior (first maximal index); 0 for unusable
+            slots.
+        best_prior_iou: ``(B, M)`` float, that IoU; -1 for unusable slots (padding, and
+            zero-area GTs with ``drop_degenerate_gt``).
+    """
+
+    matched_gt: Tensor
+    matched_iou: Tensor
+    positive: Tensor
+    ignore: Tensor
+    forced: Tensor
+    best_prior: Tensor
+    best_prior_iou: Tensor
+
+
+def _iou_maxima(
+    gt_xyxy: Tensor, priors_xyxy: Tensor, usable: Tensor, chunk_size: Optional[int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-prior and per-GT IoU maxima, reduced chunk-wise over priors.
+
+    Returns ``(prior_iou (B, P), prior_gt (B, P), gt_iou (B, M), gt_prior (B, M))``; unusable
+    GTs take part with IoU -1 so they never win unless nothing is usable. Ties keep the first
+    index (torch's ``max`` rule within a chunk; a later chunk must be strictly larger).
+    """
+    b, m = usable.shape
+    p = priors_xyxy.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1024, _IOU_CHUNK_ELEMENTS // max(b * m, 1))
+    prior_iou = gt_xyxy.new_empty(b, p)
+    prior_gt = torch.empty(b, p, dtype=torch.int64, device=gt_xyxy.device)
+    gt_iou = gt_prior = None
+    not_usable = ~usable.unsqueeze(-1)
+    for start in range(0, p, chunk_size):
+        chunk = priors_xyxy[start : start + chunk_size]
+        iou = box_iou(gt_xyxy, chunk.expand(b, -1, -1)).masked_fill_(not_usable, -1.0)
+        prior_iou[:, start : start + chunk.shape[0]], prior_gt[:, start : start + chunk.shape[0]] = iou.max(dim=1)
+        c_iou, c_prior = iou.max(dim=2)
+        if gt_iou is None:
+            gt_iou, gt_prior = c_iou, c_prior
+        else:
+            better = c_iou > gt_iou
+            gt_iou = torch.where(better, c_iou, gt_iou)
+            gt_prior = torch.where(better, c_prior + start, gt_prior)
+    return prior_iou, prior_gt, gt_iou, gt_prior
+
+
+def match_priors(
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    *,
+    pos_iou: float,
+    neg_iou: Optional[float] = None,
+    min_best_iou: Optional[float] = None,
+    priors_format: Literal["cxcywh", "xyxy"] = "cxcywh",
+    drop_degenerate_gt: bool = True,
+    ignored_gt_claims_prior: bool = False,
+    chunk_size: Optional[int] = None,
+) -> PriorMatch:
+    """Match ``P`` priors to padded ground truth, batched, with bipartite forcing.
+
+    Args:
+        priors: ``(P, 4)`` float prior boxes, ``cxcywh`` (default) or ``xyxy`` per
+            ``priors_format``, in the units of ``gt_boxes``. The IoU is computed on
+            ``cxcywh_to_xyxy(priors)`` in float32 (float64 stays float64) with the originals'
+            operation order, so float32 rounding ties resolve as in ssd.pytorch.
+        gt_boxes: ``(B, M, 4)`` float xyxy GT boxes (padded).
+        gt_valid: ``(B, M)`` bool (or 0/1 integer); False marks padding, which never matches.
+        pos_iou: IoU at or above which a prior is positive.
+        neg_iou: optional lower edge of an ignore band ``[neg_iou, pos_iou)``.
+        min_best_iou: optional floor (RetinaFace: 0.2): a GT whose best IoU is below it is
+            *ignored*: it is not forced onto its best prior. It still takes part in the
+            per-prior choice of step 2, where it can only win priors whose IoUs are all below
+            the floor (positives only if ``pos_iou`` is below the floor too).
+        priors_format: ``"cxcywh"`` or ``"xyxy"``.
+        drop_degenerate_gt: treat zero-area GTs (width or height <= 0) as invalid (the
+            default). The originals match them: such a GT has IoU 0 with every prior, is
+            forced onto prior 0 and yields an infinite regression target.
+        ignored_gt_claims_prior: Pytorch_Retinaface quirk, off by default. When True, GTs below
+            ``min_best_iou`` still run through the forcing loop: they take their best prior's
+            GT index (later GT wins) but do not set its IoU to 2.0, so if that prior's IoU with
+            any GT is >= ``pos_iou`` it becomes a positive that regresses to the ignored face.
+            Images whose GTs are all ignored still get no positives (the original returns
+            early there).
+        chunk_size: priors per IoU chunk; by default chosen so that at most about 4M IoU
+            values exist at once.
+
+    Returns:
+        A :class:`PriorMatch`. Images without usable GT (none valid, or all below the floor)
+        have ``matched_gt = -1``, ``matched_iou = 0`` and no positives.
+    """
+    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
+    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+    require_shape(priors, "priors", ("P", 4), dims)
+    require_boxes(gt_boxes, "gt_boxes")
+    require_boxes(priors, "priors")
+    gt_valid = as_bool_mask(gt_valid, "gt_valid")
+    if priors_format not in ("cxcywh", "xyxy"):
+        raise ValueError(f"priors_format: expected 'cxcywh' or 'xyxy', got {priors_format!r}")
+    if neg_iou is not None and neg_iou > pos_iou:
+        raise ValueError(f"neg_iou: expected a value <= pos_iou={pos_iou}, got {neg_iou}")
+
+    dtype = torch.promote_types(compute_dtype(gt_boxes), compute_dtype(priors))
+    gt_boxes = gt_boxes.to(dtype)
+    priors_xyxy = priors.to(dtype)
+    if priors_format == "cxcywh":
+        priors_xyxy = cxcywh_to_xyxy(priors_xyxy)
+    b, m = gt_valid.shape
+    num_slots = m
+    p = priors.shape[0]
+    if m == 0:  # no GT slots at all: pad one invalid slot so the reductions are defined
+        gt_boxes = gt_boxes.new_zeros(b, 1, 4)
+        gt_valid = gt_valid.new_zeros(b, 1)
+        m = 1
+
+    usable = gt_valid
+    if drop_degenerate_gt:
+        size = gt_boxes[..., 2:] - gt_boxes[..., :2]
+        usable = usable & (size > 0).all(dim=-1)
+    prior_iou, prior_gt, best_prior_iou, best_prior = _iou_maxima(gt_boxes, priors_xyxy, usable, chunk_size)
+
+    forcing = usable if min_best_iou is None else usable & (best_prior_iou >= min_best_iou)
+    claiming = usable if ignored_gt_claims_prior else forcing
+    gt_index = torch.arange(m, device=gt_boxes.device).expand(b, m)
+    claimant = torch.full((b, p), -1, dtype=torch.int64, device=gt_boxes.device)
+    claimant.scatter_reduce_(1, best_prior, torch.where(claiming, gt_index, -1), reduce="amax")
+    forced = torch.zeros(b, p, dtype=torch.int32, device=gt_boxes.device)
+    forced = forced.scatter_reduce_(1, best_prior, forcing.to(torch.int32), reduce="amax").bool()
+
+    has_gt = forcing.any(dim=1, keepdim=True)
+    matched_gt = torch.where(claimant >= 0, claimant, prior_gt)
+    matched_gt = torch.where(has_gt, matched_gt, -1)
+    matched_iou = torch.where(forced, FORCED_IOU, prior_iou)
+    matched_iou = torch.where(has_gt, matched_iou, 0.0)
+    positive = (matched_iou >= pos_iou) & has_gt
+    if neg_iou is None:
+        ignore = torch.zeros_like(positive)
+    else:
+        ignore = (matched_iou >= neg_iou) & ~positive
+    return PriorMatch(
+        matched_gt=matched_gt,
+        matched_iou=matched_iou,
+        positive=positive,
+        ignore=ignore,
+        forced=forced,
+        best_prior=best_prior[:, :num_slots],
+        best_prior_iou=best_prior_iou[:, :num_slots],
+    )

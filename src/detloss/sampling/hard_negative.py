@@ -1,0 +1,133 @@
+"""Hard negative mining per image (SSD, RetinaFace).
+
+Each image keeps, as negatives, the ``num_neg = min(ratio * num_pos, P - 1)`` non-positive
+priors of highest mining loss (usually the background cross-entropy). The originals rank
+with a double ``argsort`` (a descending sort, then the rank of each prior); this module picks
+the same set without sorting:
+
+* :func:`top_k_mask` finds, per row, the ``k``-th largest value exactly by a radix select
+  on the float bits (three histogram passes for float32, six for float64), then takes
+  everything above it and the first ties below the count. Ties are broken by the lower
+  index, which is what a stable descending sort followed by ``rank < k`` does.
+* ``k`` is a per-row tensor: no host synchronisation, no data-dependent shapes.
+
+Positives are never negatives, so they can neither take a negative's place nor be counted
+twice (the originals give positives mining loss 0 and let them compete; they never win in
+practice, since a negative's cross-entropy is exactly 0 only when its logits differ by ~100).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import as_bool_mask, require_floating, require_shape
+
+# (digit width, shift) of each radix pass, most significant digit first.
+_PASSES = {
+    32: ((11, 21), (11, 10), (10, 0)),
+    64: ((11, 53), (11, 42), (11, 31), (11, 20), (10, 10), (10, 0)),
+}
+
+
+def _ordered_keys(values: Tensor) -> tuple[Tensor, int]:
+    """Integer keys whose signed order is the float order of ``values`` (``-0.0`` as ``+0.0``)."""
+    if values.dtype == torch.float64:
+        bits, int_type, magnitude = 64, torch.int64, 0x7FFFFFFFFFFFFFFF
+    else:
+        values = values.float()
+        bits, int_type, magnitude = 32, torch.int32, 0x7FFFFFFF
+    raw = (values + 0.0).view(int_type)
+    return torch.where(raw >= 0, raw, raw ^ magnitude), bits
+
+
+def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None) -> Tensor:
+    """Per-row mask of the ``k`` largest eligible values, ties to the lower index.
+
+    Args:
+        values: ``(R, N)`` float (half types are compared in float32); must not hold NaN.
+        k: ``(R,)`` integer count per row; values above the number of eligible entries
+            select all of them, values <= 0 select none.
+        eligible: optional ``(R, N)`` bool; ineligible entries are never selected.
+
+    Returns:
+        ``(R, N)`` bool: exactly ``min(k, eligible count)`` True per row, the same set as
+        ``rank < k`` after a stable descending sort of the eligible values.
+    """
+    rows, n = values.shape
+    device = values.device
+    eligible = torch.ones_like(values, dtype=torch.bool) if eligible is None else eligible
+    keys, bits = _ordered_keys(values)
+    remaining = torch.minimum(k.to(torch.int64), eligible.sum(dim=1))
+    row_offset = torch.arange(rows, device=device).unsqueeze(1)
+    prefix = None
+    for width, shift in _PASSES[bits]:
+        buckets = 1 << width
+        if prefix is None:
+            digit = (keys >> shift).to(torch.int64) + (buckets >> 1)
+            in_class = eligible
+        else:
+            digit = ((keys >> shift) & (buckets - 1)).to(torch.int64)
+            in_class = eligible & ((keys >> (shift + width)) == prefix.unsqueeze(1))
+        slot = torch.where(in_class, digit, buckets) + row_offset * (buckets + 1)
+        counts = torch.zeros(rows * (buckets + 1), dtype=torch.int32, device=device)
+        counts.scatter_add_(0, slot.flatten(), torch.ones((), dtype=torch.int32, device=device).expand(rows * n))
+        at_least = counts.view(rows, buckets + 1)[:, :buckets].flip(1).cumsum(1).flip(1)
+        chosen = (at_least >= remaining.unsqueeze(1)).sum(dim=1) - 1
+        above = torch.where(
+            chosen + 1 < buckets,
+            at_least.gather(1, (chosen + 1).clamp(max=buckets - 1).unsqueeze(1)).squeeze(1),
+            0,
+        )
+        remaining = remaining - above
+        prefix = chosen - (buckets >> 1) if prefix is None else prefix * buckets + chosen
+    threshold = prefix.to(keys.dtype).unsqueeze(1)
+    tie = eligible & (keys == threshold)
+    take_tie = tie & (tie.cumsum(dim=1) <= remaining.unsqueeze(1))
+    return ((eligible & (keys > threshold)) | take_tie) & (k > 0).unsqueeze(1)
+
+
+def mine_hard_negatives(
+    mining_loss: Tensor,
+    positive: Tensor,
+    *,
+    neg_pos_ratio: float = 3,
+    max_negatives: Optional[int] = None,
+    candidates: Optional[Tensor] = None,
+) -> Tensor:
+    """Per-image hard negative mining: the highest-loss non-positive priors.
+
+    Args:
+        mining_loss: ``(B, P)`` float, the ranking score (e.g. background cross-entropy);
+            detached here. Half types are ranked in float32.
+        positive: ``(B, P)`` bool (or 0/1 integer) positives; never selected.
+        neg_pos_ratio: negatives per positive of the same image; ``num_neg =
+            min(floor(ratio * num_pos), P - 1)`` as in ssd.pytorch / Pytorch_Retinaface.
+        max_negatives: optional further cap on ``num_neg`` per image.
+        candidates: optional ``(B, P)`` bool; only these priors may be negatives (e.g. to
+            exclude an ignore band). Positives are excluded in any case.
+
+    Returns:
+        ``(B, P)`` bool negative mask, disjoint from ``positive``; an image without positives
+        gets no negatives. Ties in ``mining_loss`` go to the lower prior index, as with the
+        originals' double argsort.
+    """
+    dims = require_shape(mining_loss, "mining_loss", ("B", "P"))
+    require_shape(positive, "positive", ("B", "P"), dims)
+    require_floating(mining_loss, "mining_loss")
+    positive = as_bool_mask(positive, "positive")
+    if isinstance(neg_pos_ratio, bool) or not isinstance(neg_pos_ratio, (int, float)) or neg_pos_ratio < 0:
+        raise ValueError(f"neg_pos_ratio: expected a number >= 0, got {neg_pos_ratio!r}")
+    eligible = ~positive
+    if candidates is not None:
+        require_shape(candidates, "candidates", ("B", "P"), dims)
+        eligible = eligible & as_bool_mask(candidates, "candidates")
+    num_pos = positive.sum(dim=1)
+    if float(neg_pos_ratio).is_integer():
+        num_neg = num_pos * int(neg_pos_ratio)
+    else:
+        num_neg = torch.floor(num_pos * float(neg_pos_ratio)).to(torch.int64)
+    cap = mining_loss.shape[1] - 1 if max_negatives is None else min(mining_loss.shape[1] - 1, max_negatives)
+    num_neg = num_neg.clamp(max=max(cap, 0))
+    return top_k_mask(mining_loss.detach(), num_neg, eligible)
