@@ -84,11 +84,11 @@ class RPNTargets:
 
 
 def _image_hw(image_size: ImageSize, batch: int, ref: Tensor) -> Tensor:
-    """``(B, 2)`` (height, width) from a ``(2,)``/``(B, 2)`` tensor or an ``(h, w)`` pair."""
+    """``(B, 2)`` (height, width) from ``(h, w)``, ``im_info`` ``(h, w, scale)`` or ``(B, 2 or 3)``."""
     size = torch.as_tensor(image_size, dtype=ref.dtype, device=ref.device)
     if size.dim() == 1:
         size = size.unsqueeze(0).expand(batch, -1)
-    if size.dim() != 2 or size.shape[-1] < 2 or size.shape[0] != batch:
+    if size.dim() != 2 or size.shape[-1] not in (2, 3) or size.shape[0] != batch:
         raise ValueError(
             f"image_size: expected (height, width) or shape (B={batch}, 2), got {tuple(size.shape)}"
         )
@@ -294,6 +294,9 @@ def proposal_targets(
     if append_gt:
         candidates = torch.cat((candidates, gt_boxes), dim=1)
         proposals_valid = torch.cat((proposals_valid, gt_valid), dim=1)
+    if candidates.shape[1] == 0:  # a static shape: one invalid dummy keeps gathers in range
+        candidates = candidates.new_zeros(batch, 1, 4)
+        proposals_valid = proposals_valid.new_zeros(batch, 1)
 
     match = max_iou_match(
         candidates, gt_boxes, gt_valid, pos_iou=fg_iou, neg_iou=bg_iou_hi,
@@ -349,11 +352,8 @@ def _sample_rois(
     bg_slot = slot - num_fg.unsqueeze(1)
     replace_bg = (n_bg < num_samples - num_fg).unsqueeze(1)
     pos_bg = n_fg.unsqueeze(1) + torch.where(replace_bg, random_pick(n_bg), bg_slot)
-    position = torch.where(is_fg, pos_fg, pos_bg).clamp(0, max(n - 1, 0))
+    position = torch.where(is_fg, pos_fg, pos_bg).clamp(0, n - 1)
     filled = torch.where(is_fg, (n_fg > 0).unsqueeze(1), (n_bg > 0).unsqueeze(1))
-    if n == 0:
-        index = torch.zeros((batch, num_samples), dtype=torch.int64, device=fg.device)
-        return index, torch.zeros_like(num_fg), torch.zeros_like(filled)
     return order.gather(1, position), num_fg, filled
 
 
