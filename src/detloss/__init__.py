@@ -44,3 +44,7 @@ from .priors import ssd_keras_anchors  # ssd_keras family
 from .coders import encode_corner_offsets  # ssd_keras family
 from .matching.greedy import GreedyMatch, greedy_bipartite_match, match_greedy, match_greedy_boxes  # ssd_keras family
 from .sampling.batch_hard_negative import mine_hard_negatives_batchwide  # ssd_keras family
+from .matching.bipartite import PriorMatch, match_priors  # SSD family
+from .sampling.hard_negative import mine_hard_negatives, top_k_mask  # SSD family
+from .detectors.ssd import MultiBoxAssignment, SSDLoss  # SSD family
+from .detectors.retinaface import RetinaFaceLoss  # SSD family

@@ -1,1 +1,3 @@
 """detloss.detectors"""
+from .ssd import MultiBoxAssignment, SSDLoss
+from .retinaface import RetinaFaceLoss
