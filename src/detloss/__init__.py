@@ -48,3 +48,9 @@ from .matching.bipartite import PriorMatch, match_priors  # SSD family
 from .sampling.hard_negative import mine_hard_negatives, top_k_mask  # SSD family
 from .detectors.ssd import MultiBoxAssignment, SSDLoss  # SSD family
 from .detectors.retinaface import RetinaFaceLoss  # SSD family
+from .matching.max_iou import MaxIoUAssignment, max_iou_match  # Faster R-CNN / RetinaNet family
+from .sampling.balanced import sample_balanced  # Faster R-CNN / RetinaNet family
+from .detectors.faster_rcnn import (  # Faster R-CNN / RetinaNet family
+    FasterRCNNLoss, ProposalTargets, RCNNLoss, RPNLoss, RPNTargets, proposal_targets, rpn_targets,
+)
+from .detectors.retinanet import RetinaNetAssignment, RetinaNetLoss  # Faster R-CNN / RetinaNet family

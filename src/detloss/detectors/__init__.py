@@ -1,3 +1,5 @@
 """detloss.detectors"""
 from .ssd import MultiBoxAssignment, SSDLoss
 from .retinaface import RetinaFaceLoss
+from .faster_rcnn import FasterRCNNLoss, ProposalTargets, RCNNLoss, RPNLoss, RPNTargets, proposal_targets, rpn_targets
+from .retinanet import RetinaNetAssignment, RetinaNetLoss
