@@ -54,3 +54,5 @@ from .detectors.faster_rcnn import (  # Faster R-CNN / RetinaNet family
     FasterRCNNLoss, ProposalTargets, RCNNLoss, RPNLoss, RPNTargets, proposal_targets, rpn_targets,
 )
 from .detectors.retinanet import RetinaNetAssignment, RetinaNetLoss  # Faster R-CNN / RetinaNet family
+from .matching.yolo import assign_yolo_anchors, build_yolo_targets  # YOLOv3 family
+from .detectors.yolov3 import YOLOv3Loss  # YOLOv3 family

@@ -1,0 +1,345 @@
+"""YOLOv3 loss (Redmon & Farhadi 2018, arXiv:1804.02767) in tensorflow-yolov3's formulation.
+
+Per scale, with the assignment of :mod:`detloss.matching.yolo`:
+
+* box:  ``sum_resp (2 - w * h / (H_in * W_in)) * (1 - IoU-family(pred, target))`` with the
+  target w, h in input pixels (GIoU by default; DIoU/CIoU selectable);
+* objectness: ``|t - sigmoid(x)|^2 * BCE(x, t)`` (the focal factor is *not* detached), over
+  responsible cells (``t = 1``) and background cells (``t = 0``) whose predicted box has a
+  plain IoU below ``ignore_iou`` with every true box **of the same scale**; the other
+  background cells are ignored (the mask carries no gradient);
+* class: ``sum_resp sum_c BCE(class logit, smoothed one-hot)``.
+
+Each term is summed over cells, anchors and channels, then divided by the batch size
+(``normalizer="batch"``, the original) or by the number of responsible slots
+(``normalizer="num_pos"``, through :func:`detloss.functional.positive_normalizer`).
+Images without boxes contribute background objectness only.
+
+Head layout: per scale ``(B, H, W, A * (5 + C))`` (``layout="nhwc"``, TensorFlow) or
+``(B, A * (5 + C), H, W)`` (``"nchw"``); channels anchor-major, per anchor
+``[tx, ty, tw, th, objectness logit, class logits...]``. The input size is ``stride * H``.
+
+Differences from the original, by default (options restore it where the drop-in needs it):
+the fallback cell is clipped with its own grid (``faithful_fallback_clip``); the box-IoU
+denominators are clamped at ``box_eps`` (1e-7) instead of adding 1e-6; the ignore IoU
+clamps its union at 1e-7 (the original has no epsilon: a zero-area prediction gave NaN);
+decoded sizes use ``exp(min(t_wh, max_log_scale))``.
+
+The ignore IoU of ``B x H*W*A`` predictions against the ``M`` true boxes is computed
+``max_iou_chunk`` elements at a time, so memory stays bounded whatever ``M`` is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import require_choice, require_floating, require_positive, require_tensor
+from ..boxes import aligned_box_iou, box_iou, compute_dtype, cxcywh_to_xyxy
+from ..coders import decode_yolo
+from ..functional import (
+    binary_cross_entropy_with_logits,
+    positive_normalizer,
+    sigmoid_focal_loss,
+    weighted_reduce,
+)
+from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_hot
+from ..priors import YOLOV3_STRIDES, yolov3_anchors
+
+__all__ = ["YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "yolo_max_iou", "yolo_scale_terms"]
+
+MAX_IOU_CHUNK = 1 << 20
+
+
+def yolo_max_iou(
+    pred_cxcywh: Tensor,
+    true_cxcywh: Tensor,
+    true_valid: Optional[Tensor] = None,
+    *,
+    eps: Optional[float] = None,
+    chunk_elements: int = MAX_IOU_CHUNK,
+) -> Tensor:
+    """Best plain IoU of each prediction with any valid true box, without gradient.
+
+    ``pred_cxcywh (B, N, 4)`` and ``true_cxcywh (B, T, 4)`` centre/size boxes (same units),
+    ``true_valid (B, T)`` bool (None: all rows count; all-zero rows give IoU 0 anyway).
+    Returns ``(B, N)``, 0 where there is no valid true box. Works ``chunk_elements // (B * T)``
+    predictions at a time.
+    """
+    with torch.no_grad():
+        batch, n, t = pred_cxcywh.shape[0], pred_cxcywh.shape[1], true_cxcywh.shape[1]
+        dtype = compute_dtype(pred_cxcywh)
+        out = pred_cxcywh.new_zeros(batch, n, dtype=dtype)
+        if t == 0 or n == 0:
+            return out
+        pred = cxcywh_to_xyxy(pred_cxcywh.detach().to(dtype))
+        true = cxcywh_to_xyxy(true_cxcywh.to(dtype))
+        step = max(1, chunk_elements // (batch * t))
+        for start in range(0, n, step):
+            iou = box_iou(pred[:, start : start + step], true, "iou", eps)
+            if true_valid is not None:
+                iou = torch.where(true_valid[:, None, :], iou, 0.0)
+            out[:, start : start + step] = iou.amax(-1).clamp(min=0)
+        return out
+
+
+@dataclass
+class YoloScaleTerms:
+    """Summed loss terms of one scale (0-d) and what produced them.
+
+    ``box``, ``obj``, ``cls``: weighted sums over the batch (not yet normalised).
+    ``box_iou (B, K)``: IoU-family value at each positive candidate (0 where its weight is 0).
+    ``max_iou (B, N)``: best IoU of each prediction with the scale's true boxes.
+    ``background (B, N)`` bool: cells counted as objectness negatives.
+    """
+
+    box: Tensor
+    obj: Tensor
+    cls: Tensor
+    box_iou: Tensor
+    max_iou: Tensor
+    background: Tensor
+
+
+def yolo_scale_terms(
+    raw: Tensor,
+    pred_cxcywh: Tensor,
+    respond: Tensor,
+    box_target: Tensor,
+    cls_target: Tensor,
+    pos_weight: Tensor,
+    true_cxcywh: Tensor,
+    *,
+    pos_index: Optional[Tensor] = None,
+    true_valid: Optional[Tensor] = None,
+    image_area: float,
+    ignore_iou: float = 0.5,
+    box_loss: str = "giou",
+    box_eps: Optional[float] = None,
+    ignore_eps: Optional[float] = None,
+) -> YoloScaleTerms:
+    """The three YOLOv3 terms of one scale, summed over the batch.
+
+    Args:
+        raw: ``(B, N, 5 + C)`` head output, ``N = H * W * A`` cells in (row, col, anchor) order.
+        pred_cxcywh: ``(B, N, 4)`` decoded boxes, input pixels (gradient flows through them).
+        respond: ``(B, N)`` 0/1 responsibility of each cell (objectness target).
+        box_target, cls_target, pos_weight: ``(B, K, 4)`` cxcywh pixels, ``(B, K, C)`` class
+            targets and ``(B, K)`` 0/1 weights of ``K`` positive candidates; they sit at cells
+            ``pos_index (B, K)`` (int64), or at every cell in order when ``pos_index`` is None
+            (``K = N``, dense labels as in the original).
+        true_cxcywh, true_valid: ``(B, T, 4)`` true boxes of this scale and ``(B, T)`` bool
+            validity (None: all), for the ignore rule.
+        image_area: ``H_in * W_in`` pixels, for the box weight ``2 - w * h / image_area``.
+        ignore_iou: background cells whose best IoU reaches this get no objectness loss.
+        box_loss: ``"giou"``, ``"diou"`` or ``"ciou"``; ``box_eps`` its denominator clamp.
+        ignore_eps: union clamp of the ignore IoU (None: 1e-7; 0 is the original's bare division).
+    """
+    if pos_index is None:
+        pred_pos, cls_logits = pred_cxcywh, raw[..., 5:]
+    else:
+        pred_pos = pred_cxcywh.gather(1, pos_index[..., None].expand(-1, -1, 4))
+        cls_logits = raw[..., 5:].gather(1, pos_index[..., None].expand(-1, -1, raw.shape[-1] - 5))
+    dtype = compute_dtype(pred_pos)
+    box_target = box_target.to(dtype)
+    pos_weight = pos_weight.to(dtype)
+
+    iou = aligned_box_iou(cxcywh_to_xyxy(pred_pos.to(dtype)), cxcywh_to_xyxy(box_target), box_loss, box_eps)
+    box_scale = 2.0 - box_target[..., 2] * box_target[..., 3] / image_area
+    box = weighted_reduce(1.0 - iou, pos_weight * box_scale, "sum")
+
+    max_iou = yolo_max_iou(pred_cxcywh, true_cxcywh, true_valid, eps=ignore_eps)
+    respond = respond.to(dtype)
+    background = (respond == 0) & (max_iou < ignore_iou)
+    obj = sigmoid_focal_loss(
+        raw[..., 4], respond, alpha=-1.0, gamma=2.0, weight=respond + background.to(dtype), reduction="sum"
+    )
+    cls = binary_cross_entropy_with_logits(
+        cls_logits, cls_target.to(dtype), weight=pos_weight[..., None], reduction="sum"
+    )
+    return YoloScaleTerms(box, obj, cls, torch.where(pos_weight != 0, iou, 0.0).detach(), max_iou, background)
+
+
+@dataclass
+class YOLOv3LossAssignment:
+    """What :class:`YOLOv3Loss` decided, per scale (tuples of length S).
+
+    ``matching``: the :class:`detloss.matching.yolo.YoloAssignment`; ``respond[s]``
+    ``(B, H, W, A)`` bool responsible slots; ``background[s]`` ``(B, H, W, A)`` bool objectness
+    negatives (the rest of the non-responsible slots are ignored); ``max_iou[s]``
+    ``(B, H, W, A)`` best IoU of each prediction with that scale's true boxes.
+    """
+
+    matching: YoloAssignment
+    respond: tuple[Tensor, ...]
+    background: tuple[Tensor, ...]
+    max_iou: tuple[Tensor, ...]
+
+
+class YOLOv3Loss(nn.Module):
+    """YOLOv3 composite loss over three head maps (see the module doc for the terms).
+
+    Args:
+        num_classes: ``C``.
+        anchors: ``(S, A, 2)`` anchor (w, h) in **grid units of each scale** (pixels / stride);
+            default the YOLOv3 COCO anchors.
+        strides: one per head, small to large.
+        ignore_iou: objectness ignore threshold (0.5).
+        box_loss: ``"giou"`` (original), ``"diou"`` or ``"ciou"``.
+        label_smoothing: ``eps`` of the class targets ``onehot * (1 - eps) + eps / C``.
+        layout: ``"nhwc"`` ``(B, H, W, A*(5+C))`` or ``"nchw"`` ``(B, A*(5+C), H, W)``.
+        normalizer: ``"batch"`` (sum over cells, mean over images: the original) or
+            ``"num_pos"`` (divide by the number of responsible slots, at least 1).
+        distributed: all-reduce the ``"num_pos"`` count over processes.
+        box_weight, obj_weight, cls_weight: weights of the three terms in ``loss``.
+        assign_iou: anchor-responsibility threshold of the target builder (0.3).
+        max_boxes_per_scale: rows of each scale's true-box list (150; it wraps).
+        faithful_fallback_clip: reproduce the original's fallback-cell clipping bug.
+        box_eps: denominator clamp of the box IoU (None: 1e-7).
+        max_log_scale: clamp of ``t_wh`` before ``exp`` in the decode.
+
+    ``forward(outputs, gt_boxes (B, M, 4) xyxy input pixels, gt_labels (B, M) int,
+    gt_valid (B, M) bool, *, return_assignment=False)`` returns a dict of 0-d float32 tensors
+    (float64 for float64 heads) ``loss_box``, ``loss_obj``, ``loss_cls``, ``loss`` and, when
+    asked, ``"assignment"``: a :class:`YOLOv3LossAssignment`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        anchors: Optional[Tensor] = None,
+        strides: Sequence[int] = YOLOV3_STRIDES,
+        ignore_iou: float = 0.5,
+        box_loss: Literal["giou", "diou", "ciou"] = "giou",
+        label_smoothing: float = 0.01,
+        layout: Literal["nhwc", "nchw"] = "nhwc",
+        normalizer: Literal["batch", "num_pos"] = "batch",
+        distributed: bool = False,
+        box_weight: float = 1.0,
+        obj_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        *,
+        assign_iou: float = 0.3,
+        max_boxes_per_scale: int = 150,
+        faithful_fallback_clip: bool = False,
+        box_eps: Optional[float] = None,
+        max_log_scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        require_positive(num_classes, "num_classes")
+        require_choice(box_loss, "box_loss", ("giou", "diou", "ciou"))
+        require_choice(layout, "layout", ("nhwc", "nchw"))
+        require_choice(normalizer, "normalizer", ("batch", "num_pos"))
+        require_positive(label_smoothing, "label_smoothing", allow_zero=True)
+        for name, value in (("box_weight", box_weight), ("obj_weight", obj_weight), ("cls_weight", cls_weight)):
+            require_positive(value, name, allow_zero=True)
+        strides = tuple(int(s) for s in strides)
+        if anchors is None:
+            anchors = yolov3_anchors(grid_units=True, strides=strides)
+        anchors = require_floating(require_tensor(anchors, "anchors"), "anchors")
+        if anchors.dim() != 3 or anchors.shape[0] != len(strides) or anchors.shape[2] != 2:
+            raise ValueError(f"anchors: expected shape (S={len(strides)}, A, 2), got {tuple(anchors.shape)}")
+        self.register_buffer("anchors", anchors.detach().clone().float(), persistent=False)
+        self.num_classes, self.strides = int(num_classes), strides
+        self.ignore_iou, self.box_loss, self.label_smoothing = float(ignore_iou), box_loss, float(label_smoothing)
+        self.layout, self.normalizer, self.distributed = layout, normalizer, distributed
+        self.weights = (float(box_weight), float(obj_weight), float(cls_weight))
+        self.assign_iou, self.max_boxes_per_scale = float(assign_iou), int(max_boxes_per_scale)
+        self.faithful_fallback_clip, self.box_eps, self.max_log_scale = faithful_fallback_clip, box_eps, max_log_scale
+
+    def _heads(self, outputs: Sequence[Tensor], batch: int) -> tuple[list[Tensor], tuple[int, int]]:
+        """Validate the head maps; return them as ``(B, H, W, A, 5 + C)`` and the input (H, W)."""
+        n_scales, n_anchors = len(self.strides), self.anchors.shape[1]
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != n_scales:
+            raise ValueError(f"outputs: expected a sequence of {n_scales} head maps, got {type(outputs).__name__}"
+                             f" of length {len(outputs) if isinstance(outputs, (list, tuple)) else '?'}")
+        channels = n_anchors * (5 + self.num_classes)
+        heads, input_hw = [], None
+        for s, (x, stride) in enumerate(zip(outputs, self.strides)):
+            name = f"outputs[{s}]"
+            require_floating(require_tensor(x, name), name)
+            expected = "(B, H, W, A*(5+C))" if self.layout == "nhwc" else "(B, A*(5+C), H, W)"
+            c_axis = 3 if self.layout == "nhwc" else 1
+            if x.dim() != 4 or x.shape[0] != batch or x.shape[c_axis] != channels:
+                raise ValueError(
+                    f"{name}: expected shape {expected} with B={batch} (the batch of gt_boxes) and "
+                    f"A*(5+C)={n_anchors}*(5+{self.num_classes})={channels}, got {tuple(x.shape)}"
+                )
+            if self.layout == "nhwc":
+                h, w = x.shape[1], x.shape[2]
+                x = x.view(batch, h, w, n_anchors, 5 + self.num_classes)
+            else:
+                h, w = x.shape[2], x.shape[3]
+                x = x.view(batch, n_anchors, 5 + self.num_classes, h, w).permute(0, 3, 4, 1, 2)
+            hw = (h * stride, w * stride)
+            if input_hw is None:
+                input_hw = hw
+            elif hw != input_hw:
+                raise ValueError(
+                    f"{name}: expected spatial size {(input_hw[0] // stride, input_hw[1] // stride)} "
+                    f"(input {input_hw} / stride {stride}, from outputs[0]), got {(h, w)}"
+                )
+            heads.append(x)
+        return heads, input_hw
+
+    def forward(
+        self,
+        outputs: Sequence[Tensor],
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_valid: Tensor,
+        *,
+        return_assignment: bool = False,
+    ) -> dict:
+        batch = require_tensor(gt_boxes, "gt_boxes").shape[0]
+        heads, input_hw = self._heads(outputs, batch)
+        anchors = self.anchors.to(device=heads[0].device)
+        match = assign_yolo_anchors(
+            gt_boxes, gt_labels, gt_valid, num_classes=self.num_classes, anchors=anchors,
+            strides=self.strides, input_size=input_hw, iou_threshold=self.assign_iou,
+            max_boxes_per_scale=self.max_boxes_per_scale, faithful_fallback_clip=self.faithful_fallback_clip,
+        )
+        dtype = compute_dtype(heads[0])
+        gt = match.gt_cxcywh.to(dtype)
+        n_anchors = anchors.shape[1]
+        per_gt_cls = smoothed_one_hot(gt_labels, self.num_classes, self.label_smoothing).to(dtype)
+        repeat = lambda t: t[:, :, None].expand(-1, -1, n_anchors, *t.shape[2:]).flatten(1, 2)  # noqa: E731
+        totals = [[], [], []]
+        respond_all, background_all, max_iou_all = [], [], []
+        for s, (head, stride) in enumerate(zip(heads, self.strides)):
+            raw = head.reshape(batch, -1, head.shape[-1])
+            box_raw = head[..., :4].to(dtype)
+            pred = decode_yolo(box_raw, anchors[s].to(dtype), stride, max_log_scale=self.max_log_scale)
+            respond = match.winner[s] >= 0
+            terms = yolo_scale_terms(
+                raw, pred.reshape(batch, -1, 4), respond, repeat(gt), repeat(per_gt_cls),
+                match.positive[s].flatten(1), gt, pos_index=match.slot[s].flatten(1),
+                true_valid=match.in_list[s], image_area=float(input_hw[0] * input_hw[1]),
+                ignore_iou=self.ignore_iou, box_loss=self.box_loss, box_eps=self.box_eps,
+            )
+            for total, term in zip(totals, (terms.box, terms.obj, terms.cls)):
+                total.append(term)
+            respond_all.append(respond.view(head.shape[:4]))
+            background_all.append(terms.background.view(head.shape[:4]))
+            max_iou_all.append(terms.max_iou.view(head.shape[:4]))
+        if self.normalizer == "batch":
+            norm = float(max(batch, 1))
+        else:
+            norm = positive_normalizer(
+                torch.stack([r.sum() for r in respond_all]), distributed=self.distributed
+            )
+        loss_box, loss_obj, loss_cls = (torch.stack(t).sum() / norm for t in totals)
+        wb, wo, wc = self.weights
+        result = {
+            "loss_box": loss_box,
+            "loss_obj": loss_obj,
+            "loss_cls": loss_cls,
+            "loss": wb * loss_box + wo * loss_obj + wc * loss_cls,
+        }
+        if return_assignment:
+            result["assignment"] = YOLOv3LossAssignment(
+                match, tuple(respond_all), tuple(background_all), tuple(max_iou_all)
+            )
+        return result
