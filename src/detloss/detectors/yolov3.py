@@ -135,7 +135,7 @@ def yolo_scale_terms(
         image_area: ``H_in * W_in`` pixels, for the box weight ``2 - w * h / image_area``.
         ignore_iou: background cells whose best IoU reaches this get no objectness loss.
         box_loss: ``"giou"``, ``"diou"`` or ``"ciou"``; ``box_eps`` its denominator clamp.
-        ignore_eps: union clamp of the ignore IoU (None: 1e-7; 0 is the original's bare division).
+        ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
     """
     if pos_index is None:
         pred_pos, cls_logits = pred_cxcywh, raw[..., 5:]
