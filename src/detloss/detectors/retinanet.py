@@ -47,7 +47,7 @@ from ..matching.max_iou import max_iou_match
 
 BoxLoss = Literal["smooth_l1", "l1", "giou"]
 # Logit elements per focal-loss chunk when ``cls_chunk_size`` is not given.
-FOCAL_CHUNK_ELEMENTS = 1 << 20
+FOCAL_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -126,7 +126,7 @@ def chunked_sigmoid_focal_sum(
         target_class: ``(...)`` int64 class in ``[0, K-1]`` or -1 for an all-zero target row.
         weight: ``(...)`` per-row weight (0 drops the row).
         alpha, gamma: as :func:`detloss.functional.sigmoid_focal_loss` (``alpha < 0``: none).
-        chunk_size: rows per chunk (default about 1M logits per chunk).
+        chunk_size: rows per chunk (default about 256k logits per chunk).
 
     Returns:
         0-d float32 (float64 for float64 logits) tensor, differentiable w.r.t. ``logits``;

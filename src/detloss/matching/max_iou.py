@@ -34,7 +34,7 @@ from .._validate import as_bool_mask, require_boxes, require_shape
 from ..boxes import box_iou, compute_dtype
 
 # Elements of one IoU chunk (B x chunk x M) when ``chunk_size`` is not given.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -101,7 +101,7 @@ def max_iou_match(
             and take no part in any GT's best IoU.
         pixel_offset: 1.0 for the inclusive-pixel IoU of py-faster-rcnn / tf-faster-rcnn
             (``w = x2 - x1 + 1``), 0 otherwise.
-        chunk_size: anchors per IoU chunk (default: about 4M IoU values per chunk).
+        chunk_size: anchors per IoU chunk (default: about 1M IoU values per chunk).
 
     Returns:
         :class:`MaxIoUAssignment` with ``(B, A)`` tensors.
