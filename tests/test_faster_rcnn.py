@@ -209,3 +209,20 @@ def test_errors():
         t = rpn_targets(anchors, boxes, valid, (64, 64))
         from detloss.detectors.faster_rcnn import rpn_loss
         rpn_loss(torch.zeros(1, anchors.shape[0], 2), torch.zeros(1, 3, 4), t)
+
+
+@pytest.mark.slow
+def test_rpn_compiles_fullgraph():
+    from detloss.detectors.faster_rcnn import rpn_loss
+
+    anchors = rcnn_anchors(20, 25, 16)
+    boxes = torch.tensor([[[20.0, 20, 120, 100], [100, 40, 180, 150]], [[0.0, 0, 0, 0], [50, 60, 250, 200]]])
+    valid = torch.tensor([[True, True], [False, True]])
+    cls = torch.randn(2, anchors.shape[0], 2)
+    box = torch.randn(2, anchors.shape[0], 4)
+
+    def total(c, b):
+        t = rpn_targets(anchors, boxes, valid, (320, 400), generator=None, batch_size_per_image=10**6)
+        return sum(rpn_loss(c, b, t).values())
+
+    torch.testing.assert_close(torch.compile(total, fullgraph=True)(cls, box), total(cls, box))

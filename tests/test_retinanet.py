@@ -151,3 +151,18 @@ def test_errors():
         RetinaNetLoss(3, box_loss="iou")
     with pytest.raises(ValueError, match="num_classes"):
         RetinaNetLoss(0)
+
+
+@pytest.mark.slow
+def test_compiles_fullgraph():
+    logits, deltas, anchors, gt, labels, valid = _scene(torch.float32)
+    loss = RetinaNetLoss(3)
+
+    def total(c, b):
+        return loss(c, b, anchors, gt, labels, valid)["loss"]
+
+    compiled = torch.compile(total, fullgraph=True)(logits, deltas)
+    torch.testing.assert_close(compiled, total(logits, deltas))
+    grad_c, = torch.autograd.grad(compiled, logits)
+    grad_e, = torch.autograd.grad(total(logits, deltas), logits)
+    torch.testing.assert_close(grad_c, grad_e)
