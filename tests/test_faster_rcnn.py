@@ -226,3 +226,15 @@ def test_rpn_compiles_fullgraph():
         return sum(rpn_loss(c, b, t).values())
 
     torch.testing.assert_close(torch.compile(total, fullgraph=True)(cls, box), total(cls, box))
+
+
+def test_rcnn_image_without_gt():
+    props = torch.tensor([[[0.0, 0, 50, 50], [10, 10, 80, 90], [5, 5, 30, 30]]])
+    t = proposal_targets(props, torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.long),
+                         torch.zeros(1, 0, dtype=torch.bool), num_samples=8, generator=torch.Generator().manual_seed(0))
+    assert bool((t.labels == 0).all()) and int(t.num_fg[0]) == 0
+    pred = torch.randn(1, 8, 12, requires_grad=True)
+    out = RCNNLoss()(torch.randn(1, 8, 3), pred, t)
+    assert out["loss_box"].item() == 0.0 and torch.isfinite(out["loss"]).item()
+    out["loss"].backward()
+    assert bool((pred.grad == 0).all())
