@@ -330,3 +330,12 @@ def test_half_precision_input_computes_in_float32(golden):
     half = SSDLoss().compute_loss(y_true.bfloat16(), y_pred.bfloat16())
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     np.testing.assert_allclose(half.numpy(), full.numpy(), rtol=0.05)
+
+
+@pytest.mark.slow
+def test_loss_compiles_without_graph_break(golden):
+    data = golden("tf/ssd_typical.npz")
+    y_true, y_pred = torch.tensor(data["in_y_true"]), torch.tensor(data["in_y_pred"])
+    loss = SSDLoss()
+    compiled = torch.compile(loss.compute_loss, fullgraph=True)
+    np.testing.assert_allclose(compiled(y_true, y_pred).numpy(), data["out_total_loss_per_item"], **LOSS_TOL)

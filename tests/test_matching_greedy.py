@@ -134,3 +134,27 @@ def test_bad_boxes_name_the_argument():
         match_greedy_boxes(torch.zeros(2, 3, 5), torch.zeros(4, 4))
     with pytest.raises(ValueError, match="anchors"):
         match_greedy_boxes(torch.zeros(2, 3, 4), torch.zeros(3, 4, 4))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 4), p=st.integers(1, 30), k=st.integers(1, 30), levels=st.sampled_from([1, 2, 5, 10**6]))
+def test_top_candidates_equal_a_stable_sort(seed, rows, p, k, levels):
+    from detloss.matching.greedy import _top_candidates
+
+    rng = np.random.default_rng(seed)
+    values = torch.tensor(rng.integers(0, levels + 1, size=(rows, p)) / levels)
+    k = min(k, p)
+    got_val, got_idx = _top_candidates(values, k)
+    want = torch.sort(values, dim=-1, descending=True, stable=True)
+    assert torch.equal(got_idx, want.indices[..., :k])
+    assert torch.equal(got_val, want.values[..., :k])
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_break():
+    sim = torch.rand(2, 3, 20)
+    sim[0, 1] = sim[0, 0]  # duplicate GT
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    compiled = torch.compile(match_greedy, fullgraph=True)
+    for got, want in zip(compiled(sim, valid), match_greedy(sim, valid)):
+        assert torch.equal(got, want)

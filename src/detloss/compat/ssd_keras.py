@@ -250,6 +250,7 @@ class SSDInputEncoder:
             matching_type=self.matching_type,
             pos_iou_threshold=self.pos_iou_threshold,
             neg_iou_limit=self.neg_iou_limit,
+            chunk_size=max(1, 2**17 // self.anchors.shape[0]),  # cache-sized IoU blocks
         )
         gt_index = match.gt_index.clamp(min=0)
         matched_boxes = boxes.gather(1, gt_index.unsqueeze(-1).expand(-1, -1, 4))
