@@ -256,15 +256,14 @@ class SSDInputEncoder:
         matched_boxes = boxes.gather(1, gt_index.unsqueeze(-1).expand(-1, -1, 4))
         matched_class = labels[..., 0].long().gather(1, gt_index)
         b, p = gt_index.shape
-        classes = torch.zeros(b, p, self.n_classes, dtype=torch.float64, device=boxes.device)
-        classes.scatter_(2, matched_class.unsqueeze(-1), match.positive.unsqueeze(-1).to(classes.dtype))
-        classes[..., self.background_id] += match.negative.to(classes.dtype)
-        offsets = torch.where(
-            match.positive.unsqueeze(-1), self._encode_offsets(matched_boxes), 0.0
-        )
-        anchors = self.anchors.expand(b, p, 4)
-        variances = torch.as_tensor(self.variances, device=boxes.device).expand(b, p, 4)
-        y_encoded = torch.cat([classes, offsets, anchors, variances], dim=-1).cpu().numpy()
+        c = self.n_classes
+        y = torch.zeros(b, p, c + 12, dtype=torch.float64, device=boxes.device)  # written in place
+        y[..., :c].scatter_(2, matched_class.unsqueeze(-1), match.positive.unsqueeze(-1).to(y.dtype))
+        y[..., self.background_id] += match.negative.to(y.dtype)
+        y[..., c : c + 4] = torch.where(match.positive.unsqueeze(-1), self._encode_offsets(matched_boxes), 0.0)
+        y[..., c + 4 : c + 8] = self.anchors
+        y[..., c + 8 :] = torch.as_tensor(self.variances, device=boxes.device)
+        y_encoded = y.cpu().numpy()
         if diagnostics:
             y_matched_anchors = y_encoded.copy()
             y_matched_anchors[:, :, -12:-8] = 0
