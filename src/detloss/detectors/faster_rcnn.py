@@ -50,7 +50,7 @@ from .._validate import (
 )
 from ..boxes import compute_dtype
 from ..coders import encode_deltas
-from ..functional import binary_cross_entropy_with_logits, cross_entropy, smooth_l1_loss
+from ..functional import binary_cross_entropy_with_logits, cross_entropy, positive_normalizer, smooth_l1_loss
 from ..matching.max_iou import max_iou_match
 from ..sampling.balanced import sample_balanced
 
@@ -166,7 +166,10 @@ def rpn_targets(
     labels = sample_balanced(match.labels, batch_size_per_image, positive_fraction, generator)
 
     has_gt = gt_valid.any(dim=1, keepdim=True)
-    matched_boxes = _gather_boxes(gt_boxes, match.matched_gt)
+    if gt_boxes.shape[1]:
+        matched_boxes = _gather_boxes(gt_boxes, match.matched_gt)
+    else:  # M = 0: nothing to gather; the targets are zeroed below (no GT)
+        matched_boxes = anchors.unsqueeze(0).expand(batch, -1, -1)
     deltas = encode_deltas(
         matched_boxes, anchors.unsqueeze(0).expand_as(matched_boxes),
         means=means, stds=stds, pixel_offset=pixel_offset,
@@ -382,16 +385,20 @@ def inside_outside_smooth_l1(
     )
 
 
-def objectness_loss(cls_logits: Tensor, labels: Tensor) -> Tensor:
+def objectness_loss(cls_logits: Tensor, labels: Tensor, normalizer: Optional[Tensor] = None) -> Tensor:
     """Mean objectness cross-entropy over the anchors with ``labels (B, A)`` >= 0.
 
     ``cls_logits`` is ``(B, A, 2)`` ``[background, object]`` (softmax) or ``(B, A)`` (sigmoid).
+    With ``normalizer`` the sum is divided by it instead (the all-reduced sample count).
     """
     require_range(labels, "labels", -1, 1)
+    reduction = "mean" if normalizer is None else "sum"
     if cls_logits.shape == labels.shape:
         keep = (labels >= 0).to(compute_dtype(cls_logits))
-        return binary_cross_entropy_with_logits(cls_logits, labels.clamp(min=0).to(keep.dtype), weight=keep)
-    return cross_entropy(cls_logits, labels, ignore_index=-1)
+        return binary_cross_entropy_with_logits(
+            cls_logits, labels.clamp(min=0).to(keep.dtype), weight=keep, reduction=reduction, normalizer=normalizer
+        )
+    return cross_entropy(cls_logits, labels, ignore_index=-1, reduction=reduction, normalizer=normalizer)
 
 
 def rpn_loss(
@@ -401,9 +408,14 @@ def rpn_loss(
     *,
     sigma: Optional[float] = 3.0,
     beta: Optional[float] = None,
+    distributed: bool = False,
 ) -> dict[str, Tensor]:
     """``loss_rpn_cls`` and ``loss_rpn_box`` of ``cls_logits (B, A, 2)`` or ``(B, A)`` and
-    ``box_pred (B, A, 4)`` deltas against :class:`RPNTargets` (see module doc)."""
+    ``box_pred (B, A, 4)`` deltas against :class:`RPNTargets` (see module doc).
+
+    ``distributed``: divide by the sampled-anchor count and the batch size all-reduced over
+    processes (:func:`detloss.functional.positive_normalizer`), so DDP-averaged gradients
+    equal the single-process ones on the global batch however the samples split."""
     require_floating(cls_logits, "cls_logits")
     dims = require_shape(targets.labels, "targets.labels", ("B", "A"))
     if cls_logits.shape != targets.labels.shape:
@@ -413,9 +425,16 @@ def rpn_loss(
         box_pred, targets.box_targets, targets.inside_weights, targets.outside_weights,
         sigma=None if beta is not None else sigma, beta=beta,
     )
+    if not distributed:
+        return {
+            "loss_rpn_cls": objectness_loss(cls_logits, targets.labels),
+            "loss_rpn_box": box.sum() / max(box_pred.shape[0], 1),
+        }
+    sampled = positive_normalizer((targets.labels >= 0).sum(), distributed=True)
+    images = positive_normalizer(torch.tensor(box_pred.shape[0], device=box_pred.device), distributed=True)
     return {
-        "loss_rpn_cls": objectness_loss(cls_logits, targets.labels),
-        "loss_rpn_box": box.sum() / max(box_pred.shape[0], 1),
+        "loss_rpn_cls": objectness_loss(cls_logits, targets.labels, sampled),
+        "loss_rpn_box": box.sum() / images.to(box.dtype),
     }
 
 
@@ -426,9 +445,12 @@ def rcnn_loss(
     *,
     sigma: Optional[float] = 1.0,
     beta: Optional[float] = None,
+    distributed: bool = False,
 ) -> dict[str, Tensor]:
     """``loss_cls`` and ``loss_box`` of ``cls_logits (B, S, C)`` and ``box_pred (B, S, 4 * C)``
-    (class-specific) or ``(B, S, 4)`` (class-agnostic) against :class:`ProposalTargets`."""
+    (class-specific) or ``(B, S, 4)`` (class-agnostic) against :class:`ProposalTargets`.
+
+    ``distributed``: the sampled-ROI count is all-reduced over processes."""
     require_floating(cls_logits, "cls_logits")
     dims = require_shape(targets.labels, "targets.labels", ("B", "S"))
     dims = require_shape(cls_logits, "cls_logits", ("B", "S", "C"), dims)
@@ -444,11 +466,13 @@ def rcnn_loss(
     box = inside_outside_smooth_l1(
         box_pred, targets.box_targets, fg, fg, sigma=None if beta is not None else sigma, beta=beta
     )
-    num_rois = (targets.labels >= 0).sum().clamp(min=1).to(box.dtype)
-    return {
-        "loss_cls": cross_entropy(cls_logits, targets.labels, ignore_index=-1),
-        "loss_box": box.sum() / num_rois,
-    }
+    if distributed:
+        num_rois = positive_normalizer((targets.labels >= 0).sum(), distributed=True).to(box.dtype)
+        loss_cls = cross_entropy(cls_logits, targets.labels, ignore_index=-1, reduction="sum", normalizer=num_rois)
+    else:
+        num_rois = (targets.labels >= 0).sum().clamp(min=1).to(box.dtype)
+        loss_cls = cross_entropy(cls_logits, targets.labels, ignore_index=-1)
+    return {"loss_cls": loss_cls, "loss_box": box.sum() / num_rois}
 
 
 def _with_total(parts: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
@@ -463,12 +487,17 @@ class RPNLoss(nn.Module):
     (B, M, 4), gt_valid (B, M), image_size, *, generator=None, return_assignment=False)``
     returns ``loss_rpn_cls``, ``loss_rpn_box`` and ``loss`` (their sum), plus
     ``"assignment"`` (the :class:`RPNTargets`) when asked. Keyword options are those of
-    :func:`rpn_targets`; ``sigma`` (3) or ``beta`` sets the smooth L1.
+    :func:`rpn_targets`; ``sigma`` (3) or ``beta`` sets the smooth L1; ``distributed`` all-reduces
+    the normalisers (see :func:`rpn_loss`).
     """
 
-    def __init__(self, *, sigma: Optional[float] = 3.0, beta: Optional[float] = None, **target_options) -> None:
+    def __init__(
+        self, *, sigma: Optional[float] = 3.0, beta: Optional[float] = None, distributed: bool = False,
+        **target_options,
+    ) -> None:
         super().__init__()
         self.sigma, self.beta, self.target_options = sigma, beta, target_options
+        self.distributed = bool(distributed)
 
     def forward(
         self, cls_logits: Tensor, box_pred: Tensor, anchors: Tensor, gt_boxes: Tensor,
@@ -476,7 +505,8 @@ class RPNLoss(nn.Module):
         return_assignment: bool = False,
     ) -> dict:
         targets = rpn_targets(anchors, gt_boxes, gt_valid, image_size, generator=generator, **self.target_options)
-        out = _with_total(rpn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta), {})
+        parts = rpn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta, distributed=self.distributed)
+        out = _with_total(parts, {})
         if return_assignment:
             out["assignment"] = targets
         return out
@@ -486,15 +516,16 @@ class RCNNLoss(nn.Module):
     """R-CNN head loss on ROIs sampled by :func:`proposal_targets` (computed before the head).
 
     ``forward(cls_logits (B, S, C), box_pred (B, S, 4C) or (B, S, 4), targets)`` returns
-    ``loss_cls``, ``loss_box`` and ``loss``.
+    ``loss_cls``, ``loss_box`` and ``loss``; ``distributed`` all-reduces the ROI count.
     """
 
-    def __init__(self, *, sigma: Optional[float] = 1.0, beta: Optional[float] = None) -> None:
+    def __init__(self, *, sigma: Optional[float] = 1.0, beta: Optional[float] = None, distributed: bool = False) -> None:
         super().__init__()
-        self.sigma, self.beta = sigma, beta
+        self.sigma, self.beta, self.distributed = sigma, beta, bool(distributed)
 
     def forward(self, cls_logits: Tensor, box_pred: Tensor, targets: ProposalTargets) -> dict:
-        return _with_total(rcnn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta), {})
+        parts = rcnn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta, distributed=self.distributed)
+        return _with_total(parts, {})
 
 
 class FasterRCNNLoss(nn.Module):
@@ -509,11 +540,11 @@ class FasterRCNNLoss(nn.Module):
 
     def __init__(
         self, *, rpn_sigma: Optional[float] = 3.0, rcnn_sigma: Optional[float] = 1.0,
-        loss_weights: Optional[dict[str, float]] = None, **rpn_target_options,
+        loss_weights: Optional[dict[str, float]] = None, distributed: bool = False, **rpn_target_options,
     ) -> None:
         super().__init__()
-        self.rpn = RPNLoss(sigma=rpn_sigma, **rpn_target_options)
-        self.rcnn = RCNNLoss(sigma=rcnn_sigma)
+        self.rpn = RPNLoss(sigma=rpn_sigma, distributed=distributed, **rpn_target_options)
+        self.rcnn = RCNNLoss(sigma=rcnn_sigma, distributed=distributed)
         self.loss_weights = dict(loss_weights or {})
 
     def forward(
@@ -524,7 +555,10 @@ class FasterRCNNLoss(nn.Module):
     ) -> dict:
         rpn = self.rpn(rpn_cls_logits, rpn_box_pred, anchors, gt_boxes, gt_valid, image_size,
                        generator=generator, return_assignment=return_assignment)
-        head = rcnn_loss(cls_logits, box_pred, proposal_targets, sigma=self.rcnn.sigma, beta=self.rcnn.beta)
+        head = rcnn_loss(
+            cls_logits, box_pred, proposal_targets,
+            sigma=self.rcnn.sigma, beta=self.rcnn.beta, distributed=self.rcnn.distributed,
+        )
         parts = {"loss_rpn_cls": rpn["loss_rpn_cls"], "loss_rpn_box": rpn["loss_rpn_box"], **head}
         out = _with_total(parts, self.loss_weights)
         if return_assignment:
