@@ -13,6 +13,7 @@ Every error names the argument, what was expected and what was received.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -169,10 +170,13 @@ def require_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
 
 
 def require_positive(value: float, name: str, *, allow_zero: bool = False) -> float:
-    """Raise ``ValueError`` unless the scalar ``value`` is > 0 (or >= 0 with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Raise ``ValueError`` unless the scalar ``value`` is > 0 (or >= 0 with ``allow_zero``).
+
+    Any real number is accepted (Python or NumPy scalars, not bool); NaN is rejected.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
+    if not value == value or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
     return value

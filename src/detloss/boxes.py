@@ -21,12 +21,13 @@ Papers: GIoU, Rezatofighi et al. 2019 (arXiv:1902.09630); DIoU and CIoU, Zheng e
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate import require_boxes, require_choice
+from ._validate import require_boxes, require_choice, require_positive, require_tensor
 
 BoxFormat = Literal["xyxy", "cxcywh", "xywh"]
 IoUKind = Literal["iou", "giou", "diou", "ciou"]
@@ -43,25 +44,36 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _require_box_shape(boxes: Tensor, name: str = "boxes") -> None:
+    """Metadata-only check (no value check, no host sync) that ``boxes`` is ``(..., 4)``."""
+    require_tensor(boxes, name)
+    if boxes.dim() == 0 or boxes.shape[-1] != 4:
+        raise ValueError(f"{name}: expected boxes of shape (..., 4), got {tuple(boxes.shape)}")
+
+
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     """``(..., 4)`` centre-size boxes -> ``(..., 4)`` corner boxes."""
+    _require_box_shape(boxes)
     centre, size = boxes[..., :2], boxes[..., 2:]
     return torch.cat((centre - size / 2, centre + size / 2), dim=-1)
 
 
 def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     """``(..., 4)`` corner boxes -> ``(..., 4)`` centre-size boxes."""
+    _require_box_shape(boxes)
     low, high = boxes[..., :2], boxes[..., 2:]
     return torch.cat(((high + low) / 2, high - low), dim=-1)
 
 
 def xywh_to_xyxy(boxes: Tensor) -> Tensor:
     """``(..., 4)`` top-left-size boxes -> ``(..., 4)`` corner boxes."""
+    _require_box_shape(boxes)
     return torch.cat((boxes[..., :2], boxes[..., :2] + boxes[..., 2:]), dim=-1)
 
 
 def xyxy_to_xywh(boxes: Tensor) -> Tensor:
     """``(..., 4)`` corner boxes -> ``(..., 4)`` top-left-size boxes."""
+    _require_box_shape(boxes)
     return torch.cat((boxes[..., :2], boxes[..., 2:] - boxes[..., :2]), dim=-1)
 
 
@@ -165,6 +177,8 @@ def _prepare_pair(boxes1: Tensor, boxes2: Tensor, eps: Optional[float], kind: st
     require_boxes(boxes1, "boxes1")
     require_boxes(boxes2, "boxes2")
     require_choice(kind, "kind", IOU_KINDS)
+    if eps is not None:
+        require_positive(eps, "eps")
     dtype = torch.promote_types(compute_dtype(boxes1), compute_dtype(boxes2))
     return boxes1.to(dtype), boxes2.to(dtype), DEFAULT_EPS if eps is None else eps
 
@@ -190,6 +204,13 @@ def aligned_box_iou(
     """
     boxes1, boxes2, eps = _prepare_pair(boxes1, boxes2, eps, kind)
     require_choice(ties, "ties", ("split", "first"))
+    try:
+        torch.broadcast_shapes(boxes1.shape, boxes2.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"boxes1, boxes2: expected shapes that broadcast, "
+            f"got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
+        ) from None
     return _iou_family(boxes1, boxes2, kind, eps, ties)
 
 
@@ -212,6 +233,10 @@ def box_iou(
     tensor([[0.1429, 0.0000]])
     """
     boxes1, boxes2, eps = _prepare_pair(boxes1, boxes2, eps, kind)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0
+    ):
+        raise ValueError(f"chunk_size: expected None or a positive integer, got {chunk_size!r}")
     if boxes1.dim() < 2 or boxes2.dim() < 2:
         raise ValueError(
             f"boxes1, boxes2: expected shapes (..., N, 4) and (..., M, 4), "
@@ -225,8 +250,6 @@ def box_iou(
     n = boxes1.shape[-2]
     if chunk_size is None or n <= chunk_size:
         return _iou_family(boxes1.unsqueeze(-2), boxes2.unsqueeze(-3), kind, eps)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
     out = boxes1.new_empty(boxes1.shape[:-1] + boxes2.shape[-2:-1])
     b = boxes2.unsqueeze(-3)
     for start in range(0, n, chunk_size):

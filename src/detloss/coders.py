@@ -16,6 +16,7 @@ the exponent of a decoded size is clamped at ``max_log_scale`` instead of overfl
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -255,6 +256,8 @@ def decode_yolo(
     """
     require_floating(raw, "raw")
     require_floating(require_tensor(anchors, "anchors"), "anchors")
+    if isinstance(stride, numbers.Real) and not stride > 0:
+        raise ValueError(f"stride: expected a positive number, got {stride!r}")
     if raw.dim() != 5 or raw.shape[-1] != 4:
         raise ValueError(f"raw: expected shape (B, H, W, A, 4), got {tuple(raw.shape)}")
     if anchors.shape != (raw.shape[3], 2):

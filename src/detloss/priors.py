@@ -19,6 +19,8 @@ call them freely.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import require_choice
+from ._validate import require_choice, require_positive
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,30 @@ SSD_PRESETS: dict[str, SSDPriorConfig] = {
         aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
     ),
 }
+
+
+def _image_hw(image_size: "int | Sequence[int]", name: str = "image_size") -> tuple[int, int]:
+    """``(height, width)`` from one positive int or a pair of them, else a named error."""
+    one_side = isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool)
+    try:
+        # ints, NumPy ints, integer 0-d tensors
+        hw = [operator.index(v) for v in ((image_size, image_size) if one_side else image_size)]
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or (height, width) ints, got {image_size!r}") from None
+    if len(hw) != 2 or min(hw) <= 0:
+        raise ValueError(f"{name}: expected a positive int or (height, width), got {image_size!r}")
+    return hw[0], hw[1]
+
+
+def _positive_numbers(values: Sequence[float], name: str) -> tuple[float, ...]:
+    """A non-empty sequence of positive finite numbers, else a named ``ValueError``."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a sequence of positive numbers, got {values!r}") from None
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise ValueError(f"{name}: expected a non-empty sequence of positive numbers, got {values!r}")
+    return out
 
 
 def _fresh_tensor(arr: np.ndarray, device: Optional[torch.device], dtype: torch.dtype) -> Tensor:
@@ -202,9 +228,10 @@ def retinaface_priors(
     (``cfg_mnet``): maps of side ``ceil(size / step)`` for steps 8/16/32 with two square
     anchors per cell; 16800 priors at 640 x 640. Order: map, row, column, anchor size.
     """
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or min(hw) <= 0:
-        raise ValueError(f"image_size: expected a positive int or (height, width), got {image_size!r}")
+    hw = _image_hw(image_size)
+    _positive_numbers(steps, "steps")
+    for sizes in min_sizes:
+        _positive_numbers(sizes, "min_sizes")
     if len(min_sizes) != len(steps):
         raise ValueError(
             f"min_sizes: expected one entry per step ({len(steps)}), got {len(min_sizes)}"
@@ -258,7 +285,8 @@ def rcnn_base_anchors(
     ratio-major (scales within a ratio). The defaults give the well-known 9 anchors, e.g.
     ``[-84, -40, 99, 55]`` first.
     """
-    arr = _rcnn_base_anchors_np(int(base_size), tuple(float(r) for r in ratios), tuple(float(s) for s in scales))
+    require_positive(base_size, "base_size")
+    arr = _rcnn_base_anchors_np(int(base_size), _positive_numbers(ratios, "ratios"), _positive_numbers(scales, "scales"))
     return _fresh_tensor(arr, None, torch.float64)
 
 
@@ -281,6 +309,7 @@ def rcnn_anchors(
         raise ValueError(
             f"feat_height, feat_width: expected positive sizes, got {feat_height} x {feat_width}"
         )
+    require_positive(feat_stride, "feat_stride")
     base = rcnn_base_anchors(16, ratios, scales).numpy()
     sx = np.arange(feat_width) * feat_stride
     sy = np.arange(feat_height) * feat_stride
@@ -309,7 +338,11 @@ def retinanet_anchors(
     ``h / w = ratio``, ordered scale-major. Order: level, row, column, anchor.
     800 x 800 gives 120087 anchors.
     """
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    hw = _image_hw(image_size)
+    _positive_numbers(strides, "strides")
+    _positive_numbers(sizes, "sizes")
+    _positive_numbers(scales, "scales")
+    _positive_numbers(ratios, "ratios")
     if len(strides) != len(sizes):
         raise ValueError(f"sizes: expected one per stride ({len(strides)}), got {len(sizes)}")
     out = []
@@ -353,6 +386,8 @@ def yolov3_anchors(
     tensorflow-yolov3's ``basline_anchors.txt``, e.g. ``1.25, 1.625`` first).
     """
     anchors = torch.tensor(YOLOV3_ANCHORS_PX, dtype=torch.float64)
+    if len(_positive_numbers(strides, "strides")) != len(YOLOV3_ANCHORS_PX):
+        raise ValueError(f"strides: expected {len(YOLOV3_ANCHORS_PX)} strides (one per scale), got {strides!r}")
     if grid_units:
         anchors = anchors / torch.tensor(strides, dtype=torch.float64).view(-1, 1, 1)
     return anchors.to(device=device, dtype=dtype)
@@ -366,6 +401,8 @@ def yolo_grid(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Cell offsets ``(H, W, 2)``: ``[..., 0]`` the column x, ``[..., 1]`` the row y."""
+    require_positive(height, "height", allow_zero=True)
+    require_positive(width, "width", allow_zero=True)
     ys, xs = torch.meshgrid(
         torch.arange(height, device=device, dtype=dtype),
         torch.arange(width, device=device, dtype=dtype),

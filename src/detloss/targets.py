@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._validate import require_finite, require_floating, require_integer, require_tensor
+from ._validate import require_finite, require_floating, require_integer, require_positive, require_tensor
 
 
 def _as_rows(x: Tensor, name: str, width: int) -> Tensor:
@@ -50,6 +50,11 @@ def pad_ground_truth(
         raise ValueError(f"labels: expected one tensor per image ({len(boxes)}), got {len(labels)}")
     if extras is not None and len(extras) != len(boxes):
         raise ValueError(f"extras: expected one tensor per image ({len(boxes)}), got {len(extras)}")
+    if max_boxes is not None:
+        require_positive(max_boxes, "max_boxes", allow_zero=True)
+    if extras is not None:
+        for i, e in enumerate(extras):
+            require_tensor(e, f"extras[{i}]")
     rows = []
     for i, (b, l) in enumerate(zip(boxes, labels)):
         require_floating(require_tensor(b, f"boxes[{i}]"), f"boxes[{i}]")

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import require_floating, require_integer
-from .reduce import Reduction, weighted_reduce
+from .._validate import require_floating, require_integer, require_positive, require_tensor
+from .reduce import Reduction, require_weight_shape, weighted_reduce
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -22,6 +22,7 @@ def _acc(x: Tensor) -> Tensor:
 
 def _check_pair(logits: Tensor, targets: Tensor) -> None:
     require_floating(logits, "logits")
+    require_tensor(targets, "targets")
     if logits.shape != targets.shape:
         raise ValueError(
             f"targets: expected the shape of logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
@@ -55,6 +56,7 @@ def cross_entropy(
     safe_target = torch.where(keep, target, 0).clamp(0, logits.shape[-1] - 1)
     log_prob = F.log_softmax(_acc(logits), dim=-1)
     loss = -log_prob.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    require_weight_shape(weight, loss.shape)
     keep_weight = keep.to(loss.dtype)
     weight = keep_weight if weight is None else keep_weight * weight
     return weighted_reduce(loss, weight, reduction, normalizer)
@@ -110,6 +112,7 @@ def sigmoid_focal_loss(
     gradient flows, as in the paper and in YOLOv3's objectness focal term.
     """
     _check_pair(logits, targets)
+    require_positive(gamma, "gamma", allow_zero=True)
     x, t = _acc(logits), _acc(targets)
     loss = binary_cross_entropy_with_logits(x, t, reduction="none")
     if gamma != 0:
@@ -135,13 +138,21 @@ def softmax_focal_loss(
     ``target (...)`` holds class indices; ``alpha`` is an optional per-class weight ``(C,)``;
     ``ignore_index`` entries contribute 0. ``gamma = 0`` and no ``alpha`` is cross-entropy.
     """
+    require_floating(logits, "logits")
     require_integer(target, "target")
+    require_positive(gamma, "gamma", allow_zero=True)
+    if logits.dim() == 0:
+        raise ValueError(f"logits: expected shape (..., C), got {tuple(logits.shape)}")
+    if alpha is not None and (not isinstance(alpha, Tensor) or alpha.shape != logits.shape[-1:]):
+        got = tuple(alpha.shape) if isinstance(alpha, Tensor) else type(alpha).__name__
+        raise ValueError(f"alpha: expected a tensor of shape (C={logits.shape[-1]},), got {got}")
     keep = target != ignore_index
     safe_target = torch.where(keep, target, 0).clamp(0, logits.shape[-1] - 1)
     ce = cross_entropy(logits, safe_target, reduction="none")
     loss = ce * _modulating_factor(-torch.expm1(-ce), gamma) if gamma != 0 else ce
     if alpha is not None:
         loss = loss * alpha.to(loss.dtype)[safe_target]
+    require_weight_shape(weight, loss.shape)
     keep_weight = keep.to(loss.dtype)
     weight = keep_weight if weight is None else keep_weight * weight
     return weighted_reduce(loss, weight, reduction, normalizer)

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._validate import require_floating, require_tensor
 from .reduce import Reduction, weighted_reduce
 
 
@@ -22,11 +23,17 @@ def dice_loss(
     ``logits`` and ``targets`` are ``(N, ...)``; the sums run over all but the first
     dimension, giving one loss per item ``(N,)`` before ``weight``/``reduction``.
     """
+    require_floating(logits, "logits")
+    require_tensor(targets, "targets")
+    if logits.dim() == 0:
+        raise ValueError(f"logits: expected shape (N, ...), got {tuple(logits.shape)}")
     if logits.shape != targets.shape:
         raise ValueError(
             f"targets: expected the shape of logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
         )
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if logits.dim() == 1:  # one value per item
+        logits, targets = logits[:, None], targets[:, None]
     p = torch.sigmoid(logits.to(dtype)).flatten(1)
     t = targets.to(dtype).flatten(1)
     loss = 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)

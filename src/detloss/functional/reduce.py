@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._validate import require_choice
+from .._validate import require_choice, require_tensor
 
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS = ("none", "sum", "mean")
@@ -20,6 +20,22 @@ REDUCTIONS = ("none", "sum", "mean")
 
 def _accumulate_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def require_weight_shape(weight: Optional[Tensor], shape: torch.Size) -> None:
+    """Raise unless ``weight`` is None or a tensor that broadcasts to the loss ``shape``."""
+    if weight is None:
+        return
+    require_tensor(weight, "weight")
+    try:
+        fits = torch.broadcast_shapes(weight.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"weight: expected a shape that broadcasts to the element-wise loss "
+            f"{tuple(shape)}, got {tuple(weight.shape)}"
+        )
 
 
 def weighted_reduce(
@@ -46,6 +62,7 @@ def weighted_reduce(
         A 0-d tensor (float32 or float64), or the weighted loss for ``"none"``.
     """
     require_choice(reduction, "reduction", REDUCTIONS)
+    require_weight_shape(weight, loss.shape)
     acc = _accumulate_dtype(loss)
     loss = loss.to(acc)
     if weight is not None:
@@ -88,6 +105,7 @@ def positive_normalizer(
     Returns:
         A 0-d float32 tensor (float64 if ``num_pos`` is float64) on ``num_pos``'s device.
     """
+    require_tensor(num_pos, "num_pos")
     count = num_pos.detach().to(_accumulate_dtype(num_pos)).sum()
     if distributed and dist.is_available() and dist.is_initialized():
         count = count.clone()

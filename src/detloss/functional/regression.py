@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._validate import require_floating, require_positive
+from .._validate import require_floating, require_positive, require_tensor
 from .reduce import Reduction, weighted_reduce
 
 
@@ -33,6 +33,7 @@ def smooth_l1_loss(
         weight, reduction, normalizer: see :func:`detloss.functional.weighted_reduce`.
     """
     require_floating(input, "input")
+    require_tensor(target, "target")
     if input.shape != target.shape:
         raise ValueError(
             f"target: expected the shape of input {tuple(input.shape)}, got {tuple(target.shape)}"
