@@ -128,7 +128,7 @@ class Case:
         kwargs = dict(self.kwargs, **extra)
         if self.generator_seed is not None:
             kwargs["generator"] = torch.Generator().manual_seed(self.generator_seed)
-        return (module or self.module)(*self.args, **kwargs)
+        return (self.module if module is None else module)(*self.args, **kwargs)
 
     def slice(self, start: int, stop: int) -> "Case":
         """The images ``start:stop`` of the batch (shared priors / anchors unchanged)."""
