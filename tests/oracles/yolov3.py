@@ -39,7 +39,7 @@ def iou_family_cxcywh(a, b, kind):
     diou = iou - rho2 / c2
     if kind == "diou":
         return diou
-    v = 4 / math.pi**2 * (math.atan(b[2] / b[3]) - math.atan(a[2] / a[3])) ** 2
+    v = 4 / math.pi**2 * (math.atan2(b[2], b[3]) - math.atan2(a[2], a[3])) ** 2
     alpha = v / (1 - iou + v) if (1 - iou + v) > 0 else 0.0
     return diou - alpha * v
 

@@ -122,8 +122,9 @@ class YOLOv3Loss:
         flat = lambda t: t.reshape(batch, -1, t.shape[-1])  # noqa: E731
         label = flat(label.to(raw.dtype))
         respond = label[..., 4]
+        raw, boxes = flat(raw), flat(pred[..., :4])
         terms = yolo_scale_terms(
-            flat(raw), flat(pred[..., :4]), respond, label[..., :4], label[..., 5:], respond,
+            raw[..., 4], boxes, respond, boxes, raw[..., 5:], label[..., :4], label[..., 5:], respond,
             bboxes.to(raw.dtype), image_area=float(stride * size) ** 2, ignore_iou=self.iou_loss_thresh,
             box_loss="giou", box_eps=GIOU_EPS, ignore_eps=NO_EPS,
         )

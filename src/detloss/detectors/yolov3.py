@@ -104,15 +104,16 @@ class YoloScaleTerms:
 
 
 def yolo_scale_terms(
-    raw: Tensor,
+    obj_logits: Tensor,
     pred_cxcywh: Tensor,
     respond: Tensor,
+    pred_pos: Tensor,
+    cls_logits: Tensor,
     box_target: Tensor,
     cls_target: Tensor,
     pos_weight: Tensor,
     true_cxcywh: Tensor,
     *,
-    pos_index: Optional[Tensor] = None,
     true_valid: Optional[Tensor] = None,
     image_area: float,
     ignore_iou: float = 0.5,
@@ -123,13 +124,14 @@ def yolo_scale_terms(
     """The three YOLOv3 terms of one scale, summed over the batch.
 
     Args:
-        raw: ``(B, N, 5 + C)`` head output, ``N = H * W * A`` cells in (row, col, anchor) order.
-        pred_cxcywh: ``(B, N, 4)`` decoded boxes, input pixels (gradient flows through them).
+        obj_logits: ``(B, N)`` objectness logits, ``N = H * W * A`` cells (row, col, anchor).
+        pred_cxcywh: ``(B, N)`` x 4 decoded boxes, input pixels, for the ignore rule (no gradient).
         respond: ``(B, N)`` 0/1 responsibility of each cell (objectness target).
+        pred_pos, cls_logits: ``(B, K, 4)`` decoded boxes and ``(B, K, C)`` class logits of
+            ``K`` positive candidates (gathered at their cells by the caller, or every cell with
+            ``K = N`` for dense labels as in the original); gradients flow through them.
         box_target, cls_target, pos_weight: ``(B, K, 4)`` cxcywh pixels, ``(B, K, C)`` class
-            targets and ``(B, K)`` 0/1 weights of ``K`` positive candidates; they sit at cells
-            ``pos_index (B, K)`` (int64), or at every cell in order when ``pos_index`` is None
-            (``K = N``, dense labels as in the original).
+            targets and ``(B, K)`` 0/1 weights of the candidates.
         true_cxcywh, true_valid: ``(B, T, 4)`` true boxes of this scale and ``(B, T)`` bool
             validity (None: all), for the ignore rule.
         image_area: ``H_in * W_in`` pixels, for the box weight ``2 - w * h / image_area``.
@@ -137,11 +139,6 @@ def yolo_scale_terms(
         box_loss: ``"giou"``, ``"diou"`` or ``"ciou"``; ``box_eps`` its denominator clamp.
         ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
     """
-    if pos_index is None:
-        pred_pos, cls_logits = pred_cxcywh, raw[..., 5:]
-    else:
-        pred_pos = pred_cxcywh.gather(1, pos_index[..., None].expand(-1, -1, 4))
-        cls_logits = raw[..., 5:].gather(1, pos_index[..., None].expand(-1, -1, raw.shape[-1] - 5))
     dtype = compute_dtype(pred_pos)
     box_target = box_target.to(dtype)
     pos_weight = pos_weight.to(dtype)
@@ -154,7 +151,7 @@ def yolo_scale_terms(
     respond = respond.to(dtype)
     background = (respond == 0) & (max_iou < ignore_iou)
     obj = sigmoid_focal_loss(
-        raw[..., 4], respond, alpha=-1.0, gamma=2.0, weight=respond + background.to(dtype), reduction="sum"
+        obj_logits, respond, alpha=-1.0, gamma=2.0, weight=respond + background.to(dtype), reduction="sum"
     )
     cls = binary_cross_entropy_with_logits(
         cls_logits, cls_target.to(dtype), weight=pos_weight[..., None], reduction="sum"
@@ -309,14 +306,19 @@ class YOLOv3Loss(nn.Module):
         totals = [[], [], []]
         respond_all, background_all, max_iou_all = [], [], []
         for s, (head, stride) in enumerate(zip(heads, self.strides)):
-            raw = head.reshape(batch, -1, head.shape[-1])
-            box_raw = head[..., :4].to(dtype)
-            pred = decode_yolo(box_raw, anchors[s].to(dtype), stride, max_log_scale=self.max_log_scale)
+            # One 5-channel slice for the dense part and one gather of whole rows at the
+            # positives: the backward then fills the head-sized gradient twice, not per channel.
+            dense = head[..., :5]
+            pred = decode_yolo(dense[..., :4].to(dtype), anchors[s].to(dtype), stride,
+                               max_log_scale=self.max_log_scale).reshape(batch, -1, 4)
+            pos_index = match.slot[s].flatten(1)
+            pred_pos = pred.gather(1, pos_index[..., None].expand(-1, -1, 4))
+            rows = head.reshape(batch, -1, head.shape[-1]).gather(
+                1, pos_index[..., None].expand(-1, -1, head.shape[-1]))
             respond = match.winner[s] >= 0
             terms = yolo_scale_terms(
-                raw, pred.reshape(batch, -1, 4), respond, repeat(gt), repeat(per_gt_cls),
-                match.positive[s].flatten(1), gt, pos_index=match.slot[s].flatten(1),
-                true_valid=match.in_list[s], image_area=float(input_hw[0] * input_hw[1]),
+                dense[..., 4].reshape(batch, -1), pred, respond, pred_pos, rows[..., 5:], repeat(gt),
+                repeat(per_gt_cls), match.positive[s].flatten(1), gt, true_valid=match.in_list[s], image_area=float(input_hw[0] * input_hw[1]),
                 ignore_iou=self.ignore_iou, box_loss=self.box_loss, box_eps=self.box_eps,
             )
             for total, term in zip(totals, (terms.box, terms.obj, terms.cls)):
