@@ -14,9 +14,11 @@ SETTINGS = settings(max_examples=200, deadline=None)
 
 
 def double_argsort(values: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """The originals' rule: stable descending sort, rank < k, over eligible entries."""
-    v = values.double().masked_fill(~eligible, -float("inf"))
-    rank = v.sort(dim=1, descending=True, stable=True)[1].sort(dim=1)[1]
+    """The originals' rule: stable descending sort of the eligible values, rank < k."""
+    order = values.double().sort(dim=1, descending=True, stable=True)[1]
+    # then eligible entries first, keeping the value order (a second stable sort)
+    order = order.gather(1, (~eligible).gather(1, order).to(torch.uint8).sort(dim=1, stable=True)[1])
+    rank = order.sort(dim=1)[1]
     return (rank < torch.minimum(k, eligible.sum(1))[:, None]) & eligible
 
 

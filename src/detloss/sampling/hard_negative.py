@@ -60,19 +60,22 @@ def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None) -> 
     eligible = torch.ones_like(values, dtype=torch.bool) if eligible is None else eligible
     keys, bits = _ordered_keys(values)
     remaining = torch.minimum(k.to(torch.int64), eligible.sum(dim=1))
-    row_offset = torch.arange(rows, device=device).unsqueeze(1)
+    ones = torch.ones((), dtype=torch.int32, device=device).expand(rows * n)
     prefix = None
     for width, shift in _PASSES[bits]:
         buckets = 1 << width
+        digits = keys >> shift
         if prefix is None:
-            digit = (keys >> shift).to(torch.int64) + (buckets >> 1)
+            digits = digits + (buckets >> 1)
             in_class = eligible
         else:
-            digit = ((keys >> shift) & (buckets - 1)).to(torch.int64)
-            in_class = eligible & ((keys >> (shift + width)) == prefix.unsqueeze(1))
-        slot = torch.where(in_class, digit, buckets) + row_offset * (buckets + 1)
+            digits = digits & (buckets - 1)
+            in_class = eligible & ((keys >> (shift + width)) == prefix.to(keys.dtype).unsqueeze(1))
+        # one histogram per row; bucket ``buckets`` collects everything outside the class
+        row_base = torch.arange(0, rows * (buckets + 1), buckets + 1, device=device, dtype=keys.dtype)
+        slot = torch.where(in_class, digits, buckets).add_(row_base.unsqueeze(1))
         counts = torch.zeros(rows * (buckets + 1), dtype=torch.int32, device=device)
-        counts.scatter_add_(0, slot.flatten(), torch.ones((), dtype=torch.int32, device=device).expand(rows * n))
+        counts.scatter_add_(0, slot.flatten().long(), ones)
         at_least = counts.view(rows, buckets + 1)[:, :buckets].flip(1).cumsum(1).flip(1)
         chosen = (at_least >= remaining.unsqueeze(1)).sum(dim=1) - 1
         above = torch.where(
