@@ -98,6 +98,8 @@ CASES = {
     "encode_deltas batch": (lambda: D.encode_deltas(torch.rand(3, 4), B), ValueError, s("boxes, reference: expected leading dimensions that broadcast, got (3, 4) and (5, 4)")),
     "decode_deltas last dim": (lambda: D.decode_deltas(torch.rand(5, 5), B), ValueError, s("deltas: expected shape (..., 4), got (5, 5)")),
     "decode_deltas stds nan": (lambda: D.decode_deltas(B, B, stds=(1, 1, float("nan"), 1)), ValueError, s("stds: expected 4 finite numbers (dx, dy, dw, dh)")),
+    "encode_corner_offsets nan variance": (lambda: D.encode_corner_offsets(B, B, (float("nan"), 1, 1, 1)), ValueError, s("variances: expected 4 finite numbers (x1, y1, x2, y2), got (nan, 1, 1, 1)")),
+    "encode_corner_offsets last dim": (lambda: D.encode_corner_offsets(B, B3), ValueError, s("anchors: expected boxes of shape (..., 4), got (5, 3)")),
     "decode_yolo rank": (lambda: D.decode_yolo(torch.rand(2, 3, 3, 4), ANC, 8), ValueError, s("raw: expected shape (B, H, W, A, 4), got (2, 3, 3, 4)")),
     "decode_yolo integer": (lambda: D.decode_yolo(RAW.long(), ANC, 8), TypeError, s("raw: expected a floating-point tensor, got dtype torch.int64")),
     "decode_yolo anchors shape": (lambda: D.decode_yolo(RAW, torch.rand(2, 2), 8), ValueError, s("anchors: expected shape (A=3, 2), got (2, 2)")),
@@ -169,6 +171,7 @@ def test_every_public_foundation_function_has_a_bad_input_case():
         "box_iou", "aligned_box_iou", "ssd_priors", "SSDPriorConfig", "retinaface_priors", "rcnn_anchors",
         "rcnn_base_anchors", "retinanet_anchors", "yolov3_anchors", "yolo_grid", "encode_boxes", "decode_boxes",
         "encode_landmarks", "decode_landmarks", "encode_deltas", "decode_deltas", "decode_yolo", "pad_ground_truth",
+        "encode_corner_offsets",
         "smooth_l1_loss", "l1_loss", "cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss",
         "softmax_focal_loss", "iou_loss", "dice_loss", "weighted_reduce", "positive_normalizer",
     }

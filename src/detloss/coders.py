@@ -285,7 +285,7 @@ def encode_corner_offsets(
     """
     require_boxes(matched, "matched")
     require_boxes(anchors, "anchors")
-    if len(variances) != 4 or min(variances) <= 0:
+    if min(_numbers(variances, "variances", 4, "x1, y1, x2, y2")) <= 0:
         raise ValueError(f"variances: expected four positive numbers, got {variances!r}")
     a_w = anchors[..., 2] - anchors[..., 0]
     a_h = anchors[..., 3] - anchors[..., 1]
