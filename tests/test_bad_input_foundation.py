@@ -129,6 +129,9 @@ CASES = {
     "softmax focal alpha": (lambda: F.softmax_focal_loss(B, LBL, alpha=torch.rand(3)), ValueError, s("alpha: expected a tensor of shape (C=4,), got (3,)")),
     "softmax focal float target": (lambda: F.softmax_focal_loss(B, torch.zeros(5)), TypeError, s("target: expected an integer tensor, got dtype torch.float32")),
     "softmax focal gamma": (lambda: F.softmax_focal_loss(B, LBL, -2.0), ValueError, s("gamma: expected a number >= 0, got -2.0")),
+    "probability_ce shape": (lambda: F.probability_cross_entropy(B, B3), ValueError, s("target: expected the shape of probs (5, 4), got (5, 3)")),
+    "probability_ce integer": (lambda: F.probability_cross_entropy(BI, B), TypeError, s("probs: expected a floating-point tensor, got dtype torch.int64")),
+    "probability_ce eps": (lambda: F.probability_cross_entropy(B, B, eps=0.0), ValueError, s("eps: expected a number > 0, got 0.0")),
     "iou_loss last dim": (lambda: F.iou_loss(B3, B3), ValueError, s("boxes: expected boxes of shape (..., 4), got (5, 3)")),
     "iou_loss fmt": (lambda: F.iou_loss(B, B, fmt="yolo"), ValueError, s("in_fmt: expected one of ('xyxy', 'cxcywh', 'xywh'), got 'yolo'")),
     "iou_loss kind": (lambda: F.iou_loss(B, B, "x"), ValueError, s("kind: expected one of ('iou', 'giou', 'diou', 'ciou'), got 'x'")),
@@ -171,7 +174,7 @@ def test_every_public_foundation_function_has_a_bad_input_case():
         "box_iou", "aligned_box_iou", "ssd_priors", "SSDPriorConfig", "retinaface_priors", "rcnn_anchors",
         "rcnn_base_anchors", "retinanet_anchors", "yolov3_anchors", "yolo_grid", "encode_boxes", "decode_boxes",
         "encode_landmarks", "decode_landmarks", "encode_deltas", "decode_deltas", "decode_yolo", "pad_ground_truth",
-        "encode_corner_offsets",
+        "encode_corner_offsets", "probability_cross_entropy",
         "smooth_l1_loss", "l1_loss", "cross_entropy", "binary_cross_entropy_with_logits", "sigmoid_focal_loss",
         "softmax_focal_loss", "iou_loss", "dice_loss", "weighted_reduce", "positive_normalizer",
     }

@@ -20,12 +20,13 @@ def _acc(x: Tensor) -> Tensor:
     return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
-def _check_pair(logits: Tensor, targets: Tensor) -> None:
-    require_floating(logits, "logits")
-    require_tensor(targets, "targets")
+def _check_pair(logits: Tensor, targets: Tensor, names: tuple[str, str] = ("logits", "targets")) -> None:
+    first, second = names
+    require_floating(logits, first)
+    require_tensor(targets, second)
     if logits.shape != targets.shape:
         raise ValueError(
-            f"targets: expected the shape of logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
+            f"{second}: expected the shape of {first} {tuple(logits.shape)}, got {tuple(targets.shape)}"
         )
 
 
@@ -176,7 +177,8 @@ def probability_cross_entropy(
     ``probs`` is 0 (as TensorFlow's ``maximum``). Prefer :func:`cross_entropy` on logits
     where you have them: it is more accurate for tiny probabilities.
     """
-    _check_pair(probs, target)
+    _check_pair(probs, target, ("probs", "target"))
+    require_positive(eps, "eps")
     p, t = _acc(probs), _acc(target)
     loss = -(t * torch.log(p.clamp(min=eps))).sum(dim=-1)
     return weighted_reduce(loss, weight, reduction, normalizer)
