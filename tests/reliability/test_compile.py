@@ -51,4 +51,5 @@ def test_fullgraph_empty_images(family):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fullgraph_inductor_equals_eager(family):
-    _compiled_equals_eager(family, "inductor")
+    # inductor lowers torch.rand to its own generator: sample every anchor so no draw matters
+    _compiled_equals_eager(family, "inductor", sample_all=True)
