@@ -9,11 +9,6 @@ from detloss.compat.tensorflow_yolov3 import YOLOv3Loss, preprocess_true_boxes
 
 CASES = ["yolo_typical_c80", "yolo_span_scales_c20", "yolo_crowded_c80"]
 SCALES = "sml"
-FOUNDATION_BCE_BUG = (
-    "foundation binary_cross_entropy_with_logits has gradient 1 - t instead of sigmoid(0) - t at a logit "
-    "of exactly 0; golden heads hold exact zeros"
-)
-
 
 def close(got, want, rtol=1e-5, atol=0.0):
     got = got.detach().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
@@ -117,7 +112,6 @@ def test_giou_gradient_everywhere(golden, case):
     _check_grad(_grads(d, "giou")[0], d["out_grad_giou_conv_sbbox"])
 
 
-@pytest.mark.xfail(strict=True, reason=FOUNDATION_BCE_BUG)
 @pytest.mark.parametrize("case", CASES)
 def test_gradients_everywhere(golden, case):
     d = golden(f"tf/{case}.npz")

@@ -16,11 +16,6 @@ CASES = ["yolo_typical_c80", "yolo_span_scales_c20", "yolo_crowded_c80"]
 STRIDES = (8, 16, 32)
 ANCHORS = yolov3_anchors(grid_units=True, dtype=torch.float64)
 TERMS = [("loss_box", "giou"), ("loss_obj", "conf"), ("loss_cls", "prob")]
-FOUNDATION_BCE_BUG = (
-    "foundation binary_cross_entropy_with_logits has gradient 1 - t instead of sigmoid(0) - t at a logit "
-    "of exactly 0 (x.clamp(min=0) and |x| at 0); golden heads hold exact zeros"
-)
-
 
 def golden_inputs(d):
     gt, counts = d["in_gt_boxes"], d["in_gt_count"]
@@ -71,7 +66,6 @@ def test_golden_gradients_at_nonzero_logits(golden, case):
         assert_grad_close(convs[s].grad, d[f"out_grad_conv_{k}bbox"], mask=d[f"in_conv_{k}bbox"] != 0)
 
 
-@pytest.mark.xfail(strict=True, reason=FOUNDATION_BCE_BUG)
 @pytest.mark.parametrize("case", CASES)
 def test_golden_gradients_everywhere(golden, case):
     d, convs = _golden_grads(golden, case)

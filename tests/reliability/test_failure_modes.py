@@ -524,8 +524,6 @@ def test_fm12_distributed_normaliser_is_reduced(family, monkeypatch):
     torch.testing.assert_close(half["loss"], 2 * local["loss"])
 
 
-@pytest.mark.xfail(strict=True, reason="foundation: BCE-with-logits gradient at logit exactly 0 is "
-                   "1 - t instead of 0.5 - t (clamp and abs subgradients); reported, not changed here")
 def test_fm13_bce_gradient_at_zero_logit():
     x = torch.zeros(3, requires_grad=True)
     t = torch.tensor([1.0, 0.0, 0.25])

@@ -78,7 +78,12 @@ def binary_cross_entropy_with_logits(
     """
     _check_pair(logits, targets)
     x, t = _acc(logits), _acc(targets)
-    loss = x.clamp(min=0) - x * t + torch.log1p(torch.exp(-x.abs()))
+    # where-based relu/-|x| (TensorFlow's form): at x == 0 both branches take the x >= 0
+    # side, so the gradient is sigmoid(0) - t; clamp/abs would give 1 - t there.
+    non_negative = x >= 0
+    loss = torch.where(non_negative, x, 0.0) - x * t + torch.log1p(
+        torch.exp(torch.where(non_negative, -x, x))
+    )
     return weighted_reduce(loss, weight, reduction, normalizer)
 
 
