@@ -13,7 +13,8 @@ For each configuration it prints
   gradients, read priors / GT, one float32 loss and one label byte per prior), in MB and in
   ms at the copy bandwidth measured on this machine (a large ``torch.clone``).
 
-Usage: ``python benchmarks/bench_ssd.py [--runs 20] [--threads 2] [--config ssd|retinaface|all]``.
+Usage: ``python benchmarks/bench_ssd.py [--runs 20] [--threads 2] [--config ssd|retinaface|all] [--compile]``
+(``--compile`` also times the native loss under ``torch.compile(fullgraph=True)``, compile time excluded).
 The machine's load average is printed: other processes sharing the CPU slow everything down.
 """
 from __future__ import annotations
@@ -214,7 +215,9 @@ def child(config: str, impl: str, runs: int, threads: int) -> None:
     torch.set_num_threads(threads)
     x = make_inputs(config)
     loss_module = native_loss(x)
-    step = (lambda: native_step(x, loss_module)) if impl == "native" else (lambda: loop_step(x))
+    if impl == "compiled":  # the whole loss under torch.compile(fullgraph=True); compile time excluded
+        loss_module = torch.compile(loss_module, fullgraph=True)
+    step = (lambda: native_step(x, loss_module)) if impl != "loop" else (lambda: loop_step(x))
     before = peak_rss_kb()
     median, best = time_it(step, runs)
     peak = peak_rss_kb()
@@ -245,7 +248,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--config", choices=["ssd", "retinaface", "all"], default="all")
-    parser.add_argument("--child", choices=["native", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also time the native loss under torch.compile")
+    parser.add_argument("--child", choices=["native", "loop", "compiled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.config, args.child, args.runs, args.threads)
@@ -267,6 +271,10 @@ def main() -> None:
         print(f"  per-image loop : median {loop['median_ms']:7.1f} ms (min {loop['min_ms']:.1f}), "
               f"peak RSS {loop['peak_rss_mb']:.0f} MB (+{loop['rss_increase_mb']:.0f} MB)")
         print(f"  speed-up       : {loop['median_ms'] / native['median_ms']:.2f}x")
+        if args.compile:
+            comp = run_child(config, "compiled", args.runs, args.threads)
+            print(f"  torch.compile  : median {comp['median_ms']:7.1f} ms (min {comp['min_ms']:.1f}), "
+                  f"peak RSS {comp['peak_rss_mb']:.0f} MB, {loop['median_ms'] / comp['median_ms']:.2f}x the loop")
         floor_ms = floor / (bandwidth * 1e9) * 1e3
         print(f"  traffic floor  : {floor / 1e6:.1f} MB = {floor_ms:.1f} ms at {bandwidth:.1f} GB/s "
               f"(native is {native['median_ms'] / floor_ms:.1f}x the floor)")

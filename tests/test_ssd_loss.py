@@ -278,3 +278,12 @@ def test_bad_constructor_arguments():
         SSDLoss(21, normalizer="batch")
     with pytest.raises(ValueError, match="pos_iou"):
         SSDLoss(21, pos_iou=-0.5)
+
+
+@pytest.mark.slow
+def test_runs_under_torch_compile_fullgraph():
+    """DESIGN rule: no graph break (no host sync, no data-dependent shapes) in the forward."""
+    x = list(_one_image(torch.tensor([[[0.1, 0.1, 0.6, 0.5], [0.5, 0.5, 0.9, 0.8]]]), torch.tensor([[2, 0]])))
+    loss = SSDLoss(6)
+    compiled = torch.compile(lambda *a: loss(*a)["loss"], fullgraph=True)
+    torch.testing.assert_close(compiled(*x), loss(*x)["loss"], rtol=1e-5, atol=1e-6)

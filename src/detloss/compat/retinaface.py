@@ -17,8 +17,7 @@ stored and, as in the original, unused; nothing is moved with ``.cuda()``.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .._validate import require_tensor, value_checks_active
 from ..detectors.retinaface import RetinaFaceLoss
