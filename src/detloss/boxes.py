@@ -131,6 +131,16 @@ def _aspect_angle(w: Tensor, h: Tensor, eps: float) -> Tensor:
     return torch.where(h >= math.sqrt(eps), angle, angle.detach())
 
 
+def _ratio(num: Tensor, den: Tensor, eps: float) -> Tensor:
+    """``num / den`` where ``den > eps``; 0 with zero gradient where the denominator vanishes.
+
+    Clamping the denominator at ``eps`` instead would keep a gradient of order ``1 / eps``
+    for degenerate (zero-area) boxes, which overflows float16 and derails training.
+    """
+    usable = den > eps
+    return torch.where(usable, num / torch.where(usable, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
 def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split") -> Tensor:
     """IoU-family value of broadcastable xyxy boxes ``a (..., 4)`` and ``b (..., 4)``.
 
@@ -138,7 +148,8 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split"
     ``b[..., None, :, :]``) allocates ``(..., N, M)`` temporaries, never ``(..., N, M, 2)``.
     The plain IoU follows the operation order of the original SSD code (widths times
     heights, ``inter / (area_a + area_b - inter)``), so float32 results are bit-identical
-    to it wherever the union exceeds ``eps``.
+    to it wherever the union exceeds ``eps``. Each ratio whose denominator is at most
+    ``eps`` (both boxes degenerate) is 0 with zero gradient: see :func:`_ratio`.
     """
     minimum, maximum = (torch.minimum, torch.maximum) if ties == "split" else (_tf_minimum, _tf_maximum)
     ax1, ay1, ax2, ay2 = a.unbind(-1)
@@ -149,7 +160,7 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split"
     aw, ah = (ax2 - ax1).clamp(min=0), (ay2 - ay1).clamp(min=0)
     bw, bh = (bx2 - bx1).clamp(min=0), (by2 - by1).clamp(min=0)
     union = aw * ah + bw * bh - inter
-    iou = inter / union.clamp(min=eps)
+    iou = _ratio(inter, union, eps)
     if kind == "iou":
         return iou
     # The enclosing box spans both boxes' corners; an inverted box (x2 < x1) counts with its
@@ -160,11 +171,11 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split"
     enclose_w = maximum(ahx, bhx) - minimum(alx, blx)
     enclose_h = maximum(ahy, bhy) - minimum(aly, bly)
     if kind == "giou":
-        enclose = (enclose_w * enclose_h).clamp(min=eps)
-        return iou - (enclose - union) / enclose
-    diag_sq = (enclose_w**2 + enclose_h**2).clamp(min=eps)
+        enclose = enclose_w * enclose_h
+        return iou - _ratio(enclose - union, enclose, eps)
+    diag_sq = enclose_w**2 + enclose_h**2
     centre_sq = ((ax1 + ax2 - bx1 - bx2) ** 2 + (ay1 + ay2 - by1 - by2) ** 2) / 4
-    diou = iou - centre_sq / diag_sq
+    diou = iou - _ratio(centre_sq, diag_sq, eps)
     if kind == "diou":
         return diou
     v = (4 / math.pi**2) * (_aspect_angle(bw, bh, eps) - _aspect_angle(aw, ah, eps)) ** 2

@@ -6,9 +6,9 @@ Everything is float64. Conventions shared with detloss and stated here once:
 
 * boxes are xyxy unless a name says otherwise; an inverted side (x2 < x1) has width 0;
 * the enclosing box of GIoU / DIoU / CIoU spans all eight corner coordinates;
-* the IoU-family denominators are clamped at ``eps`` (union, enclosing area, enclosing
-  diagonal, ``1 - iou + v``) and CIoU uses ``atan(w / (h + eps))``, so degenerate boxes give
-  finite values;
+* an IoU-family ratio whose denominator (union, enclosing area, enclosing diagonal) is at
+  most ``eps`` is 0 (both boxes degenerate); ``1 - iou + v`` is clamped at ``eps``, and CIoU
+  uses ``atan(w / (h + eps))``, so degenerate boxes give finite values;
 * CIoU: ``diou - alpha * v`` with ``v = 4 / pi**2 * (atan(wb/hb) - atan(wa/ha))**2`` and
   ``alpha = v / (1 - iou + v)``.
 """
@@ -80,6 +80,10 @@ def intersection(a: Sequence[float], b: Sequence[float]) -> float:
     return w * h
 
 
+def _ratio(num: float, den: float, eps: float) -> float:
+    return num / den if den > eps else 0.0
+
+
 def iou_pair(a: Sequence[float], b: Sequence[float], kind: str = "iou", eps: float = EPS) -> float:
     """IoU / GIoU / DIoU / CIoU of one pair of xyxy boxes."""
     a = [float(v) for v in a]
@@ -88,19 +92,19 @@ def iou_pair(a: Sequence[float], b: Sequence[float], kind: str = "iou", eps: flo
     wb, hb = max(b[2] - b[0], 0.0), max(b[3] - b[1], 0.0)
     inter = intersection(a, b)
     union = wa * ha + wb * hb - inter
-    iou = inter / max(union, eps)
+    iou = _ratio(inter, union, eps)
     if kind == "iou":
         return iou
     # smallest box enclosing all corners (an inverted box counts with its span)
     cw = max(a[0], a[2], b[0], b[2]) - min(a[0], a[2], b[0], b[2])
     ch = max(a[1], a[3], b[1], b[3]) - min(a[1], a[3], b[1], b[3])
     if kind == "giou":
-        enclose = max(cw * ch, eps)
-        return iou - (enclose - union) / enclose
-    diag_sq = max(cw * cw + ch * ch, eps)
+        enclose = cw * ch
+        return iou - _ratio(enclose - union, enclose, eps)
+    diag_sq = cw * cw + ch * ch
     dx = (a[0] + a[2]) / 2 - (b[0] + b[2]) / 2
     dy = (a[1] + a[3]) / 2 - (b[1] + b[3]) / 2
-    diou = iou - (dx * dx + dy * dy) / diag_sq
+    diou = iou - _ratio(dx * dx + dy * dy, diag_sq, eps)
     if kind == "diou":
         return diou
     if kind != "ciou":
