@@ -17,6 +17,7 @@ from .boxes import (
     xyxy_to_xywh,
 )
 from .coders import (
+    encode_corner_offsets,
     decode_boxes,
     decode_deltas,
     decode_landmarks,
@@ -27,6 +28,7 @@ from .coders import (
 )
 from .priors import (
     SSD_PRESETS,
+    ssd_keras_anchors,
     SSDPriorConfig,
     rcnn_anchors,
     rcnn_base_anchors,
@@ -39,20 +41,34 @@ from .priors import (
 from .targets import pad_ground_truth
 from . import functional
 
-# family exports (matching, sampling, detectors) are appended below by each family.
-from .priors import ssd_keras_anchors  # ssd_keras family
-from .coders import encode_corner_offsets  # ssd_keras family
-from .matching.greedy import GreedyMatch, greedy_bipartite_match, match_greedy, match_greedy_boxes  # ssd_keras family
-from .sampling.batch_hard_negative import mine_hard_negatives_batchwide  # ssd_keras family
-from .matching.bipartite import PriorMatch, match_priors  # SSD family
-from .sampling.hard_negative import mine_hard_negatives, top_k_mask  # SSD family
-from .detectors.ssd import MultiBoxAssignment, SSDLoss  # SSD family
-from .detectors.retinaface import RetinaFaceLoss  # SSD family
-from .matching.max_iou import MaxIoUAssignment, max_iou_match  # Faster R-CNN / RetinaNet family
-from .sampling.balanced import sample_balanced  # Faster R-CNN / RetinaNet family
-from .detectors.faster_rcnn import (  # Faster R-CNN / RetinaNet family
-    FasterRCNNLoss, ProposalTargets, RCNNLoss, RPNLoss, RPNTargets, proposal_targets, rpn_targets,
+from .matching import (
+    GreedyMatch,
+    MaxIoUAssignment,
+    PriorMatch,
+    YoloAssignment,
+    YoloTargets,
+    assign_yolo_anchors,
+    build_yolo_targets,
+    greedy_bipartite_match,
+    match_greedy,
+    match_greedy_boxes,
+    match_priors,
+    max_iou_match,
 )
-from .detectors.retinanet import RetinaNetAssignment, RetinaNetLoss  # Faster R-CNN / RetinaNet family
-from .matching.yolo import assign_yolo_anchors, build_yolo_targets  # YOLOv3 family
-from .detectors.yolov3 import YOLOv3Loss  # YOLOv3 family
+from .sampling import mine_hard_negatives, mine_hard_negatives_batchwide, sample_balanced, top_k_mask
+from .detectors import (
+    FasterRCNNLoss,
+    MultiBoxAssignment,
+    ProposalTargets,
+    RCNNLoss,
+    RetinaFaceLoss,
+    RetinaNetAssignment,
+    RetinaNetLoss,
+    RPNLoss,
+    RPNTargets,
+    SSDLoss,
+    YOLOv3Loss,
+    YOLOv3LossAssignment,
+    proposal_targets,
+    rpn_targets,
+)

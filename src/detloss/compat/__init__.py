@@ -1,3 +1,9 @@
-"""detloss.compat"""
-from . import ssd_keras  # noqa: F401  (detloss.compat.ssd_keras.SSDLoss / SSDInputEncoder)
-from . import tf_faster_rcnn  # noqa: F401  (detloss.compat.tf_faster_rcnn.anchor_target_layer / add_losses ...)
+"""Drop-ins with the originals' constructor and call signatures, thin layers over the native code.
+
+Import the module of the original you are replacing, e.g.
+``from detloss.compat.ssd_pytorch import MultiBoxLoss``:
+``ssd_pytorch``, ``retinaface``, ``ssd_keras``, ``tensorflow_yolov3``, ``tf_faster_rcnn``.
+"""
+from . import retinaface, ssd_keras, ssd_pytorch, tensorflow_yolov3, tf_faster_rcnn
+
+__all__ = ["retinaface", "ssd_keras", "ssd_pytorch", "tensorflow_yolov3", "tf_faster_rcnn"]

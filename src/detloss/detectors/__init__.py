@@ -1,6 +1,6 @@
-"""detloss.detectors"""
-from .ssd import MultiBoxAssignment, SSDLoss
-from .retinaface import RetinaFaceLoss
+"""Composite losses, one module per detector family (assignment, terms, normalisation)."""
 from .faster_rcnn import FasterRCNNLoss, ProposalTargets, RCNNLoss, RPNLoss, RPNTargets, proposal_targets, rpn_targets
+from .retinaface import RetinaFaceLoss
 from .retinanet import RetinaNetAssignment, RetinaNetLoss
+from .ssd import MultiBoxAssignment, SSDLoss
 from .yolov3 import YOLOv3Loss, YOLOv3LossAssignment
