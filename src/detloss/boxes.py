@@ -137,8 +137,8 @@ def _ratio(num: Tensor, den: Tensor, eps: float) -> Tensor:
     Clamping the denominator at ``eps`` instead would keep a gradient of order ``1 / eps``
     for degenerate (zero-area) boxes, which overflows float16 and derails training.
     """
-    usable = den > eps
-    return torch.where(usable, num / torch.where(usable, den, torch.ones_like(den)), torch.zeros_like(num))
+    usable = ~(den <= eps)  # NaN stays NaN (value checks off): never a silent 0
+    return torch.where(usable, num / torch.where(usable, den, 1.0), 0.0)
 
 
 def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split") -> Tensor:
