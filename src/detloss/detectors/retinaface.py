@@ -26,47 +26,24 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._validate import (
-    as_bool_mask,
-    require_choice,
-    require_finite,
-    require_floating,
-    require_positive,
-    require_shape,
-)
-from ..coders import DEFAULT_VARIANCES, encode_boxes
-from ..functional import positive_normalizer
+from .._validate import as_bool_mask, require_finite, require_floating, require_positive, require_shape
+from ..coders import DEFAULT_VARIANCES, encode_landmarks
+from ..functional import positive_normalizer, smooth_l1_loss
 from ..matching.bipartite import match_priors
 from .ssd import (
-    NORMALIZERS,
     MultiBoxAssignment,
+    MultiBoxLossBase,
     gather_matched,
-    masked_smooth_l1,
-    mined_cross_entropy,
     multibox_normalizer,
-    require_finite_cheap,
     validate_multibox_inputs,
 )
 
 NUM_LANDMARK_COORDS = 10
 
 
-def _encode_landmarks(matched: Tensor, priors: Tensor, centre_variance: float) -> Tensor:
-    """:func:`detloss.coders.encode_landmarks` of ``matched (B, P, 10)`` against ``priors (P, 4)``.
-
-    The same arithmetic, ``(pt - p_c) / (v0 * p_wh)`` per point (bit-identical), with the
-    prior terms laid out as ``(P, 10)`` rows: the coder's ``(B, P, 5, 2)`` broadcast against
-    ``(P, 1, 2)`` is about 5x slower on the CPU at RetinaFace sizes.
-    """
-    points = NUM_LANDMARK_COORDS // 2
-    centre = priors[:, :2].repeat(1, points)
-    scale = (centre_variance * priors[:, 2:]).repeat(1, points)
-    return (matched - centre.to(matched.dtype)) / scale.to(matched.dtype)
-
-
-class RetinaFaceLoss(nn.Module):
+class RetinaFaceLoss(MultiBoxLossBase):
     """RetinaFace loss: box and landmark smooth L1 + cross-entropy with hard negative mining.
 
     Args:
@@ -107,20 +84,13 @@ class RetinaFaceLoss(nn.Module):
         drop_degenerate_gt: bool = True,
         ignored_gt_claims_prior: bool = False,
     ) -> None:
-        super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes: expected an integer >= 2 (background included), got {num_classes!r}")
-        self.num_classes = num_classes
-        self.variances = tuple(float(v) for v in variances)
-        self.pos_iou = require_positive(pos_iou, "pos_iou")
-        self.neg_pos_ratio = require_positive(neg_pos_ratio, "neg_pos_ratio", allow_zero=True)
+        super().__init__(
+            num_classes, variances=variances, pos_iou=pos_iou, neg_pos_ratio=neg_pos_ratio,
+            box_weight=box_weight, cls_weight=cls_weight, normalizer=normalizer,
+            distributed=distributed, drop_degenerate_gt=drop_degenerate_gt,
+        )
         self.min_best_iou = min_best_iou
-        self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
-        self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
         self.landmark_weight = require_positive(landmark_weight, "landmark_weight", allow_zero=True)
-        self.normalizer = require_choice(normalizer, "normalizer", NORMALIZERS)
-        self.distributed = bool(distributed)
-        self.drop_degenerate_gt = bool(drop_degenerate_gt)
         self.ignored_gt_claims_prior = bool(ignored_gt_claims_prior)
 
     def forward(
@@ -143,7 +113,7 @@ class RetinaFaceLoss(nn.Module):
         require_shape(gt_landmarks, "gt_landmarks", ("B", "M", NUM_LANDMARK_COORDS), dims)
         require_shape(gt_has_landmarks, "gt_has_landmarks", ("B", "M"), dims)
         gt_has_landmarks = as_bool_mask(gt_has_landmarks, "gt_has_landmarks")
-        require_finite_cheap(landmark_pred, "landmark_pred")
+        require_finite(landmark_pred, "landmark_pred")
         require_finite(gt_landmarks, "gt_landmarks")
 
         match = match_priors(
@@ -153,18 +123,19 @@ class RetinaFaceLoss(nn.Module):
             ignored_gt_claims_prior=self.ignored_gt_claims_prior,
         )
         positive = match.positive
-        box_targets = encode_boxes(gather_matched(gt_boxes, match.matched_gt), priors, self.variances)
-        landmark_targets = _encode_landmarks(gather_matched(gt_landmarks, match.matched_gt), priors, self.variances[0])
+        landmark_targets = encode_landmarks(gather_matched(gt_landmarks, match.matched_gt), priors, self.variances)
         has_landmarks = gather_matched(gt_has_landmarks.unsqueeze(-1), match.matched_gt).squeeze(-1)
         landmark_positive = positive & has_landmarks
         labels = positive.long()
 
         n = multibox_normalizer(positive, self.normalizer, self.distributed)
         n_landmark = positive_normalizer(landmark_positive.sum(), distributed=self.distributed)
-        loss_box = masked_smooth_l1(loc_pred, box_targets, positive, n)
-        loss_landmark = masked_smooth_l1(landmark_pred, landmark_targets, landmark_positive, n_landmark)
-        loss_cls, negative = mined_cross_entropy(
-            cls_logits, labels, positive, neg_pos_ratio=self.neg_pos_ratio, normalizer=n
+        box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
+            loc_pred, cls_logits, priors, gt_boxes, match, labels, n
+        )
+        loss_landmark = smooth_l1_loss(
+            landmark_pred, landmark_targets, 1.0,
+            weight=landmark_positive.unsqueeze(-1), reduction="sum", normalizer=n_landmark,
         )
         out = {
             "loss_box": loss_box,

@@ -9,15 +9,69 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import require_floating, require_integer, require_positive, require_tensor
 from .reduce import Reduction, require_weight_shape, weighted_reduce
 
 
+# Rows of logits per chunk of the softmax cross-entropy: 16k rows x 21 classes of float32
+# (1.3 MB) stay in L2 cache while a chunk is reduced and exponentiated.
+_CE_CHUNK_ELEMENTS = 1 << 18
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _acc(x: Tensor) -> Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.to(_acc_dtype(x))
+
+
+def _chunk_rows(classes: int) -> int:
+    return max(1, _CE_CHUNK_ELEMENTS // max(classes, 1))
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Row-wise softmax cross-entropy ``(N, C), (N,), (N,) -> (N,)`` with a fused backward.
+
+    Forward: ``lse(x) - x[target]`` where ``keep``, else 0, in float32 (float64 stays
+    float64). The per-row log-sum-exp (shifted by the row maximum, so no overflow at large
+    logits) is computed chunk by chunk over rows, so the ``exp`` temporaries stay in cache;
+    only ``lse`` (N floats) is saved, not a log-softmax of the logits' size. Backward writes
+    ``g * (softmax - onehot)`` in one pass per chunk; rows that are not kept or receive a zero
+    gradient get exactly 0. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, keep: Tensor) -> Tensor:
+        acc = _acc_dtype(logits)
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        step = _chunk_rows(logits.shape[1])
+        for start in range(0, logits.shape[0], step):
+            rows = logits[start : start + step].to(acc)
+            shift = rows.amax(dim=1, keepdim=True)
+            out = lse[start : start + step]
+            torch.sum(torch.exp(rows - shift), dim=1, out=out)
+            out.log_().add_(shift.squeeze(1))
+        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)
+        ctx.save_for_backward(logits, target, keep, lse)
+        return torch.where(keep, lse - picked, 0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        logits, target, keep, lse = ctx.saved_tensors
+        g = torch.where(keep, grad_loss.to(lse.dtype), 0.0)
+        grad = torch.empty(logits.shape, dtype=lse.dtype, device=logits.device)
+        step = _chunk_rows(logits.shape[1])
+        for start in range(0, logits.shape[0], step):
+            stop = start + step
+            out = grad[start:stop]
+            torch.sub(logits[start:stop].to(lse.dtype), lse[start:stop].unsqueeze(1), out=out)
+            out.exp_().mul_(g[start:stop].unsqueeze(1))
+        grad.scatter_add_(1, target.unsqueeze(1), -g.unsqueeze(1))
+        return grad.to(logits.dtype), None, None
 
 
 def _check_pair(logits: Tensor, targets: Tensor, names: tuple[str, str] = ("logits", "targets")) -> None:
@@ -53,13 +107,15 @@ def cross_entropy(
             f"target: expected shape {tuple(logits.shape[:-1])} (logits without the class "
             f"dimension), got {tuple(target.shape)}"
         )
+    require_weight_shape(weight, target.shape)
     keep = target != ignore_index
     safe_target = torch.where(keep, target, 0).clamp(0, logits.shape[-1] - 1)
-    log_prob = F.log_softmax(_acc(logits), dim=-1)
-    loss = -log_prob.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-    require_weight_shape(weight, loss.shape)
-    keep_weight = keep.to(loss.dtype)
-    weight = keep_weight if weight is None else keep_weight * weight
+    loss = _SoftmaxCrossEntropy.apply(
+        logits.reshape(-1, logits.shape[-1]), safe_target.reshape(-1), keep.reshape(-1)
+    ).view(target.shape)
+    if weight is None and reduction == "none" and normalizer is None:
+        return loss  # ignored entries are already exactly 0
+    weight = keep if weight is None else keep.to(loss.dtype) * weight
     return weighted_reduce(loss, weight, reduction, normalizer)
 
 

@@ -48,9 +48,9 @@ def weighted_reduce(
 
     Args:
         loss: element-wise loss, any shape.
-        weight: optional, broadcastable to ``loss``; a zero weight removes an element
-            from the value exactly (selected away, not multiplied, so an inf there does not
-            turn into NaN).
+        weight: optional, broadcastable to ``loss`` (a bool mask counts as 0/1 weights);
+            a zero weight removes an element from the value exactly (selected away, not
+            multiplied, so an inf there does not turn into NaN).
         reduction: ``"none"`` (weighted element-wise loss, same shape), ``"sum"``, or
             ``"mean"``. For ``"mean"`` with a weight the divisor is the sum of the
             weights (clamped to at least 1e-12); without, the number of elements (an empty
@@ -65,9 +65,12 @@ def weighted_reduce(
     require_weight_shape(weight, loss.shape)
     acc = _accumulate_dtype(loss)
     loss = loss.to(acc)
-    if weight is not None:
+    if weight is not None and weight.dtype == torch.bool:
+        loss = torch.where(weight, loss, 0.0)  # a 0/1 mask: select, no multiplication
+        weight = weight.to(acc) if reduction == "mean" and normalizer is None else weight
+    elif weight is not None:
         weight = weight.to(acc)
-        loss = torch.where(weight != 0, loss * weight, loss.new_zeros(()))
+        loss = torch.where(weight != 0, loss * weight, 0.0)
     if reduction == "none":
         if normalizer is not None:
             raise ValueError("normalizer: expected None with reduction='none'")

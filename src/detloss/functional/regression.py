@@ -1,9 +1,11 @@
 """Box-regression losses: smooth L1 (beta and sigma forms) and L1."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import require_floating, require_positive, require_tensor
@@ -44,7 +46,13 @@ def smooth_l1_loss(
         require_positive(sigma, "sigma")
         beta = 1.0 / sigma**2
     beta = 1.0 if beta is None else require_positive(beta, "beta", allow_zero=True)
-    diff = (input - target).to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if beta > 0 and math.frexp(beta)[0] == 0.5 and input.dtype == target.dtype == acc:
+        # torch's fused kernel: for a power-of-two beta its 0.5 * x * x / beta rounds exactly
+        # like (0.5 / beta) * x**2 below, so the values are bit-identical.
+        loss = F.smooth_l1_loss(input, target, reduction="none", beta=float(beta))
+        return weighted_reduce(loss, weight, reduction, normalizer)
+    diff = (input - target).to(acc)
     abs_diff = diff.abs()
     if beta == 0:
         loss = abs_diff
