@@ -48,9 +48,12 @@ from ..functional import (
 from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_hot
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
 
-__all__ = ["YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "yolo_max_iou", "yolo_scale_terms"]
+__all__ = [
+    "YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "gather_head", "yolo_max_iou", "yolo_scale_terms",
+]
 
-MAX_IOU_CHUNK = 1 << 20
+# Elements of one ignore-IoU block (B x T x predictions): its ~20 temporaries stay cache-sized.
+MAX_IOU_CHUNK = 1 << 17
 
 
 def yolo_max_iou(
@@ -66,7 +69,8 @@ def yolo_max_iou(
     ``pred_cxcywh (B, N, 4)`` and ``true_cxcywh (B, T, 4)`` centre/size boxes (same units),
     ``true_valid (B, T)`` bool (None: all rows count; all-zero rows give IoU 0 anyway).
     Returns ``(B, N)``, 0 where there is no valid true box. Works ``chunk_elements // (B * T)``
-    predictions at a time.
+    predictions at a time, as ``(B, T, chunk)`` blocks (the long axis innermost, predictions
+    stored coordinate-major) so every elementwise pass runs over contiguous memory.
     """
     with torch.no_grad():
         batch, n, t = pred_cxcywh.shape[0], pred_cxcywh.shape[1], true_cxcywh.shape[1]
@@ -74,15 +78,43 @@ def yolo_max_iou(
         out = pred_cxcywh.new_zeros(batch, n, dtype=dtype)
         if t == 0 or n == 0:
             return out
-        pred = cxcywh_to_xyxy(pred_cxcywh.detach().to(dtype))
+        pred = cxcywh_to_xyxy(pred_cxcywh.detach().to(dtype)).transpose(1, 2).contiguous()  # (B, 4, N)
         true = cxcywh_to_xyxy(true_cxcywh.to(dtype))
         step = max(1, chunk_elements // (batch * t))
         for start in range(0, n, step):
-            iou = box_iou(pred[:, start : start + step], true, "iou", eps)
+            iou = box_iou(true, pred[:, :, start : start + step].transpose(1, 2), "iou", eps)  # (B, T, chunk)
             if true_valid is not None:
-                iou = torch.where(true_valid[:, None, :], iou, 0.0)
-            out[:, start : start + step] = iou.amax(-1).clamp(min=0)
+                iou = torch.where(true_valid[:, :, None], iou, 0.0)
+            out[:, start : start + step] = iou.amax(1).clamp(min=0)
         return out
+
+
+def gather_head(head: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Box and objectness channels of every cell, and class channels at ``cells``, in ONE gather.
+
+    ``head (B, H, W, A, 5 + C)`` is a view (any dimension order) of contiguous storage, e.g. an
+    NHWC or a permuted NCHW head map; ``cells (B, K)`` int64 flat cell indices
+    ``(row * W + col) * A + a`` (repeats allowed). Returns ``box (B, H, W, A, 4)`` (stored
+    channel-major, so each channel is contiguous), ``obj (B, H * W * A)`` and
+    ``cls (B, K, C)``. A single gather means the backward writes the head-sized gradient once
+    (a zero fill and a scatter-add of the touched elements) instead of once per slice or gather.
+    """
+    batch, h, w, n_anchors, depth = head.shape
+    order = sorted(range(1, 5), key=lambda i: -head.stride(i))
+    flat = head.permute(0, *order).reshape(batch, -1)
+    device = head.device
+
+    def offsets(stop: int, dim: int, start: int = 0) -> Tensor:
+        return torch.arange(start, stop, device=device) * head.stride(dim)
+
+    cell = (offsets(h, 1)[:, None, None] + offsets(w, 2)[None, :, None] + offsets(n_anchors, 3)).flatten()
+    dense_index = (offsets(5, 4)[:, None] + cell).flatten()
+    cls_index = (cell[cells][..., None] + offsets(depth, 4, 5)).flatten(1)
+    picked = flat.gather(1, torch.cat((dense_index.expand(batch, -1), cls_index), dim=1))
+    n = cell.numel()
+    box, obj, cls = picked.split((4 * n, n, cls_index.shape[1]), dim=1)
+    box = box.view(batch, 4, h, w, n_anchors).permute(0, 2, 3, 4, 1)
+    return box, obj, cls.view(batch, cells.shape[1], depth - 5)
 
 
 @dataclass
@@ -247,7 +279,7 @@ class YOLOv3Loss(nn.Module):
         self.faithful_fallback_clip, self.box_eps, self.max_log_scale = faithful_fallback_clip, box_eps, max_log_scale
 
     def _heads(self, outputs: Sequence[Tensor], batch: int) -> tuple[list[Tensor], tuple[int, int]]:
-        """Validate the head maps; return them as ``(B, H, W, A, 5 + C)`` and the input (H, W)."""
+        """Validate the head maps; return ``(B, H, W, A, 5 + C)`` views of contiguous storage and the input (H, W)."""
         n_scales, n_anchors = len(self.strides), self.anchors.shape[1]
         if not isinstance(outputs, (list, tuple)) or len(outputs) != n_scales:
             raise ValueError(f"outputs: expected a sequence of {n_scales} head maps, got {type(outputs).__name__}"
@@ -264,6 +296,7 @@ class YOLOv3Loss(nn.Module):
                     f"{name}: expected shape {expected} with B={batch} (the batch of gt_boxes) and "
                     f"A*(5+C)={n_anchors}*(5+{self.num_classes})={channels}, got {tuple(x.shape)}"
                 )
+            x = x.contiguous()
             if self.layout == "nhwc":
                 h, w = x.shape[1], x.shape[2]
                 x = x.view(batch, h, w, n_anchors, 5 + self.num_classes)
@@ -306,18 +339,16 @@ class YOLOv3Loss(nn.Module):
         totals = [[], [], []]
         respond_all, background_all, max_iou_all = [], [], []
         for s, (head, stride) in enumerate(zip(heads, self.strides)):
-            # One 5-channel slice for the dense part and one gather of whole rows at the
-            # positives: the backward then fills the head-sized gradient twice, not per channel.
-            dense = head[..., :5]
-            pred = decode_yolo(dense[..., :4].to(dtype), anchors[s].to(dtype), stride,
-                               max_log_scale=self.max_log_scale).reshape(batch, -1, 4)
+            # One gather per scale (box + objectness everywhere, classes at the candidates): the
+            # backward then writes the head-sized gradient once.
             pos_index = match.slot[s].flatten(1)
+            box_raw, obj_logits, cls_logits = gather_head(head, pos_index)
+            pred = decode_yolo(box_raw.to(dtype), anchors[s].to(dtype), stride,
+                               max_log_scale=self.max_log_scale).reshape(batch, -1, 4)
             pred_pos = pred.gather(1, pos_index[..., None].expand(-1, -1, 4))
-            rows = head.reshape(batch, -1, head.shape[-1]).gather(
-                1, pos_index[..., None].expand(-1, -1, head.shape[-1]))
             respond = match.winner[s] >= 0
             terms = yolo_scale_terms(
-                dense[..., 4].reshape(batch, -1), pred, respond, pred_pos, rows[..., 5:], repeat(gt),
+                obj_logits, pred, respond, pred_pos, cls_logits, repeat(gt),
                 repeat(per_gt_cls), match.positive[s].flatten(1), gt, true_valid=match.in_list[s], image_area=float(input_hw[0] * input_hw[1]),
                 ignore_iou=self.ignore_iou, box_loss=self.box_loss, box_eps=self.box_eps,
             )

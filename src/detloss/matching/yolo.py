@@ -29,7 +29,7 @@ equal the original's NumPy float64 ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -74,6 +74,7 @@ class YoloAssignment:
       scale and not overwritten by the wrap at ``max_boxes_per_scale``).
     * ``list_slot[s]`` ``(B, M)`` int64: its row in that list.
     * ``gt_cxcywh`` ``(B, M, 4)`` float64: the GT boxes as centre/size, input pixels.
+    * ``grid_hw[s]``: the grid ``(H_s, W_s)`` of each scale; ``list_size``: ``max_boxes_per_scale``.
     """
 
     slot: tuple[Tensor, ...]
@@ -82,6 +83,8 @@ class YoloAssignment:
     in_list: tuple[Tensor, ...]
     list_slot: tuple[Tensor, ...]
     gt_cxcywh: Tensor
+    grid_hw: tuple[tuple[int, int], ...] = ()
+    list_size: int = 0
 
 
 class YoloTargets(NamedTuple):
@@ -207,7 +210,8 @@ def assign_yolo_anchors(
         in_lists.append(in_list)
         list_slots.append(order.clamp(min=0) % max_boxes_per_scale)
     return YoloAssignment(
-        tuple(slots), tuple(positives), tuple(winners), tuple(in_lists), tuple(list_slots), gt_cxcywh
+        tuple(slots), tuple(positives), tuple(winners), tuple(in_lists), tuple(list_slots), gt_cxcywh,
+        tuple((hw[0] // s, hw[1] // s) for s in strides), int(max_boxes_per_scale),
     )
 
 
@@ -226,20 +230,17 @@ def build_yolo_targets(
     gt_valid: Tensor,
     *,
     num_classes: int,
-    anchors: Optional[Tensor] = None,
-    strides: Sequence[int] = YOLOV3_STRIDES,
-    input_size: Union[int, Sequence[int]] = 416,
-    iou_threshold: float = 0.3,
     label_smoothing: float = 0.01,
-    max_boxes_per_scale: int = 150,
-    faithful_fallback_clip: bool = False,
     dtype: Optional[torch.dtype] = None,
+    **assign_options: Any,
 ) -> YoloTargets:
     """Dense YOLOv3 targets of a padded batch (tensorflow-yolov3's label tensors, batched).
 
-    Args: as :func:`assign_yolo_anchors`, plus ``label_smoothing`` (``eps`` in
-    ``onehot * (1 - eps) + eps / C``, 0 allowed) and ``dtype`` of the outputs (default the
-    dtype of ``gt_boxes``).
+    Args: ``gt_boxes``, ``gt_labels``, ``gt_valid``, ``num_classes`` and the keyword
+    ``assign_options`` (``anchors``, ``strides``, ``input_size``, ``iou_threshold``,
+    ``max_boxes_per_scale``, ``faithful_fallback_clip``) as :func:`assign_yolo_anchors`, plus
+    ``label_smoothing`` (``eps`` in ``onehot * (1 - eps) + eps / C``, 0 allowed) and ``dtype`` of
+    the outputs (default the dtype of ``gt_boxes``).
 
     Returns:
         :class:`YoloTargets`: per scale ``labels[s]`` ``(B, H_s, W_s, A, 5 + C)`` =
@@ -248,13 +249,8 @@ def build_yolo_targets(
         ``xywh``), zero rows where empty.
     """
     require_positive(label_smoothing, "label_smoothing", allow_zero=True)
-    a = assign_yolo_anchors(
-        gt_boxes, gt_labels, gt_valid, num_classes=num_classes, anchors=anchors, strides=strides,
-        input_size=input_size, iou_threshold=iou_threshold, max_boxes_per_scale=max_boxes_per_scale,
-        faithful_fallback_clip=faithful_fallback_clip,
-    )
+    a = assign_yolo_anchors(gt_boxes, gt_labels, gt_valid, num_classes=num_classes, **assign_options)
     dtype = gt_boxes.dtype if dtype is None else dtype
-    hw = yolo_input_hw(input_size, strides)
     batch, m = gt_labels.shape
     n_anchors = a.slot[0].shape[-1]
     # Per-GT label row, plus an all-zero row M for empty slots: (B, M + 1, 5 + C).
@@ -265,14 +261,14 @@ def build_yolo_targets(
     )
     gt_rows = torch.cat((gt_rows, gt_rows.new_zeros(batch, 1, gt_rows.shape[-1])), dim=1)
     labels, true_boxes = [], []
-    for s, stride in enumerate(strides):
+    for s, (grid_h, grid_w) in enumerate(a.grid_hw):
         winner = a.winner[s]
         owner = torch.where(winner >= 0, winner, m)
         rows = gt_rows.gather(1, owner[..., None].expand(-1, -1, gt_rows.shape[-1]))
-        labels.append(rows.to(dtype).view(batch, hw[0] // stride, hw[1] // stride, n_anchors, -1))
+        labels.append(rows.to(dtype).view(batch, grid_h, grid_w, n_anchors, -1))
         # Rows of dropped GTs go to a spare row K, cut off afterwards (no duplicate indices kept).
-        row = torch.where(a.in_list[s], a.list_slot[s], max_boxes_per_scale)
-        table = a.gt_cxcywh.new_zeros(batch, max_boxes_per_scale + 1, 4)
+        row = torch.where(a.in_list[s], a.list_slot[s], a.list_size)
+        table = a.gt_cxcywh.new_zeros(batch, a.list_size + 1, 4)
         table = table.scatter(1, row[..., None].expand(-1, -1, 4), a.gt_cxcywh)
-        true_boxes.append(table[:, :max_boxes_per_scale].to(dtype))
+        true_boxes.append(table[:, : a.list_size].to(dtype))
     return YoloTargets(tuple(labels), tuple(true_boxes))
