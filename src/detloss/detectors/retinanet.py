@@ -18,9 +18,10 @@
   (all-reduced with ``distributed=True``). Images without boxes: all anchors negative, box
   loss exactly 0.
 
-Memory: the focal term runs in chunks of anchors through a custom autograd function that
-keeps only the logits, the ``(B, A)`` target class and weight, so a forward plus backward
-needs about the logits' gradient on top of the logits (the IoU stage is chunked too).
+Memory and speed: the focal term is :func:`detloss.functional.focal_chunked.chunked_sigmoid_focal_sum`,
+one fused pass over cache-sized chunks of the logits computing the loss and its gradient
+(no one-hot target), so a forward plus backward needs about the logits' gradient on top of
+the logits; the IoU stage is one chunked pass too.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import (
@@ -42,12 +42,11 @@ from .._validate import (
 )
 from ..boxes import compute_dtype
 from ..coders import decode_deltas, encode_deltas
-from ..functional import iou_loss, positive_normalizer, sigmoid_focal_loss, smooth_l1_loss
+from ..functional import iou_loss, positive_normalizer, smooth_l1_loss
+from ..functional.focal_chunked import chunked_sigmoid_focal_sum  # noqa: F401  (public here too)
 from ..matching.max_iou import max_iou_match
 
 BoxLoss = Literal["smooth_l1", "l1", "giou"]
-# Logit elements per focal-loss chunk when ``cls_chunk_size`` is not given.
-FOCAL_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -60,87 +59,6 @@ class RetinaNetAssignment:
     max_iou: Tensor
     target_class: Tensor
     num_pos: Tensor
-
-
-def _focal_grad(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
-    """d/dx of the sigmoid focal loss for 0/1 targets: ``a_t s q^g (g p_t log p_t - q)``,
-    with ``s = 2t - 1``, ``p_t = sigmoid(s x)``, ``q = 1 - p_t``."""
-    s = 2 * t - 1
-    z = s * x
-    q = torch.sigmoid(-z)
-    grad = -q
-    if gamma != 0:
-        grad = q.pow(gamma) * (gamma * torch.sigmoid(z) * F.logsigmoid(z) + grad)
-    if alpha >= 0:
-        grad = grad * (alpha * t + (1 - alpha) * (1 - t))
-    return grad * s
-
-
-class _ChunkedSigmoidFocalSum(torch.autograd.Function):
-    """Sum of weighted sigmoid focal loss of ``logits (R, K)`` against one-hot ``target (R,)``
-    (-1: all-zero row), computed ``chunk`` rows at a time in forward and backward."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, alpha: float, gamma: float, chunk: int):
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        total = torch.zeros((), dtype=acc, device=logits.device)
-        num_classes = logits.shape[1]
-        for start in range(0, logits.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            onehot = F.one_hot(target[rows].clamp(min=0), num_classes).to(acc)
-            onehot = onehot * (target[rows] >= 0).unsqueeze(1).to(acc)
-            total = total + sigmoid_focal_loss(
-                logits[rows].to(acc), onehot, alpha, gamma, weight=weight[rows].unsqueeze(1), reduction="sum"
-            )
-        ctx.save_for_backward(logits, target, weight)
-        ctx.alpha, ctx.gamma, ctx.chunk = alpha, gamma, chunk
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        logits, target, weight = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        acc = grad_out.dtype
-        num_classes = logits.shape[1]
-        for start in range(0, logits.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            onehot = F.one_hot(target[rows].clamp(min=0), num_classes).to(acc)
-            onehot = onehot * (target[rows] >= 0).unsqueeze(1).to(acc)
-            g = _focal_grad(logits[rows].to(acc), onehot, ctx.alpha, ctx.gamma)
-            grad[rows] = g * (weight[rows].to(acc) * grad_out).unsqueeze(1)
-        return grad, None, None, None, None, None
-
-
-def chunked_sigmoid_focal_sum(
-    logits: Tensor,
-    target_class: Tensor,
-    weight: Tensor,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    chunk_size: Optional[int] = None,
-) -> Tensor:
-    """Memory-bounded ``sum(weight * sigmoid_focal_loss(logits, one_hot(target_class)))``.
-
-    Args:
-        logits: ``(..., K)`` floating point (any precision; maths in float32 or float64).
-        target_class: ``(...)`` int64 class in ``[0, K-1]`` or -1 for an all-zero target row.
-        weight: ``(...)`` per-row weight (0 drops the row).
-        alpha, gamma: as :func:`detloss.functional.sigmoid_focal_loss` (``alpha < 0``: none).
-        chunk_size: rows per chunk (default about 256k logits per chunk).
-
-    Returns:
-        0-d float32 (float64 for float64 logits) tensor, differentiable w.r.t. ``logits``;
-        its gradient is computed chunk by chunk, so no ``(..., K)`` temporary is kept.
-    """
-    num_classes = logits.shape[-1]
-    flat = logits.reshape(-1, num_classes)
-    if chunk_size is None:
-        chunk_size = max(1, FOCAL_CHUNK_ELEMENTS // max(1, num_classes))
-    if flat.shape[0] == 0:
-        return (flat.sum() * 0).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    return _ChunkedSigmoidFocalSum.apply(
-        flat, target_class.reshape(-1), weight.reshape(-1).to(flat.dtype), float(alpha), float(gamma), int(chunk_size)
-    )
 
 
 class RetinaNetLoss(nn.Module):
