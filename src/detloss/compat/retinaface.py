@@ -17,17 +17,15 @@ stored and, as in the original, unused; nothing is moved with ``.cuda()``.
 """
 from __future__ import annotations
 
-from torch import nn
-
 from .._validate import require_tensor, value_checks_active
 from ..detectors.retinaface import RetinaFaceLoss
 from ..targets import pad_ground_truth
-from .ssd_pytorch import VARIANCES, split_targets
+from .ssd_pytorch import VARIANCES, MultiBoxDropIn, split_targets
 
 IGNORE_GT_IOU = 0.2
 
 
-class MultiBoxLoss(nn.Module):
+class MultiBoxLoss(MultiBoxDropIn):
     """Pytorch_Retinaface ``MultiBoxLoss(num_classes, overlap_thresh, prior_for_matching,
     bkg_label, neg_mining, neg_pos, neg_overlap, encode_target)``.
 
@@ -36,29 +34,9 @@ class MultiBoxLoss(nn.Module):
     landmarks (10), label (1 or -1) returns ``(loss_l, loss_c, loss_landm)``.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        overlap_thresh: float,
-        prior_for_matching: bool,
-        bkg_label: int,
-        neg_mining: bool,
-        neg_pos: int,
-        neg_overlap: float,
-        encode_target: bool,
-    ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.threshold = overlap_thresh
-        self.background_label = bkg_label
-        self.encode_target = encode_target
-        self.use_prior_for_matching = prior_for_matching
-        self.do_neg_mining = neg_mining
-        self.negpos_ratio = neg_pos
-        self.neg_overlap = neg_overlap
-        self.variance = list(VARIANCES)
-        self.loss = RetinaFaceLoss(
-            num_classes, variances=VARIANCES, pos_iou=overlap_thresh, neg_pos_ratio=neg_pos,
+    def native_loss(self) -> RetinaFaceLoss:
+        return RetinaFaceLoss(
+            self.num_classes, variances=VARIANCES, pos_iou=self.threshold, neg_pos_ratio=self.negpos_ratio,
             min_best_iou=IGNORE_GT_IOU, box_weight=1.0, cls_weight=1.0, landmark_weight=1.0,
             drop_degenerate_gt=False, ignored_gt_claims_prior=True,
         )
@@ -67,8 +45,6 @@ class MultiBoxLoss(nn.Module):
         loc_data, conf_data, landm_data = predictions
         require_tensor(loc_data, "loc_data")
         rows = split_targets(targets, 15, loc_data)
-        if len(rows) != loc_data.shape[0]:
-            raise ValueError(f"targets: expected one tensor per image ({loc_data.shape[0]}), got {len(rows)}")
         labels = [t[:, 14] for t in rows]
         if value_checks_active():
             for i, label in enumerate(labels):

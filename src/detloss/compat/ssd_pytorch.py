@@ -28,7 +28,11 @@ VARIANCES = (0.1, 0.2)
 
 
 def split_targets(targets: Sequence[Tensor], width: int, like: Tensor) -> list[Tensor]:
-    """Per-image ``(n_i, width)`` target tensors on ``like``'s device/dtype; empty ones as ``(0, width)``."""
+    """One ``(n_i, width)`` target tensor per image of ``like (B, ...)``, on its device/dtype.
+
+    ``targets`` is a list of ``B`` tensors (or a ``(B, n, width)`` tensor); empty ones become
+    ``(0, width)``. Raises ``ValueError`` naming the offending entry, or the count.
+    """
     if isinstance(targets, Tensor) and targets.dim() == 3:
         targets = list(targets.unbind(0))
     rows = []
@@ -39,10 +43,49 @@ def split_targets(targets: Sequence[Tensor], width: int, like: Tensor) -> list[T
         if t.dim() != 2 or t.shape[1] != width:
             raise ValueError(f"targets[{i}]: expected shape (n, {width}), got {tuple(t.shape)}")
         rows.append(t.detach().to(device=like.device, dtype=like.dtype))
+    if len(rows) != like.shape[0]:
+        raise ValueError(f"targets: expected one tensor per image ({like.shape[0]}), got {len(rows)}")
     return rows
 
 
-class MultiBoxLoss(nn.Module):
+class MultiBoxDropIn(nn.Module):
+    """The constructor both ``MultiBoxLoss`` originals share (ssd.pytorch, Pytorch_Retinaface).
+
+    Stores the original's attributes under the original's names (``threshold``,
+    ``negpos_ratio``, ``variance``, ...); the flags that the originals store but never read
+    (``prior_for_matching``, ``bkg_label``, ``neg_mining``, ``neg_overlap``,
+    ``encode_target``) are unused here too. Subclasses build the native loss, ``self.loss``,
+    in :meth:`native_loss` from these attributes.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        overlap_thresh: float,
+        prior_for_matching: bool,
+        bkg_label: int,
+        neg_mining: bool,
+        neg_pos: int,
+        neg_overlap: float,
+        encode_target: bool,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.threshold = overlap_thresh
+        self.background_label = bkg_label
+        self.encode_target = encode_target
+        self.use_prior_for_matching = prior_for_matching
+        self.do_neg_mining = neg_mining
+        self.negpos_ratio = neg_pos
+        self.neg_overlap = neg_overlap
+        self.variance = list(VARIANCES)
+        self.loss = self.native_loss()
+
+    def native_loss(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class MultiBoxLoss(MultiBoxDropIn):
     """ssd.pytorch ``MultiBoxLoss(num_classes, overlap_thresh, prior_for_matching, bkg_label,
     neg_mining, neg_pos, neg_overlap, encode_target, use_gpu=True)``.
 
@@ -64,28 +107,21 @@ class MultiBoxLoss(nn.Module):
         encode_target: bool,
         use_gpu: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.threshold = overlap_thresh
-        self.background_label = bkg_label
-        self.encode_target = encode_target
-        self.use_prior_for_matching = prior_for_matching
-        self.do_neg_mining = neg_mining
-        self.negpos_ratio = neg_pos
-        self.neg_overlap = neg_overlap
-        self.variance = list(VARIANCES)
+        super().__init__(
+            num_classes, overlap_thresh, prior_for_matching, bkg_label, neg_mining, neg_pos, neg_overlap, encode_target
+        )
         self.use_gpu = use_gpu
-        self.loss = SSDLoss(
-            num_classes, variances=VARIANCES, pos_iou=overlap_thresh,
-            neg_pos_ratio=neg_pos, drop_degenerate_gt=False,
+
+    def native_loss(self) -> SSDLoss:
+        return SSDLoss(
+            self.num_classes, variances=VARIANCES, pos_iou=self.threshold,
+            neg_pos_ratio=self.negpos_ratio, drop_degenerate_gt=False,
         )
 
     def forward(self, predictions, targets):
         loc_data, conf_data, priors = predictions
         require_tensor(loc_data, "loc_data")
         rows = split_targets(targets, 5, loc_data)
-        if len(rows) != loc_data.shape[0]:
-            raise ValueError(f"targets: expected one tensor per image ({loc_data.shape[0]}), got {len(rows)}")
         gt_boxes, gt_labels, gt_valid = pad_ground_truth(
             [t[:, :4] for t in rows], [t[:, 4].long() for t in rows]
         )
