@@ -162,3 +162,15 @@ def yolov3_loss(convs, boxes, labels, counts, *, num_classes, anchors, strides, 
     norm = batch if normalizer == "batch" else max(n_pos, 1)
     box, obj, cls = totals / norm
     return {"loss_box": box, "loss_obj": obj, "loss_cls": cls, "loss": box + obj + cls}
+
+
+# ---------------------------------------------------------------- helpers shared by the YOLOv3 tests
+GOLDEN_CASES = ["yolo_typical_c80", "yolo_span_scales_c20", "yolo_crowded_c80"]
+
+
+def assert_grad_close(got, want, mask=None):
+    """``got`` (a torch tensor) equals the golden gradient ``want`` (NumPy), optionally on ``mask``."""
+    got = got.detach().numpy()
+    if mask is not None:
+        got, want = got[mask], want[mask]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
