@@ -40,18 +40,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._validate import (
-    as_bool_mask,
-    require_boxes,
-    require_floating,
-    require_integer,
-    require_range,
-    require_shape,
-)
+from .._validate import as_bool_mask, require_boxes, require_floating, require_range, require_shape
 from ..boxes import compute_dtype
 from ..coders import encode_deltas
 from ..functional import binary_cross_entropy_with_logits, cross_entropy, positive_normalizer, smooth_l1_loss
-from ..matching.max_iou import max_iou_match
+from ..matching.max_iou import gather_boxes, max_iou_match, require_padded_gt
 from ..sampling.balanced import sample_balanced
 
 RCNN_STDS = (0.1, 0.1, 0.2, 0.2)
@@ -93,11 +86,6 @@ def _image_hw(image_size: ImageSize, batch: int, ref: Tensor) -> Tensor:
             f"image_size: expected (height, width) or shape (B={batch}, 2), got {tuple(size.shape)}"
         )
     return size[:, :2]
-
-
-def _gather_boxes(boxes: Tensor, index: Tensor) -> Tensor:
-    """``boxes (B, M, 4)`` gathered at ``index (B, K)`` -> ``(B, K, 4)``."""
-    return boxes.gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
 
 
 def rpn_targets(
@@ -142,10 +130,7 @@ def rpn_targets(
         :class:`RPNTargets`; box tensors in the compute dtype of ``anchors``.
     """
     require_boxes(anchors, "anchors", ndim=2)
-    require_boxes(gt_boxes, "gt_boxes", ndim=3)
-    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid)
     batch = dims["B"]
     dtype = torch.promote_types(compute_dtype(anchors), compute_dtype(gt_boxes))
     anchors, gt_boxes = anchors.to(dtype), gt_boxes.to(dtype)
@@ -166,10 +151,7 @@ def rpn_targets(
     labels = sample_balanced(match.labels, batch_size_per_image, positive_fraction, generator)
 
     has_gt = gt_valid.any(dim=1, keepdim=True)
-    if gt_boxes.shape[1]:
-        matched_boxes = _gather_boxes(gt_boxes, match.matched_gt)
-    else:  # M = 0: nothing to gather; the targets are zeroed below (no GT)
-        matched_boxes = anchors.unsqueeze(0).expand(batch, -1, -1)
+    matched_boxes = gather_boxes(gt_boxes, match.matched_gt, anchors)  # M = 0: zeroed below (no GT)
     deltas = encode_deltas(
         matched_boxes, anchors.unsqueeze(0).expand_as(matched_boxes),
         means=means, stds=stds, pixel_offset=pixel_offset,
@@ -278,14 +260,8 @@ def proposal_targets(
     """
     require_boxes(proposals, "proposals", ndim=3)
     dims = require_shape(proposals, "proposals", ("B", "N", 4))
-    require_boxes(gt_boxes, "gt_boxes", ndim=3)
-    require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
-    require_integer(gt_labels, "gt_labels")
-    require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-    if num_classes is not None:
-        require_range(gt_labels, "gt_labels", 1, num_classes - 1, where=gt_valid)
+    label_range = None if num_classes is None else (1, num_classes - 1)
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=label_range)
     batch = dims["B"]
     if proposals_valid is None:
         proposals_valid = torch.ones(proposals.shape[:2], dtype=torch.bool, device=proposals.device)
@@ -311,12 +287,12 @@ def proposal_targets(
 
     is_fg = torch.arange(num_samples, device=fg.device) < num_fg.unsqueeze(1)
     matched_gt = match.matched_gt.gather(1, roi_index)
-    rois = _gather_boxes(candidates, roi_index)
+    rois = gather_boxes(candidates, roi_index, candidates)
     labels = gt_labels.gather(1, matched_gt) if gt_labels.shape[1] else matched_gt
     labels = torch.where(is_fg, labels, 0)
     labels = torch.where(filled, labels, -1).to(torch.int64)
     deltas = encode_deltas(
-        _gather_boxes(gt_boxes, matched_gt) if gt_boxes.shape[1] else rois, rois,
+        gather_boxes(gt_boxes, matched_gt, rois), rois,
         means=means, stds=stds, pixel_offset=pixel_offset,
     )
     box_targets = torch.where((is_fg & filled).unsqueeze(-1), deltas, deltas.new_zeros(()))

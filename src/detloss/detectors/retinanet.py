@@ -31,20 +31,12 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import (
-    as_bool_mask,
-    require_boxes,
-    require_choice,
-    require_floating,
-    require_integer,
-    require_range,
-    require_shape,
-)
+from .._validate import require_boxes, require_choice, require_floating, require_shape
 from ..boxes import compute_dtype
 from ..coders import decode_deltas, encode_deltas
 from ..functional import iou_loss, positive_normalizer, smooth_l1_loss
 from ..functional.focal_chunked import chunked_sigmoid_focal_sum  # noqa: F401  (public here too)
-from ..matching.max_iou import max_iou_match
+from ..matching.max_iou import gather_boxes, max_iou_match, require_padded_gt
 
 BoxLoss = Literal["smooth_l1", "l1", "giou"]
 
@@ -137,13 +129,7 @@ class RetinaNetLoss(nn.Module):
         require_shape(box_pred, "box_pred", ("B", "A", 4), dims)
         require_boxes(anchors, "anchors", ndim=2)
         require_shape(anchors, "anchors", ("A", 4), dims)
-        require_boxes(gt_boxes, "gt_boxes", ndim=3)
-        require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
-        require_integer(gt_labels, "gt_labels")
-        require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
-        gt_valid = as_bool_mask(gt_valid, "gt_valid")
-        require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-        require_range(gt_labels, "gt_labels", 0, self.num_classes - 1, where=gt_valid)
+        dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=(0, self.num_classes - 1))
 
         match = max_iou_match(anchors, gt_boxes, gt_valid, **self.match_options)
         positive = match.labels == 1
@@ -173,10 +159,7 @@ class RetinaNetLoss(nn.Module):
     ) -> Tensor:
         dtype = compute_dtype(box_pred)
         ref = anchors.to(dtype).unsqueeze(0).expand_as(box_pred)
-        if gt_boxes.shape[1]:
-            matched = gt_boxes.to(dtype).gather(1, matched_gt.unsqueeze(-1).expand(-1, -1, 4))
-        else:
-            matched = ref
+        matched = gather_boxes(gt_boxes.to(dtype), matched_gt, ref)
         # non-positive anchors regress onto themselves: finite values, zero weight
         matched = torch.where(positive.unsqueeze(-1), matched, ref)
         weight = positive.unsqueeze(-1).to(dtype)

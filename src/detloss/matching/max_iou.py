@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_boxes, require_shape
+from .._validate import as_bool_mask, require_boxes, require_integer, require_range, require_shape
 from ..boxes import DEFAULT_EPS, compute_dtype
 
 # Elements of one IoU chunk (B x M x chunk) when ``chunk_size`` is not given: the few chunk
@@ -60,6 +60,33 @@ class MaxIoUAssignment:
     matched_gt: Tensor
     max_iou: Tensor
     low_quality: Tensor
+
+
+def require_padded_gt(
+    gt_boxes: Tensor, gt_valid: Tensor, gt_labels: Optional[Tensor] = None, *,
+    dims: Optional[dict[str, int]] = None, label_range: Optional[tuple[int, int]] = None,
+) -> tuple[dict[str, int], Tensor]:
+    """Check padded ground truth ``gt_boxes (B, M, 4)``, ``gt_valid (B, M)`` and optional
+    ``gt_labels (B, M)`` integers (in ``label_range`` on valid rows, if given) against each
+    other and the sizes already bound in ``dims``; returns ``(dims, gt_valid as bool)``."""
+    require_boxes(gt_boxes, "gt_boxes", ndim=3)
+    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
+    gt_valid = as_bool_mask(gt_valid, "gt_valid")
+    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+    if gt_labels is not None:
+        require_integer(gt_labels, "gt_labels")
+        require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
+        if label_range is not None:
+            require_range(gt_labels, "gt_labels", *label_range, where=gt_valid)
+    return dims, gt_valid
+
+
+def gather_boxes(boxes: Tensor, index: Tensor, fallback: Tensor) -> Tensor:
+    """``boxes (B, M, 4)`` at ``index (B, K)`` -> ``(B, K, 4)``; ``fallback`` (broadcast to
+    ``(B, K, 4)``) when ``M = 0``, where there is nothing to gather."""
+    if boxes.shape[1] == 0:
+        return fallback.expand(index.shape + (4,))
+    return boxes.gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
 
 
 def _inclusive(boxes: Tensor, pixel_offset: float) -> Tensor:
@@ -160,13 +187,10 @@ def max_iou_match(
         :class:`MaxIoUAssignment` with ``(B, A)`` tensors.
     """
     require_boxes(anchors, "anchors")
-    require_boxes(gt_boxes, "gt_boxes", ndim=3)
-    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid)
     if anchors.dim() == 2:
         anchors = anchors.unsqueeze(0).expand(dims["B"], -1, -1)
     require_shape(anchors, "anchors", ("B", "A", 4), dims)
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
     if neg_iou > pos_iou:
         raise ValueError(f"neg_iou: expected at most pos_iou={pos_iou}, got {neg_iou}")
     batch, num_anchors, num_gt = dims["B"], dims["A"], dims["M"]
