@@ -89,25 +89,15 @@ def _image_hw(image_size: ImageSize, batch: int, ref: Tensor) -> Tensor:
 
 
 def rpn_targets(
-    anchors: Tensor,
-    gt_boxes: Tensor,
-    gt_valid: Tensor,
-    image_size: ImageSize,
-    *,
-    pos_iou: float = 0.7,
-    neg_iou: float = 0.3,
-    clobber_positives: bool = False,
-    low_quality_zero_iou: bool = False,
-    allowed_border: float = 0.0,
-    batch_size_per_image: int = 256,
-    positive_fraction: float = 0.5,
-    positive_weight: Optional[float] = None,
-    inside_weight: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    means: Optional[Sequence[float]] = None,
-    stds: Optional[Sequence[float]] = None,
-    pixel_offset: float = 0.0,
-    generator: Optional[torch.Generator] = None,
-    chunk_size: Optional[int] = None,
+    anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor, image_size: ImageSize, *,
+    # matcher
+    pos_iou: float = 0.7, neg_iou: float = 0.3, clobber_positives: bool = False,
+    low_quality_zero_iou: bool = False, allowed_border: float = 0.0, chunk_size: Optional[int] = None,
+    # sampler and weights
+    batch_size_per_image: int = 256, positive_fraction: float = 0.5, positive_weight: Optional[float] = None,
+    inside_weight: Sequence[float] = (1.0, 1.0, 1.0, 1.0), generator: Optional[torch.Generator] = None,
+    # delta coder
+    means: Optional[Sequence[float]] = None, stds: Optional[Sequence[float]] = None, pixel_offset: float = 0.0,
 ) -> RPNTargets:
     """Label, sample and encode RPN anchors for a batch (tf-faster-rcnn's anchor_target_layer).
 
@@ -220,23 +210,14 @@ class ProposalTargets:
 
 
 def proposal_targets(
-    proposals: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    gt_valid: Tensor,
-    proposals_valid: Optional[Tensor] = None,
-    *,
-    num_samples: int = 128,
-    fg_fraction: float = 0.25,
-    fg_iou: float = 0.5,
-    bg_iou_hi: float = 0.5,
-    bg_iou_lo: float = 0.0,
-    append_gt: bool = False,
-    means: Optional[Sequence[float]] = None,
-    stds: Optional[Sequence[float]] = RCNN_STDS,
-    pixel_offset: float = 0.0,
-    num_classes: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+    proposals_valid: Optional[Tensor] = None, *,
+    # sampler
+    num_samples: int = 128, fg_fraction: float = 0.25, fg_iou: float = 0.5, bg_iou_hi: float = 0.5,
+    bg_iou_lo: float = 0.0, append_gt: bool = False, generator: Optional[torch.Generator] = None,
+    # delta coder and label check
+    means: Optional[Sequence[float]] = None, stds: Optional[Sequence[float]] = RCNN_STDS,
+    pixel_offset: float = 0.0, num_classes: Optional[int] = None,
 ) -> ProposalTargets:
     """Sample ``num_samples`` ROIs per image and build their targets (proposal_target_layer).
 
@@ -338,13 +319,8 @@ def _sample_rois(
 
 # ---------------------------------------------------------------------------- losses
 def inside_outside_smooth_l1(
-    pred: Tensor,
-    target: Tensor,
-    inside_weight: Tensor,
-    outside_weight: Tensor,
-    *,
-    sigma: Optional[float] = None,
-    beta: Optional[float] = None,
+    pred: Tensor, target: Tensor, inside_weight: Tensor, outside_weight: Tensor, *,
+    sigma: Optional[float] = None, beta: Optional[float] = None,
 ) -> Tensor:
     """Element-wise ``outside * smoothL1(inside * (pred - target))`` (Faster R-CNN's form).
 
@@ -378,13 +354,8 @@ def objectness_loss(cls_logits: Tensor, labels: Tensor, normalizer: Optional[Ten
 
 
 def rpn_loss(
-    cls_logits: Tensor,
-    box_pred: Tensor,
-    targets: RPNTargets,
-    *,
-    sigma: Optional[float] = 3.0,
-    beta: Optional[float] = None,
-    distributed: bool = False,
+    cls_logits: Tensor, box_pred: Tensor, targets: RPNTargets, *,
+    sigma: Optional[float] = 3.0, beta: Optional[float] = None, distributed: bool = False,
 ) -> dict[str, Tensor]:
     """``loss_rpn_cls`` and ``loss_rpn_box`` of ``cls_logits (B, A, 2)`` or ``(B, A)`` and
     ``box_pred (B, A, 4)`` deltas against :class:`RPNTargets` (see module doc).
@@ -415,13 +386,8 @@ def rpn_loss(
 
 
 def rcnn_loss(
-    cls_logits: Tensor,
-    box_pred: Tensor,
-    targets: ProposalTargets,
-    *,
-    sigma: Optional[float] = 1.0,
-    beta: Optional[float] = None,
-    distributed: bool = False,
+    cls_logits: Tensor, box_pred: Tensor, targets: ProposalTargets, *,
+    sigma: Optional[float] = 1.0, beta: Optional[float] = None, distributed: bool = False,
 ) -> dict[str, Tensor]:
     """``loss_cls`` and ``loss_box`` of ``cls_logits (B, S, C)`` and ``box_pred (B, S, 4 * C)``
     (class-specific) or ``(B, S, 4)`` (class-agnostic) against :class:`ProposalTargets`.

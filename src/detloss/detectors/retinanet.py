@@ -74,24 +74,16 @@ class RetinaNetLoss(nn.Module):
     """
 
     def __init__(
-        self,
-        num_classes: int,
-        *,
-        pos_iou: float = 0.5,
-        neg_iou: float = 0.4,
-        allow_low_quality: bool = True,
-        low_quality_zero_iou: bool = False,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-        box_loss: BoxLoss = "smooth_l1",
-        beta: float = 0.1,
-        weights: Optional[Sequence[float]] = None,
-        means: Optional[Sequence[float]] = None,
-        stds: Optional[Sequence[float]] = None,
-        pixel_offset: float = 0.0,
-        distributed: bool = False,
-        chunk_size: Optional[int] = None,
-        cls_chunk_size: Optional[int] = None,
+        self, num_classes: int, *,
+        # matcher
+        pos_iou: float = 0.5, neg_iou: float = 0.4, allow_low_quality: bool = True,
+        low_quality_zero_iou: bool = False, chunk_size: Optional[int] = None,
+        # classification and box losses
+        alpha: float = 0.25, gamma: float = 2.0, cls_chunk_size: Optional[int] = None,
+        box_loss: BoxLoss = "smooth_l1", beta: float = 0.1, distributed: bool = False,
+        # delta coder
+        weights: Optional[Sequence[float]] = None, means: Optional[Sequence[float]] = None,
+        stds: Optional[Sequence[float]] = None, pixel_offset: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
