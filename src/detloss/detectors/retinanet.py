@@ -121,7 +121,8 @@ class RetinaNetLoss(nn.Module):
         require_shape(box_pred, "box_pred", ("B", "A", 4), dims)
         require_boxes(anchors, "anchors", ndim=2)
         require_shape(anchors, "anchors", ("A", 4), dims)
-        dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=(0, self.num_classes - 1))
+        classes = (0, self.num_classes - 1)
+        dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=classes)
 
         match = max_iou_match(anchors, gt_boxes, gt_valid, **self.match_options)
         positive = match.labels == 1
