@@ -89,32 +89,45 @@ def yolo_max_iou(
         return out
 
 
+class _HeadGather(torch.autograd.Function):
+    """``gather_head``'s forward (copies) and backward (one head-sized gradient, written once)."""
+
+    @staticmethod
+    def forward(ctx, head: Tensor, image: Tensor, row: Tensor, col: Tensor, anchor: Tensor):
+        ctx.save_for_backward(image, row, col, anchor)
+        ctx.head_meta = (head.shape, head.dtype, head.device)
+        box = head[..., :4].permute(0, 4, 1, 2, 3).contiguous()  # (B, 4, H, W, A): channel-major
+        obj = head[..., 4].contiguous()
+        cls = head[image, row, col, anchor, 5:]
+        return box, obj, cls
+
+    @staticmethod
+    def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor):
+        image, row, col, anchor = ctx.saved_tensors
+        shape, dtype, device = ctx.head_meta
+        grad = torch.zeros(shape, dtype=dtype, device=device)
+        grad[..., :4] = grad_box.permute(0, 2, 3, 4, 1)
+        grad[..., 4] = grad_obj
+        grad[..., 5:].index_put_((image, row, col, anchor), grad_cls, accumulate=True)
+        return grad, None, None, None, None
+
+
 def gather_head(head: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Box and objectness channels of every cell, and class channels at ``cells``, in ONE gather.
+    """Box and objectness channels of every cell, and class channels at ``cells``.
 
-    ``head (B, H, W, A, 5 + C)`` is a view (any dimension order) of contiguous storage, e.g. an
-    NHWC or a permuted NCHW head map; ``cells (B, K)`` int64 flat cell indices
-    ``(row * W + col) * A + a`` (repeats allowed). Returns ``box (B, H, W, A, 4)`` (stored
-    channel-major, so each channel is contiguous), ``obj (B, H * W * A)`` and
-    ``cls (B, K, C)``. A single gather means the backward writes the head-sized gradient once
-    (a zero fill and a scatter-add of the touched elements) instead of once per slice or gather.
+    ``head (B, H, W, A, 5 + C)`` in any memory layout (an NHWC map or a permuted NCHW one);
+    ``cells (B, K)`` int64 flat cell indices ``(row * W + col) * A + a`` (repeats allowed).
+    Returns ``box (B, H, W, A, 4)`` (stored channel-major, so each channel is contiguous),
+    ``obj (B, H * W * A)`` and ``cls (B, K, C)``. The backward writes the head-sized gradient
+    once (box and objectness channels copied, class channels accumulated at ``cells``) instead
+    of once per slice or gather, and without a head-sized index.
     """
-    batch, h, w, n_anchors, depth = head.shape
-    order = sorted(range(1, 5), key=lambda i: -head.stride(i))
-    flat = head.permute(0, *order).reshape(batch, -1)
-    device = head.device
-
-    def offsets(stop: int, dim: int, start: int = 0) -> Tensor:
-        return torch.arange(start, stop, device=device) * head.stride(dim)
-
-    cell = (offsets(h, 1)[:, None, None] + offsets(w, 2)[None, :, None] + offsets(n_anchors, 3)).flatten()
-    dense_index = (offsets(5, 4)[:, None] + cell).flatten()
-    cls_index = (cell[cells][..., None] + offsets(depth, 4, 5)).flatten(1)
-    picked = flat.gather(1, torch.cat((dense_index.expand(batch, -1), cls_index), dim=1))
-    n = cell.numel()
-    box, obj, cls = picked.split((4 * n, n, cls_index.shape[1]), dim=1)
-    box = box.view(batch, 4, h, w, n_anchors).permute(0, 2, 3, 4, 1)
-    return box, obj, cls.view(batch, cells.shape[1], depth - 5)
+    batch, h, w, n_anchors, _ = head.shape
+    image = torch.arange(batch, device=head.device)[:, None].expand_as(cells)
+    cell, anchor = cells.div(n_anchors, rounding_mode="floor"), cells.remainder(n_anchors)
+    row, col = cell.div(w, rounding_mode="floor"), cell.remainder(w)
+    box, obj, cls = _HeadGather.apply(head, image, row, col, anchor)
+    return box.permute(0, 2, 3, 4, 1), obj.view(batch, -1), cls
 
 
 @dataclass
