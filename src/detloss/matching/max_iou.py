@@ -211,22 +211,24 @@ def max_iou_match(
         iou_of = _PairwiseIoU(a_boxes, _inclusive(gt_boxes.to(dtype), pixel_offset), gt_valid, anchor_valid)
         chunks = _chunks(num_anchors, batch, num_gt, chunk_size)
         gt_best = torch.full((batch, num_gt), -1.0, dtype=dtype, device=device)
-        tie_bits, chunk_best = [], []
-        for start, stop in chunks:
+        if allow_low_quality:  # preallocated: no long-lived small blocks between chunk temporaries
+            tie_bits = torch.empty((batch, -(-num_gt // 8), num_anchors), dtype=torch.uint8, device=device)
+            running = torch.empty((len(chunks), batch, num_gt), dtype=dtype, device=device)
+        for i, (start, stop) in enumerate(chunks):
             iou = iou_of(start, stop)
             best, arg = iou.max(dim=1)
             max_iou[:, start:stop] = best.clamp(min=0)
             matched[:, start:stop] = torch.where(best < 0, 0, arg)  # no valid pair: GT 0
             if allow_low_quality:
                 gt_best = torch.maximum(gt_best, iou.amax(dim=2))
-                tie_bits.append(_pack_bits(iou == gt_best.unsqueeze(2)))
-                chunk_best.append(gt_best)
+                tie_bits[..., start:stop] = _pack_bits(iou == gt_best.unsqueeze(2))
+                running[i] = gt_best
         if allow_low_quality:
             # a tie with a GT's running best counts iff that running best is its final best
-            floor = -0.5 if low_quality_zero_iou else 0.0
-            for (start, stop), bits, running in zip(chunks, tie_bits, chunk_best):
-                final = _pack_bits(((running == gt_best) & (gt_best > floor)).unsqueeze(2))  # (B, G, 1)
-                low_quality[:, start:stop] = (bits & final).ne(0).any(dim=1)
+            final = (running == gt_best) & (gt_best > (-0.5 if low_quality_zero_iou else 0.0))
+            for i, (start, stop) in enumerate(chunks):
+                final_bits = _pack_bits(final[i].unsqueeze(2))  # (B, G, 1)
+                low_quality[:, start:stop] = (tie_bits[..., start:stop] & final_bits).ne(0).any(dim=1)
             if anchor_valid is not None:
                 low_quality &= anchor_valid
 
