@@ -70,7 +70,7 @@ class _FocalSum(torch.autograd.Function):
         col = target.clamp(min=0).unsqueeze(1)
         w = weight.to(acc).unsqueeze(1)
         factor1, sp1, grad1 = _background_terms(-logits.gather(1, col).to(acc), w * is_target * c1, gamma, need_grad)
-        total = (factor1 * sp1).sum()
+        total = (factor1 * sp1).sum(dtype=torch.float64)  # chunk sums accumulate in float64
         # every other entry is background: one fused pass, chunk by chunk; the target entry of
         # each row is left out of the sum and given its own gradient
         coef = w * c0
@@ -88,7 +88,7 @@ class _FocalSum(torch.autograd.Function):
                     grad[rows] = g
         if grad is not None:
             ctx.save_for_backward(grad)
-        return total
+        return total.to(acc)
 
     @staticmethod
     @once_differentiable
