@@ -118,3 +118,39 @@ def test_half_precision_and_errors():
         max_iou_match(anchors, gt, valid, pos_iou=0.5, neg_iou=0.4, anchor_valid=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="gt_boxes"):
         max_iou_match(anchors, gt[0], valid, pos_iou=0.5, neg_iou=0.4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_iou_and_ties_equal_box_iou_on_float_boxes(seed):
+    """The matcher's chunk IoU is box_iou bit for bit (random float, zero-area and tiny boxes),
+    so its maxima, argmaxes and low-quality ties are those of the full box_iou matrix."""
+    from detloss import box_iou
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if seed % 2 else torch.float32
+
+    def boxes(*shape):
+        xy = torch.rand(*shape, 2, generator=g, dtype=dtype) * 50
+        wh = torch.rand(*shape, 2, generator=g, dtype=dtype) * 20
+        wh = torch.where(torch.rand(*shape, 1, generator=g) < 0.1, wh * 1e-5, wh)  # tiny: union <= eps
+        wh = torch.where(torch.rand(*shape, 1, generator=g) < 0.1, torch.zeros_like(wh), wh)
+        return torch.cat((xy, xy + wh), -1)
+
+    anchors = boxes(97)
+    anchors[40:50] = anchors[30:40]  # duplicate anchors: exact ties for some GT's best
+    gt = boxes(2, 7)
+    gt[1, 3] = anchors[35]  # a GT equal to a duplicated anchor (IoU 1, tied)
+    valid = torch.rand(2, 7, generator=g) > 0.2
+    anchor_valid = torch.rand(97, generator=g) > 0.1
+    got = max_iou_match(anchors, gt, valid, pos_iou=0.5, neg_iou=0.4, anchor_valid=anchor_valid, chunk_size=13)
+
+    iou = box_iou(anchors.expand(2, -1, -1), gt)  # (B, A, M)
+    iou = torch.where(valid[:, None, :] & anchor_valid[None, :, None], iou, torch.full_like(iou, -1.0))
+    best, arg = iou.max(dim=2)
+    keep = anchor_valid.expand(2, -1) & valid.any(dim=1, keepdim=True)
+    assert torch.equal(got.max_iou[keep], best[keep])
+    assert torch.equal(got.matched_gt[keep], arg[keep])
+    gt_best = iou.max(dim=1).values
+    tie = ((iou == gt_best[:, None, :]) & (gt_best > 0)[:, None, :]).any(dim=2) & anchor_valid
+    assert torch.equal(got.low_quality, tie)
+    assert got.low_quality.any()
