@@ -267,3 +267,48 @@ def test_bad_constructor_arguments():
         YOLOv3Loss(2, anchors=torch.ones(3, 2))
     with pytest.raises(ValueError, match="layout"):
         YOLOv3Loss(2, layout="chw")
+
+
+# ---------------------------------------------------------------- fused objectness focal BCE
+def _plain_objectness(x, t, w):
+    from detloss.functional import sigmoid_focal_loss
+    return sigmoid_focal_loss(x, t, alpha=-1.0, gamma=2.0, weight=w, reduction="sum")
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(0, 40), scale=st.sampled_from([0.5, 4.0, 30.0]),
+       soft=st.booleans())
+def test_fused_objectness_equals_plain_composition(seed, n, scale, soft):
+    from detloss.functional.yolo_objectness import yolo_objectness_focal_loss
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, n, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    x.data[:, :2] = 0.0  # the where-based BCE gradient at logit 0
+    t = torch.rand(2, n, generator=g, dtype=torch.float64) if soft else (torch.rand(2, n, generator=g) < 0.3).double()
+    w = (torch.rand(2, n, generator=g) < 0.7).double() * 1.5
+    got, want = yolo_objectness_focal_loss(x, t, w), _plain_objectness(x, t, w)
+    (g_got,), (g_want,) = torch.autograd.grad(got, x), torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_objectness_gradcheck_and_half_input():
+    from detloss.functional.yolo_objectness import yolo_objectness_focal_loss
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 17, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    t = (torch.rand(3, 17, generator=g) < 0.4).double()
+    w = torch.rand(3, 17, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: yolo_objectness_focal_loss(v, t, w), (x,))
+    xh = x.detach().half().requires_grad_()
+    th, wh = t.half(), w.half()
+    got = yolo_objectness_focal_loss(xh, th, wh)
+    want = _plain_objectness(xh.float(), th.float(), wh.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert xh.grad.dtype == torch.float16 and torch.isfinite(xh.grad).all()
+    # targets that require grad fall back to the composition, which differentiates them too
+    tt = t.clone().requires_grad_()
+    yolo_objectness_focal_loss(x, tt, w).backward()
+    assert tt.grad is not None
+    with pytest.raises(ValueError, match="weight"):
+        yolo_objectness_focal_loss(x, t, w[:, :3])

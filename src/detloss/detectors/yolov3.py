@@ -39,12 +39,8 @@ from torch import Tensor, nn
 from .._validate import require_choice, require_floating, require_positive, require_tensor
 from ..boxes import aligned_box_iou, box_iou, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo
-from ..functional import (
-    binary_cross_entropy_with_logits,
-    positive_normalizer,
-    sigmoid_focal_loss,
-    weighted_reduce,
-)
+from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
+from ..functional.yolo_objectness import yolo_objectness_focal_loss
 from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_hot
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
 
@@ -195,9 +191,7 @@ def yolo_scale_terms(
     max_iou = yolo_max_iou(pred_cxcywh, true_cxcywh, true_valid, eps=ignore_eps)
     respond = respond.to(dtype)
     background = (respond == 0) & (max_iou < ignore_iou)
-    obj = sigmoid_focal_loss(
-        obj_logits, respond, alpha=-1.0, gamma=2.0, weight=respond + background.to(dtype), reduction="sum"
-    )
+    obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background.to(dtype))
     cls = binary_cross_entropy_with_logits(
         cls_logits, cls_target.to(dtype), weight=pos_weight[..., None], reduction="sum"
     )

@@ -1,0 +1,56 @@
+"""YOLOv3 objectness loss ``sum(w * (t - sigmoid(x))**2 * BCE(x, t))`` with a fused backward.
+
+The value is :func:`detloss.functional.sigmoid_focal_loss` with ``alpha=-1, gamma=2`` and
+``reduction="sum"`` (tensorflow-yolov3's objectness focal term: the focal factor is not
+detached). Autograd through that composition keeps about ten ``logits``-sized temporaries
+and runs twenty element-wise passes backward; here the forward keeps ``sigmoid(x)`` and the
+BCE, and the backward is one expression:
+
+``d/dx [(p - t)**2 * BCE] = (p - t) * (2 * p * (1 - p) * BCE + (p - t)**2)``, ``p = sigmoid(x)``
+
+(``dBCE/dx = p - t``, TensorFlow's where-based form included: at ``x = 0`` it is ``0.5 - t``).
+Gradients flow to ``logits`` only; with ``targets`` or ``weight`` requiring grad the plain
+composition runs instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._validate import require_floating, require_tensor
+from .classification import binary_cross_entropy_with_logits, sigmoid_focal_loss
+
+__all__ = ["yolo_objectness_focal_loss"]
+
+
+class _ObjectnessFocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        p = torch.sigmoid(x)
+        bce = binary_cross_entropy_with_logits(x, t, reduction="none")
+        diff = p - t
+        ctx.save_for_backward(p, diff, bce, w)
+        return (w * (diff * diff * bce)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, diff, bce, w = ctx.saved_tensors
+        return grad * w * diff * (2 * p * (1 - p) * bce + diff * diff), None, None
+
+
+def yolo_objectness_focal_loss(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+    """``sum(weight * (targets - sigmoid(logits))**2 * BCE(logits, targets))``, a 0-d tensor.
+
+    ``logits``, ``targets`` (in [0, 1]) and ``weight`` are float tensors of one shape; the sum
+    is in float32 for half inputs (float64 stays float64). Equals
+    ``sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2, weight=weight, reduction="sum")``.
+    """
+    for name, value in (("logits", logits), ("targets", targets), ("weight", weight)):
+        require_floating(require_tensor(value, name), name)
+        if value.shape != logits.shape:
+            raise ValueError(f"{name}: expected the shape of logits {tuple(logits.shape)}, got {tuple(value.shape)}")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x, t, w = logits.to(dtype), targets.to(dtype), weight.to(dtype)
+    if torch.is_grad_enabled() and (t.requires_grad or w.requires_grad):
+        return sigmoid_focal_loss(x, t, alpha=-1.0, gamma=2.0, weight=w, reduction="sum")
+    return _ObjectnessFocal.apply(x, t, w)
