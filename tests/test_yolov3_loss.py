@@ -188,10 +188,22 @@ def test_nchw_layout_equals_nhwc():
     rng = np.random.default_rng(2)
     convs, arr, valid = random_problem(rng, 64, 2, 3, [3, 1])
     args = (torch.as_tensor(arr[..., :4]), torch.as_tensor(arr[..., 4]).long(), valid)
-    a = YOLOv3Loss(3)(convs, *args)
-    b = YOLOv3Loss(3, layout="nchw")([c.permute(0, 3, 1, 2) for c in convs], *args)
-    for key in a:
+    def grads(layout, maps):
+        leaves = [m.detach().clone().requires_grad_() for m in maps]
+        out = YOLOv3Loss(3, layout=layout)(leaves, *args)
+        out["loss"].backward()
+        return out, [leaf.grad for leaf in leaves]
+
+    a, grad_a = grads("nhwc", convs)
+    # channels-first storage: a permuted NCHW map, and a non-contiguous NHWC view of NCHW storage
+    b, grad_b = grads("nchw", [c.permute(0, 3, 1, 2).contiguous() for c in convs])
+    c, grad_c = grads("nhwc", [c.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) for c in convs])
+    for key in ("loss_box", "loss_obj", "loss_cls", "loss"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a[key], c[key], rtol=1e-12, atol=1e-12)
+    for ga, gb, gc in zip(grad_a, grad_b, grad_c):
+        torch.testing.assert_close(ga, gb.permute(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ga, gc, rtol=1e-12, atol=1e-12)
 
 
 def test_weights_and_num_pos_normalizer():

@@ -90,8 +90,7 @@ class _HeadGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, head: Tensor, image: Tensor, row: Tensor, col: Tensor, anchor: Tensor):
-        ctx.save_for_backward(image, row, col, anchor)
-        ctx.head_meta = (head.shape, head.dtype, head.device)
+        ctx.save_for_backward(head, image, row, col, anchor)
         box = head[..., :4].permute(0, 4, 1, 2, 3).contiguous()  # (B, 4, H, W, A): channel-major
         obj = head[..., 4].contiguous()
         cls = head[image, row, col, anchor, 5:]
@@ -99,9 +98,8 @@ class _HeadGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor):
-        image, row, col, anchor = ctx.saved_tensors
-        shape, dtype, device = ctx.head_meta
-        grad = torch.zeros(shape, dtype=dtype, device=device)
+        head, image, row, col, anchor = ctx.saved_tensors
+        grad = torch.zeros_like(head)  # the head's memory layout, so NCHW maps need no copy back
         grad[..., :4] = grad_box.permute(0, 2, 3, 4, 1)
         grad[..., 4] = grad_obj
         grad[..., 5:].index_put_((image, row, col, anchor), grad_cls, accumulate=True)
@@ -286,7 +284,7 @@ class YOLOv3Loss(nn.Module):
         self.faithful_fallback_clip, self.box_eps, self.max_log_scale = faithful_fallback_clip, box_eps, max_log_scale
 
     def _heads(self, outputs: Sequence[Tensor], batch: int) -> tuple[list[Tensor], tuple[int, int]]:
-        """Validate the head maps; return ``(B, H, W, A, 5 + C)`` views of contiguous storage and the input (H, W)."""
+        """Validate the head maps; return them as ``(B, H, W, A, 5 + C)`` views and the input (H, W)."""
         n_scales, n_anchors = len(self.strides), self.anchors.shape[1]
         if not isinstance(outputs, (list, tuple)) or len(outputs) != n_scales:
             raise ValueError(f"outputs: expected a sequence of {n_scales} head maps, got {type(outputs).__name__}"
@@ -303,7 +301,6 @@ class YOLOv3Loss(nn.Module):
                     f"{name}: expected shape {expected} with B={batch} (the batch of gt_boxes) and "
                     f"A*(5+C)={n_anchors}*(5+{self.num_classes})={channels}, got {tuple(x.shape)}"
                 )
-            x = x.contiguous()
             if self.layout == "nhwc":
                 h, w = x.shape[1], x.shape[2]
                 x = x.view(batch, h, w, n_anchors, 5 + self.num_classes)
