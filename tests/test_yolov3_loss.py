@@ -226,6 +226,10 @@ def test_max_iou_chunking_is_exact():
     full = yolo_max_iou(pred, true, valid, chunk_elements=10**9)
     chunked = yolo_max_iou(pred, true, valid, chunk_elements=2 * 40 * 7)
     torch.testing.assert_close(full, chunked, rtol=0, atol=0)
+    for b in range(2):  # padding rows (valid False) never count
+        kept = true[b].numpy()[valid[b].numpy()]
+        want = [max([oracle.iou_cxcywh(p, t) for t in kept], default=0.0) for p in pred[b].numpy()]
+        np.testing.assert_allclose(full[b].numpy(), want, rtol=1e-12, atol=1e-12)
     empty = yolo_max_iou(pred, true[:, :0], valid[:, :0])
     assert empty.shape == (2, 300) and float(empty.abs().sum()) == 0
 

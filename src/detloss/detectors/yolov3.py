@@ -76,11 +76,11 @@ def yolo_max_iou(
             return out
         pred = cxcywh_to_xyxy(pred_cxcywh.detach().to(dtype)).transpose(1, 2).contiguous()  # (B, 4, N)
         true = cxcywh_to_xyxy(true_cxcywh.to(dtype))
+        if true_valid is not None:  # an all-zero box has IoU 0 with anything
+            true = torch.where(true_valid[..., None], true, 0.0)
         step = max(1, chunk_elements // (batch * t))
         for start in range(0, n, step):
             iou = box_iou(true, pred[:, :, start : start + step].transpose(1, 2), "iou", eps)  # (B, T, chunk)
-            if true_valid is not None:
-                iou = torch.where(true_valid[:, :, None], iou, 0.0)
             out[:, start : start + step] = iou.amax(1).clamp(min=0)
         return out
 
