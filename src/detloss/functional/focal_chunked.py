@@ -30,6 +30,8 @@ from torch.autograd.function import once_differentiable
 # Logit elements per chunk when ``chunk_size`` is not given (256 KiB of float32: the chunk's
 # few temporaries stay in cache).
 FOCAL_CHUNK_ELEMENTS = 1 << 16
+# The same under torch.compile: the loop is unrolled into the graph and each chunk fused.
+COMPILED_FOCAL_CHUNK_ELEMENTS = 1 << 21
 # softplus(x) = x above this (exp(-40) is below float64 resolution at 40; no overflow below).
 _SOFTPLUS_THRESHOLD = 40.0
 
@@ -136,7 +138,8 @@ def chunked_sigmoid_focal_sum(
     num_classes = logits.shape[-1]
     flat = logits.reshape(-1, num_classes)
     if chunk_size is None:
-        chunk_size = max(1, FOCAL_CHUNK_ELEMENTS // max(1, num_classes))
+        elements = COMPILED_FOCAL_CHUNK_ELEMENTS if torch.compiler.is_compiling() else FOCAL_CHUNK_ELEMENTS
+        chunk_size = max(1, elements // max(1, num_classes))
     if flat.shape[0] == 0 or num_classes == 0:
         return (flat.sum() * 0).to(_acc_dtype(logits.dtype))
     return _FocalSum.apply(

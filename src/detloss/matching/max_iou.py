@@ -40,6 +40,8 @@ from ..boxes import DEFAULT_EPS, compute_dtype
 # temporaries (512 KiB each in float32) stay in cache, and the per-operation overhead of the
 # chunk loop stays small (measured fastest on the RetinaNet benchmark among 2**13 .. 2**20).
 DEFAULT_CHUNK_ELEMENTS = 1 << 17
+# The same under torch.compile (each chunk is unrolled into the graph).
+COMPILED_CHUNK_ELEMENTS = 1 << 21
 # Added to the IoU of an invalid GT or anchor: every such value is below any real IoU (>= 0).
 _INVALID = -2.0
 
@@ -99,7 +101,9 @@ def _inclusive(boxes: Tensor, pixel_offset: float) -> Tensor:
 
 def _chunks(num: int, batch: int, num_gt: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, batch * num_gt))
+        # traced, the loop is unrolled and the compiler fuses each chunk: fewer, larger chunks
+        elements = COMPILED_CHUNK_ELEMENTS if torch.compiler.is_compiling() else DEFAULT_CHUNK_ELEMENTS
+        chunk_size = max(1, elements // max(1, batch * num_gt))
     if chunk_size <= 0:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
     return [(s, min(s + chunk_size, num)) for s in range(0, num, chunk_size)]
