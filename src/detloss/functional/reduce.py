@@ -63,21 +63,24 @@ def weighted_reduce(
     """
     require_choice(reduction, "reduction", REDUCTIONS)
     require_weight_shape(weight, loss.shape)
+    if reduction == "none" and normalizer is not None:
+        raise ValueError("normalizer: expected None with reduction='none'")
     acc = _accumulate_dtype(loss)
     loss = loss.to(acc)
+    if weight is not None and weight.dtype == torch.bool and reduction != "none":
+        total = _masked_sum(loss, weight)
+        if normalizer is not None:
+            return total / normalizer
+        if reduction == "sum":
+            return total
+        return total / torch.broadcast_to(weight, loss.shape).sum().to(acc).clamp(min=1e-12)
     if weight is not None and weight.dtype == torch.bool:
-        # a 0/1 mask: select, no multiplication; a materialised mask selects about 2x faster
-        # (forward and backward) than one broadcast over a short last dimension
-        if weight.shape != loss.shape:
-            weight = weight.expand(loss.shape).contiguous()
-        loss = torch.where(weight, loss, 0.0)
-        weight = weight.to(acc) if reduction == "mean" and normalizer is None else weight
+        # a materialised mask selects about 2x faster than one broadcast over a short last dim
+        loss = torch.where(weight.expand(loss.shape).contiguous(), loss, 0.0)
     elif weight is not None:
         weight = weight.to(acc)
         loss = torch.where(weight != 0, loss * weight, 0.0)
     if reduction == "none":
-        if normalizer is not None:
-            raise ValueError("normalizer: expected None with reduction='none'")
         return loss
     total = loss.sum()
     if normalizer is not None:
@@ -87,6 +90,22 @@ def weighted_reduce(
     if weight is None:
         return total / max(loss.numel(), 1)
     return total / torch.broadcast_to(weight, loss.shape).sum().clamp(min=1e-12)
+
+
+def _masked_sum(loss: Tensor, mask: Tensor) -> Tensor:
+    """``sum(loss where mask)`` for a bool ``mask`` that broadcasts to ``loss``.
+
+    All elements under one mask entry (e.g. the 4 box offsets of a prior for a ``(B, P, 1)``
+    mask) are kept or dropped together, so they are summed first and selected once: the
+    select and its backward then run on the mask's size instead of the loss's. A dropped
+    entry contributes exactly 0 even if its elements are inf/NaN. Only the summation order
+    differs from selecting element by element (rounding-level differences in the total).
+    """
+    mask = mask.reshape((1,) * (loss.dim() - mask.dim()) + tuple(mask.shape))
+    spread = [d for d in range(loss.dim()) if mask.shape[d] == 1 and loss.shape[d] != 1]
+    if spread:
+        loss = loss.sum(dim=spread, keepdim=True)
+    return torch.where(mask, loss, 0.0).sum()
 
 
 def positive_normalizer(
