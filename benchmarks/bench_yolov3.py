@@ -197,6 +197,22 @@ def floor_ms(batch: int, gbs: float) -> tuple[float, float]:
     return total / 2**20, total / (gbs * 1e9) * 1e3
 
 
+def fresh_gradient_ms(batch: int, device: str) -> float:
+    """Time to allocate and zero the three head-sized gradients (best of 5): what a
+    ``zero_grad(set_to_none=True)`` training step pays on top of the bandwidth floor (page faults
+    on the CPU), which no loss implementation can avoid."""
+    shapes = [(batch, SIZE // s, SIZE // s, A * (5 + NUM_CLASSES)) for s in STRIDES]
+    best = math.inf
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        grads = [torch.zeros(shape, device=device) for shape in shapes]
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+        del grads
+    return best * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
@@ -223,6 +239,7 @@ def main() -> None:
             r = rows[impl]
             print(f"{batch:>5} {impl:>9} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['peak_mib']:>9.0f} "
                   f"{fl:>9.1f} {r['median_ms'] / fl:>8.2f}")
+        print(f"      allocating+zeroing the 3 head gradients alone: {fresh_gradient_ms(batch, args.device):.1f} ms")
         print(f"      floor traffic {mib:.0f} MiB; baseline / native = "
               f"{rows['baseline']['median_ms'] / rows['native']['median_ms']:.2f}x")
     print(f"load average after: {os.getloadavg()}")
