@@ -163,6 +163,13 @@ def _delta_stats(values: Optional[Sequence[float]], default: float, name: str, r
     return torch.tensor(values, dtype=ref.dtype, device=ref.device)
 
 
+def _centre_size(boxes: Tensor, pixel_offset: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(cx, cy, w, h)`` of xyxy ``boxes (..., 4)``, each ``(...)``, with ``w = x2 - x1 + offset``."""
+    w = boxes[..., 2] - boxes[..., 0] + pixel_offset
+    h = boxes[..., 3] - boxes[..., 1] + pixel_offset
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
 def encode_deltas(
     boxes: Tensor,
     reference: Tensor,
@@ -182,14 +189,8 @@ def encode_deltas(
     require_boxes(boxes, "boxes")
     require_boxes(reference, "reference")
     boxes, reference = _broadcast_pair(boxes, "boxes", reference, "reference")
-    r_w = reference[..., 2] - reference[..., 0] + pixel_offset
-    r_h = reference[..., 3] - reference[..., 1] + pixel_offset
-    r_cx = reference[..., 0] + 0.5 * r_w
-    r_cy = reference[..., 1] + 0.5 * r_h
-    g_w = boxes[..., 2] - boxes[..., 0] + pixel_offset
-    g_h = boxes[..., 3] - boxes[..., 1] + pixel_offset
-    g_cx = boxes[..., 0] + 0.5 * g_w
-    g_cy = boxes[..., 1] + 0.5 * g_h
+    r_cx, r_cy, r_w, r_h = _centre_size(reference, pixel_offset)
+    g_cx, g_cy, g_w, g_h = _centre_size(boxes, pixel_offset)
     deltas = torch.stack(
         (
             (g_cx - r_cx) / r_w,
@@ -230,10 +231,7 @@ def decode_deltas(
         deltas = deltas * std_t
     if mean_t is not None:
         deltas = deltas + mean_t
-    r_w = reference[..., 2] - reference[..., 0] + pixel_offset
-    r_h = reference[..., 3] - reference[..., 1] + pixel_offset
-    r_cx = reference[..., 0] + 0.5 * r_w
-    r_cy = reference[..., 1] + 0.5 * r_h
+    r_cx, r_cy, r_w, r_h = _centre_size(reference, pixel_offset)
     cx = deltas[..., 0] * r_w + r_cx
     cy = deltas[..., 1] * r_h + r_cy
     w = torch.exp(deltas[..., 2].clamp(max=max_log_scale)) * r_w
