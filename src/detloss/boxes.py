@@ -260,10 +260,24 @@ def box_iou(
         )
     n = boxes1.shape[-2]
     if chunk_size is None or n <= chunk_size:
-        return _iou_family(boxes1.unsqueeze(-2), boxes2.unsqueeze(-3), kind, eps)
+        return box_iou_unchecked(boxes1, boxes2, kind, eps)
     out = boxes1.new_empty(boxes1.shape[:-1] + boxes2.shape[-2:-1])
     b = boxes2.unsqueeze(-3)
     for start in range(0, n, chunk_size):
         a = boxes1[..., start : start + chunk_size, :].unsqueeze(-2)
         out[..., start : start + chunk_size, :] = _iou_family(a, b, kind, eps)
     return out
+
+
+def box_iou_unchecked(
+    boxes1: Tensor, boxes2: Tensor, kind: IoUKind = "iou", eps: Optional[float] = None
+) -> Tensor:
+    """:func:`box_iou` without input checks, for loops that validated their boxes once.
+
+    ``(..., N, 4) x (..., M, 4) -> (..., N, M)`` xyxy, same values as :func:`box_iou`. The
+    matchers and the YOLO ignore rule call it chunk by chunk: :func:`box_iou`'s value checks
+    would read the data (a host synchronisation on a GPU) again for every chunk.
+    """
+    dtype = torch.promote_types(compute_dtype(boxes1), compute_dtype(boxes2))
+    a, b = boxes1.to(dtype).unsqueeze(-2), boxes2.to(dtype).unsqueeze(-3)
+    return _iou_family(a, b, kind, DEFAULT_EPS if eps is None else eps)

@@ -440,13 +440,13 @@ def test_fm10_families_under_bf16_autocast_with_large_logits(family):
 # ---------------------------------------------------------------- 11. chunked assignment
 def _count_calls(monkeypatch, module):
     calls = []
-    real = module.box_iou
+    real = module.box_iou_unchecked
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "box_iou", counting)
+    monkeypatch.setattr(module, "box_iou_unchecked", counting)
     return calls
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import require_choice, require_floating, require_positive, require_tensor
-from ..boxes import aligned_box_iou, box_iou, compute_dtype, cxcywh_to_xyxy
+from ..boxes import aligned_box_iou, box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
@@ -80,7 +80,7 @@ def yolo_max_iou(
             true = torch.where(true_valid[..., None], true, 0.0)
         step = max(1, chunk_elements // (batch * t))
         for start in range(0, n, step):
-            iou = box_iou(true, pred[:, :, start : start + step].transpose(1, 2), "iou", eps)  # (B, T, chunk)
+            iou = box_iou_unchecked(true, pred[:, :, start : start + step].transpose(1, 2), "iou", eps)  # (B, T, chunk)
             out[:, start : start + step] = iou.amax(1).clamp(min=0)
         return out
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._validate import as_bool_mask, require_boxes, require_shape
-from ..boxes import box_iou, compute_dtype, cxcywh_to_xyxy
+from ..boxes import box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
 # Number of (image, GT, prior) IoU entries computed at once: on the CPU small enough for the
@@ -86,7 +86,7 @@ def _iou_maxima(
     gt_flat = gt_xyxy.reshape(b * m, 4)  # one (B*M, chunk) problem: priors are shared by all images
     for start in range(0, p, chunk_size):
         chunk = priors_xyxy[start : start + chunk_size]
-        iou = box_iou(gt_flat, chunk).view(b, m, -1).masked_fill_(not_usable, -1.0)
+        iou = box_iou_unchecked(gt_flat, chunk).view(b, m, -1).masked_fill_(not_usable, -1.0)
         prior_iou[:, start : start + chunk.shape[0]], prior_gt[:, start : start + chunk.shape[0]] = iou.max(dim=1)
         c_iou, c_prior = iou.max(dim=2)
         if gt_iou is None:
