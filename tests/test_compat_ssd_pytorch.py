@@ -7,15 +7,9 @@ import torch
 
 from detloss.compat.ssd_pytorch import MultiBoxLoss
 from detloss.priors import SSD_PRESETS, ssd_priors
+from oracles.ssd import SSD_GOLDEN_CASES
 
-CASES = [
-    "ssd300_voc_a_typical",
-    "ssd300_voc_b_forced_match",
-    "ssd300_voc_b2_tiny_rounding_tie",
-    "ssd300_voc_c_tie_last_gt_wins",
-    "ssd300_voc_d_30_gts",
-    "ssd300_voc_e_batch1_single_gt",
-]
+CASES = SSD_GOLDEN_CASES
 
 
 def _inputs(g, dtype=torch.float32):

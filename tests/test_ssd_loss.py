@@ -11,14 +11,7 @@ from detloss import SSDLoss, pad_ground_truth
 from oracles import ssd as O
 
 SETTINGS = settings(max_examples=200, deadline=None)
-CASES = [
-    "ssd300_voc_a_typical",
-    "ssd300_voc_b_forced_match",
-    "ssd300_voc_b2_tiny_rounding_tie",
-    "ssd300_voc_c_tie_last_gt_wins",
-    "ssd300_voc_d_30_gts",
-    "ssd300_voc_e_batch1_single_gt",
-]
+CASES = O.SSD_GOLDEN_CASES
 
 
 def golden_batch(g, dtype=torch.float32):

@@ -145,3 +145,14 @@ def retinaface_loss(loc, conf, landm, priors, gt_boxes, gt_landmarks, gt_has_lan
     n, n1 = max(n_pos, 1), max(n_lm, 1)
     return {"loss_box": total_box / n, "loss_cls": total_cls / n, "loss_landmark": total_lm / n1,
             "positive": np.array(positives), "negative": np.array(negatives)}
+
+
+# The golden ssd.pytorch cases (../shared/golden/torch), shared by the native and drop-in tests.
+SSD_GOLDEN_CASES = [
+    "ssd300_voc_a_typical",
+    "ssd300_voc_b_forced_match",
+    "ssd300_voc_b2_tiny_rounding_tie",
+    "ssd300_voc_c_tie_last_gt_wins",
+    "ssd300_voc_d_30_gts",
+    "ssd300_voc_e_batch1_single_gt",
+]
