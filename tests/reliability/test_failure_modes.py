@@ -18,7 +18,6 @@ from detloss import boxes as B
 from detloss.compat import retinaface as compat_rf
 from detloss.compat import ssd_pytorch as compat_ssd
 from detloss.functional import positive_normalizer, sigmoid_focal_loss
-from detloss.matching import bipartite, max_iou
 from detloss.sampling.batch_hard_negative import mine_hard_negatives_batchwide
 
 from .cases import FAMILIES, IMAGE, Case, loss_and_grads, make_case, scalar_items, small_anchors, small_priors
@@ -438,15 +437,16 @@ def test_fm10_families_under_bf16_autocast_with_large_logits(family):
 
 
 # ---------------------------------------------------------------- 11. chunked assignment
-def _count_calls(monkeypatch, module):
+def _count_chunks(monkeypatch) -> list:
+    """Record the (start, stop) of every block the shared chunked IoU kernel computes."""
     calls = []
-    real = module.box_iou_unchecked
+    real = B.ChunkedPairwiseIoU.__call__
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
+    def counting(self, start, stop):
+        calls.append((start, stop))
+        return real(self, start, stop)
 
-    monkeypatch.setattr(module, "box_iou_unchecked", counting)
+    monkeypatch.setattr(B.ChunkedPairwiseIoU, "__call__", counting)
     return calls
 
 
@@ -456,7 +456,7 @@ def test_fm11_match_priors_chunked_path_taken_and_equal(monkeypatch):
     case = make_case("ssd", batch=3, num_gt=[5, 0, 7], seed=12)
     gt, valid = case.args[3], case.args[5]
     whole = detloss.match_priors(priors, gt, valid, pos_iou=0.5, chunk_size=10**6)
-    calls = _count_calls(monkeypatch, bipartite)
+    calls = _count_chunks(monkeypatch)
     chunked = detloss.match_priors(priors, gt, valid, pos_iou=0.5, chunk_size=25)
     assert len(calls) == math.ceil(192 / 25)
     for f in ("matched_gt", "matched_iou", "positive", "forced", "best_prior", "best_prior_iou"):
@@ -468,14 +468,7 @@ def test_fm11_max_iou_chunked_path_taken_and_equal(monkeypatch):
     case = make_case("retinanet", batch=3, num_gt=[4, 0, 6], seed=13)
     gt, valid = case.args[3], case.args[5]
     whole = detloss.max_iou_match(anchors, gt, valid, pos_iou=0.5, neg_iou=0.4, chunk_size=10**6)
-    calls = []
-    real = max_iou._PairwiseIoU.__call__
-
-    def counting(self, start, stop):
-        calls.append((start, stop))
-        return real(self, start, stop)
-
-    monkeypatch.setattr(max_iou._PairwiseIoU, "__call__", counting)
+    calls = _count_chunks(monkeypatch)
     chunked = detloss.max_iou_match(anchors, gt, valid, pos_iou=0.5, neg_iou=0.4, chunk_size=30)
     assert len(calls) == math.ceil(128 / 30)  # one pass: labels, GT bests and ties together
     for f in ("labels", "matched_gt", "max_iou", "low_quality"):

@@ -31,11 +31,11 @@ from torch import Tensor
 from .._validate import as_bool_mask, require_finite, require_floating, require_positive, require_shape
 from ..coders import DEFAULT_VARIANCES, encode_landmarks
 from ..functional import positive_normalizer, smooth_l1_loss
+from ..functional.selection import RowSelection, gather_matched
 from ..matching.bipartite import match_priors
 from .ssd import (
     MultiBoxAssignment,
     MultiBoxLossBase,
-    gather_matched,
     multibox_normalizer,
     validate_multibox_inputs,
 )
@@ -123,9 +123,13 @@ class RetinaFaceLoss(MultiBoxLossBase):
             ignored_gt_claims_prior=self.ignored_gt_claims_prior,
         )
         positive = match.positive
-        landmark_targets = encode_landmarks(gather_matched(gt_landmarks, match.matched_gt), priors, self.variances)
         has_landmarks = gather_matched(gt_has_landmarks.unsqueeze(-1), match.matched_gt).squeeze(-1)
         landmark_positive = positive & has_landmarks
+        with_landmarks = RowSelection(landmark_positive)
+        landmark_targets = encode_landmarks(
+            with_landmarks.take_matched(gt_landmarks, match.matched_gt), with_landmarks.take_priors(priors),
+            self.variances,
+        )
         labels = positive.long()
 
         n = multibox_normalizer(positive, self.normalizer, self.distributed)
@@ -134,8 +138,8 @@ class RetinaFaceLoss(MultiBoxLossBase):
             loc_pred, cls_logits, priors, gt_boxes, match, labels, n
         )
         loss_landmark = smooth_l1_loss(
-            landmark_pred, landmark_targets, 1.0,
-            weight=landmark_positive.unsqueeze(-1), reduction="sum", normalizer=n_landmark,
+            with_landmarks.take(landmark_pred), landmark_targets, 1.0,
+            weight=with_landmarks.weight(1), reduction="sum", normalizer=n_landmark,
         )
         out = {
             "loss_box": loss_box,
@@ -147,6 +151,6 @@ class RetinaFaceLoss(MultiBoxLossBase):
             out["assignment"] = MultiBoxAssignment(
                 labels=labels, positive=positive, negative=negative,
                 matched_gt=match.matched_gt, box_targets=box_targets, match=match,
-                landmark_positive=landmark_positive, landmark_targets=landmark_targets,
+                landmark_positive=landmark_positive, landmark_targets=with_landmarks.scatter(landmark_targets.detach()),
             )
         return out

@@ -46,6 +46,8 @@ from .._validate import (
 )
 from ..coders import DEFAULT_VARIANCES, encode_boxes
 from ..functional import cross_entropy, positive_normalizer, smooth_l1_loss, weighted_reduce
+from ..functional.classification import logsumexp_no_grad
+from ..functional.selection import RowSelection, gather_matched, host_sync_is_free
 from ..matching.bipartite import PriorMatch, match_priors
 from ..sampling.hard_negative import mine_hard_negatives
 
@@ -63,10 +65,11 @@ class MultiBoxAssignment:
         positive: ``(B, P)`` bool positives (box and class loss).
         negative: ``(B, P)`` bool mined hard negatives (class loss, target 0).
         matched_gt: ``(B, P)`` int64 GT slot of each prior (-1 in images without usable GT).
-        box_targets: ``(B, P, 4)`` encoded regression targets (meaningful where ``positive``).
+        box_targets: ``(B, P, 4)`` encoded regression targets of the positives (0 elsewhere).
         match: the full :class:`detloss.matching.bipartite.PriorMatch`.
         landmark_positive: RetinaFace only, ``(B, P)`` bool positives whose GT has landmarks.
-        landmark_targets: RetinaFace only, ``(B, P, 10)`` encoded landmark targets.
+        landmark_targets: RetinaFace only, ``(B, P, 10)`` encoded landmark targets of the
+            ``landmark_positive`` priors (0 elsewhere).
     """
 
     labels: Tensor
@@ -127,19 +130,6 @@ def validate_multibox_inputs(
     return dims, gt_valid
 
 
-def gather_matched(values: Tensor, matched_gt: Tensor) -> Tensor:
-    """Per-prior rows of per-GT ``values (B, M, K)`` for ``matched_gt (B, P)`` -> ``(B, P, K)``.
-
-    Slot -1 (no GT) reads slot 0 (or zeros when ``M == 0``); such rows are never used.
-    """
-    b, m, k = values.shape
-    if m == 0:
-        return values.new_zeros(b, matched_gt.shape[1], k)
-    image_offset = torch.arange(0, b * m, m, device=matched_gt.device).unsqueeze(1)
-    rows = (matched_gt.clamp(min=0) + image_offset).flatten()
-    return values.reshape(b * m, k).index_select(0, rows).view(b, -1, k)
-
-
 def mined_cross_entropy(
     cls_logits: Tensor,
     labels: Tensor,
@@ -148,16 +138,33 @@ def mined_cross_entropy(
     neg_pos_ratio: float,
     normalizer: Tensor,
     candidates: Optional[Tensor] = None,
+    gather: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax cross-entropy over positives and per-image hard negatives, summed / ``normalizer``.
 
     ``cls_logits (B, P, C)``, ``labels (B, P)`` int64 (0 = background), ``positive (B, P)``
-    bool. The cross-entropy of every prior (:func:`detloss.functional.cross_entropy`,
-    float32) is computed once; its detached value ranks the negatives
+    bool. Negatives are ranked by their cross-entropy against the background
     (:func:`detloss.mine_hard_negatives`). Returns ``(loss (0-d float32/64), negative (B, P)
     bool)``. A non-finite cross-entropy (NaN/inf logits) is reported as a ``ValueError`` (a
     value check).
+
+    Two strategies with the same result (up to summation order), chosen like
+    :class:`detloss.functional.selection.RowSelection` (``gather`` overrides):
+
+    * gathered (CPU): the ranking scores ``logsumexp(x) - x_0`` of every prior come from
+      :func:`detloss.functional.classification.logsumexp_no_grad` without autograd; the
+      differentiable cross-entropy is computed on the ~4 % of rows that are selected;
+    * dense (accelerators, ``torch.compile``): the cross-entropy of every prior is computed
+      once, with autograd, and its detached value ranks the negatives.
     """
+    gather = host_sync_is_free(cls_logits) if gather is None else gather
+    if gather:
+        mining_loss = logsumexp_no_grad(cls_logits) - cls_logits.detach()[..., 0]
+        require_finite(mining_loss, "cls_logits (per-prior cross-entropy)")
+        negative = mine_hard_negatives(mining_loss, positive, neg_pos_ratio=neg_pos_ratio, candidates=candidates)
+        chosen = RowSelection(positive | negative, gather=True)
+        loss = cross_entropy(chosen.take(cls_logits), chosen.take(labels), reduction="sum", normalizer=normalizer)
+        return loss, negative
     ce = cross_entropy(cls_logits, labels, reduction="none")
     require_finite(ce, "cls_logits (per-prior cross-entropy)")
     negative = mine_hard_negatives(ce.detach(), positive, neg_pos_ratio=neg_pos_ratio, candidates=candidates)
@@ -219,18 +226,21 @@ class MultiBoxLossBase(nn.Module):
         ``loc_pred (B, P, 4)``, ``cls_logits (B, P, C)``, ``priors (P, 4)`` cxcywh,
         ``gt_boxes (B, M, 4)`` xyxy, ``labels (B, P)`` int64 classification targets, both
         terms divided by ``normalizer``. Returns ``(box_targets (B, P, 4), loss_box, loss_cls,
-        negative (B, P) bool)``.
+        negative (B, P) bool)``; ``box_targets`` are the encoded targets of the positives and 0
+        elsewhere (the box term only ever encodes the positives' GT).
         """
-        positive = match.positive
-        box_targets = encode_boxes(gather_matched(gt_boxes, match.matched_gt), priors, self.variances)
+        positives = RowSelection(match.positive)
+        targets = encode_boxes(
+            positives.take_matched(gt_boxes, match.matched_gt), positives.take_priors(priors), self.variances
+        )
         loss_box = smooth_l1_loss(
-            loc_pred, box_targets, 1.0, weight=positive.unsqueeze(-1), reduction="sum", normalizer=normalizer
+            positives.take(loc_pred), targets, 1.0, weight=positives.weight(1), reduction="sum", normalizer=normalizer
         )
         loss_cls, negative = mined_cross_entropy(
-            cls_logits, labels, positive,
+            cls_logits, labels, match.positive,
             neg_pos_ratio=self.neg_pos_ratio, normalizer=normalizer, candidates=candidates,
         )
-        return box_targets, loss_box, loss_cls, negative
+        return positives.scatter(targets.detach()), loss_box, loss_cls, negative
 
 
 class SSDLoss(MultiBoxLossBase):

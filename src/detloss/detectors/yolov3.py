@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import require_choice, require_floating, require_positive, require_tensor
-from ..boxes import aligned_box_iou, box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
+from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
@@ -65,8 +65,7 @@ def yolo_max_iou(
     ``pred_cxcywh (B, N, 4)`` and ``true_cxcywh (B, T, 4)`` centre/size boxes (same units),
     ``true_valid (B, T)`` bool (None: all rows count; all-zero rows give IoU 0 anyway).
     Returns ``(B, N)``, 0 where there is no valid true box. Works ``chunk_elements // (B * T)``
-    predictions at a time, as ``(B, T, chunk)`` blocks (the long axis innermost, predictions
-    stored coordinate-major) so every elementwise pass runs over contiguous memory.
+    predictions at a time (:class:`detloss.boxes.ChunkedPairwiseIoU`).
     """
     with torch.no_grad():
         batch, n, t = pred_cxcywh.shape[0], pred_cxcywh.shape[1], true_cxcywh.shape[1]
@@ -74,14 +73,14 @@ def yolo_max_iou(
         out = pred_cxcywh.new_zeros(batch, n, dtype=dtype)
         if t == 0 or n == 0:
             return out
-        pred = cxcywh_to_xyxy(pred_cxcywh.detach().to(dtype)).transpose(1, 2).contiguous()  # (B, 4, N)
-        true = cxcywh_to_xyxy(true_cxcywh.to(dtype))
-        if true_valid is not None:  # an all-zero box has IoU 0 with anything
-            true = torch.where(true_valid[..., None], true, 0.0)
+        iou_of = ChunkedPairwiseIoU(
+            cxcywh_to_xyxy(true_cxcywh.to(dtype)), cxcywh_to_xyxy(pred_cxcywh.detach().to(dtype)),
+            rows_valid=true_valid, eps=eps,
+        )
         step = max(1, chunk_elements // (batch * t))
         for start in range(0, n, step):
-            iou = box_iou_unchecked(true, pred[:, :, start : start + step].transpose(1, 2), "iou", eps)  # (B, T, chunk)
-            out[:, start : start + step] = iou.amax(1).clamp(min=0)
+            stop = min(start + step, n)
+            out[:, start:stop] = iou_of(start, stop).amax(1).clamp(min=0)  # (B, T, chunk) -> (B, chunk)
         return out
 
 

@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from .._validate import as_bool_mask, require_boxes, require_shape
-from ..boxes import box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
+from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
 # Number of (image, GT, prior) IoU entries computed at once: on the CPU small enough for the
 # temporaries to stay in cache (measured 1.6x faster than one block for SSD300 batch 32), on
 # accelerators large enough to amortise kernel launches while bounding memory.
-_IOU_CHUNK_ELEMENTS = {"cpu": 1 << 18}
+_IOU_CHUNK_ELEMENTS = {"cpu": 1 << 17}
 _IOU_CHUNK_ELEMENTS_DEFAULT = 1 << 24
 
 
@@ -71,8 +71,9 @@ def _iou_maxima(
     """Per-prior and per-GT IoU maxima, reduced chunk-wise over priors.
 
     Returns ``(prior_iou (B, P), prior_gt (B, P), gt_iou (B, M), gt_prior (B, M))``; unusable
-    GTs take part with IoU -1 so they never win unless nothing is usable. Ties keep the first
-    index (torch's ``max`` rule within a chunk; a later chunk must be strictly larger).
+    GTs take part below every usable one, so they never win unless nothing is usable (their
+    ``gt_iou`` is -1 and ``gt_prior`` 0). Ties keep the first index (torch's ``max`` rule
+    within a chunk; a later chunk must be strictly larger).
     """
     b, m = usable.shape
     p = priors_xyxy.shape[0]
@@ -80,14 +81,19 @@ def _iou_maxima(
         budget = _IOU_CHUNK_ELEMENTS.get(gt_xyxy.device.type, _IOU_CHUNK_ELEMENTS_DEFAULT)
         chunk_size = max(256, budget // max(b * m, 1))
     prior_iou = gt_xyxy.new_empty(b, p)
-    prior_gt = torch.empty(b, p, dtype=torch.int64, device=gt_xyxy.device)
+    prior_gt = gt_xyxy.new_empty(b, p)  # small integers, exact in float; converted once at the end
     gt_iou = gt_prior = None
-    not_usable = ~usable.unsqueeze(-1)
-    gt_flat = gt_xyxy.reshape(b * m, 4)  # one (B*M, chunk) problem: priors are shared by all images
+    iou_of = ChunkedPairwiseIoU(gt_xyxy, priors_xyxy.unsqueeze(0), rows_valid=usable)  # priors shared by all images
+    slot = torch.arange(m, dtype=gt_xyxy.dtype, device=gt_xyxy.device).view(1, m, 1)
     for start in range(0, p, chunk_size):
-        chunk = priors_xyxy[start : start + chunk_size]
-        iou = box_iou_unchecked(gt_flat, chunk).view(b, m, -1).masked_fill_(not_usable, -1.0)
-        prior_iou[:, start : start + chunk.shape[0]], prior_gt[:, start : start + chunk.shape[0]] = iou.max(dim=1)
+        stop = min(start + chunk_size, p)
+        iou = iou_of(start, stop)
+        best = iou.amax(dim=1)
+        prior_iou[:, start:stop] = best
+        # first GT of highest IoU: key = slot where the IoU equals the best, >= m elsewhere
+        # (value-and-index ``max`` over this short middle axis is 2-3x slower)
+        key = torch.sub(best.unsqueeze(1), iou).sign_().mul_(m).add_(slot)
+        prior_gt[:, start:stop] = key.amin(dim=1)
         c_iou, c_prior = iou.max(dim=2)
         if gt_iou is None:
             gt_iou, gt_prior = c_iou, c_prior
@@ -95,7 +101,8 @@ def _iou_maxima(
             better = c_iou > gt_iou
             gt_iou = torch.where(better, c_iou, gt_iou)
             gt_prior = torch.where(better, c_prior + start, gt_prior)
-    return prior_iou, prior_gt, gt_iou, gt_prior
+    prior_gt = prior_gt.to(torch.int64)
+    return prior_iou, prior_gt, torch.where(usable, gt_iou, -1.0), torch.where(usable, gt_prior, 0)
 
 
 def match_priors(

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._validate import as_bool_mask, require_boxes, require_integer, require_range, require_shape
-from ..boxes import DEFAULT_EPS, compute_dtype
+from ..boxes import ChunkedPairwiseIoU, compute_dtype
 
 # Elements of one IoU chunk (B x M x chunk) when ``chunk_size`` is not given: the few chunk
 # temporaries (512 KiB each in float32) stay in cache, and the per-operation overhead of the
@@ -42,8 +42,6 @@ from ..boxes import DEFAULT_EPS, compute_dtype
 DEFAULT_CHUNK_ELEMENTS = 1 << 17
 # The same under torch.compile (each chunk is unrolled into the graph).
 COMPILED_CHUNK_ELEMENTS = 1 << 21
-# Added to the IoU of an invalid GT or anchor: every such value is below any real IoU (>= 0).
-_INVALID = -2.0
 
 
 @dataclass
@@ -107,42 +105,6 @@ def _chunks(num: int, batch: int, num_gt: int, chunk_size: Optional[int]) -> lis
     if chunk_size <= 0:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
     return [(s, min(s + chunk_size, num)) for s in range(0, num, chunk_size)]
-
-
-class _PairwiseIoU:
-    """Pairwise plain IoU ``(B, M, chunk)`` of all GTs against one chunk of anchors.
-
-    The same operations in the same order as :func:`detloss.boxes.box_iou` (so the values are
-    bit-identical, ties included), but with the box areas computed once, the coordinates
-    split once, in-place arithmetic on the chunk and no input checks per chunk. Anchors run
-    along the last (contiguous) axis, so each operation is a long vector loop against a
-    per-GT scalar. The IoU of an invalid GT or anchor is shifted below 0 by ``_INVALID``.
-    """
-
-    def __init__(self, anchors: Tensor, gt: Tensor, gt_valid: Tensor, anchor_valid: Optional[Tensor]) -> None:
-        self.a = [c.unsqueeze(-2).contiguous() for c in anchors.unbind(-1)]  # 4 x (B or 1, 1, A)
-        self.g = [c.unsqueeze(-1) for c in gt.unbind(-1)]  # 4 x (B, M, 1)
-        ax1, ay1, ax2, ay2 = self.a
-        gx1, gy1, gx2, gy2 = self.g
-        self.area_a = (ax2 - ax1).clamp(min=0) * (ay2 - ay1).clamp(min=0)
-        self.area_g = (gx2 - gx1).clamp(min=0) * (gy2 - gy1).clamp(min=0)
-        self.gt_shift = torch.where(gt_valid, 0.0, _INVALID).to(gt.dtype).unsqueeze(-1)  # (B, M, 1)
-        self.anchor_shift = (
-            None if anchor_valid is None
-            else torch.where(anchor_valid, 0.0, _INVALID).to(gt.dtype).unsqueeze(-2)  # (B, 1, A)
-        )
-
-    def __call__(self, start: int, stop: int) -> Tensor:
-        ax1, ay1, ax2, ay2 = (c[..., start:stop] for c in self.a)
-        gx1, gy1, gx2, gy2 = self.g
-        inter = torch.minimum(ax2, gx2).sub_(torch.maximum(ax1, gx1)).clamp_(min=0)
-        inter.mul_(torch.minimum(ay2, gy2).sub_(torch.maximum(ay1, gy1)).clamp_(min=0))
-        union = torch.add(self.area_a[..., start:stop], self.area_g).sub_(inter)
-        iou = inter.div_(union).masked_fill_(union <= DEFAULT_EPS, 0.0)  # box_iou's degenerate rule
-        iou.add_(self.gt_shift)
-        if self.anchor_shift is not None:
-            iou.add_(self.anchor_shift[..., start:stop])
-        return iou
 
 
 def _pack_bits(mask: Tensor) -> Tensor:
@@ -212,7 +174,9 @@ def max_iou_match(
     if num_gt > 0 and num_anchors > 0:
         shared = anchors.dim() == 2 or anchors.stride(0) == 0
         a_boxes = _inclusive((anchors[:1] if shared else anchors).to(dtype), pixel_offset)
-        iou_of = _PairwiseIoU(a_boxes, _inclusive(gt_boxes.to(dtype), pixel_offset), gt_valid, anchor_valid)
+        iou_of = ChunkedPairwiseIoU(
+            _inclusive(gt_boxes.to(dtype), pixel_offset), a_boxes, rows_valid=gt_valid, columns_valid=anchor_valid
+        )
         chunks = _chunks(num_anchors, batch, num_gt, chunk_size)
         gt_best = torch.full((batch, num_gt), -1.0, dtype=dtype, device=device)
         if allow_low_quality:  # preallocated: no long-lived small blocks between chunk temporaries

@@ -5,11 +5,14 @@ priors of highest mining loss (usually the background cross-entropy). The origin
 with a double ``argsort`` (a descending sort, then the rank of each prior); this module picks
 the same set without sorting:
 
-* :func:`top_k_mask` finds, per row, the ``k``-th largest value exactly by a radix select
-  on the float bits (three histogram passes for float32, six for float64), then takes
-  everything above it and the first ties below the count. Ties are broken by the lower
-  index, which is what a stable descending sort followed by ``rank < k`` does.
-* ``k`` is a per-row tensor: no host synchronisation, no data-dependent shapes.
+* :func:`top_k_mask` finds, per row, the ``k``-th largest value, then takes everything
+  above it and the first ties below the count. Ties are broken by the lower index, which is
+  what a stable descending sort followed by ``rank < k`` does.
+* On accelerators and under ``torch.compile`` the ``k``-th value comes from a radix select on
+  the float bits (three histogram passes for float32, six for float64): ``k`` is a per-row
+  tensor, no host synchronisation, no data-dependent shapes. On the CPU, where reading
+  ``max(k)`` costs nothing, one ``torch.topk`` with that ``k`` is 3-4x faster; the selected
+  set is the same.
 
 Positives are never negatives, so they can neither take a negative's place nor be counted
 twice (the originals give positives mining loss 0 and let them compete; they never win in
@@ -22,27 +25,33 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_floating, require_shape
+from .._validate import as_bool_mask, require_choice, require_floating, require_shape
+from ..functional.selection import host_sync_is_free
 
 # (digit width, shift) of each radix pass, most significant digit first.
 _PASSES = {
     32: ((11, 21), (11, 10), (10, 0)),
     64: ((11, 53), (11, 42), (11, 31), (11, 20), (10, 10), (10, 0)),
 }
+# Bits below the sign: XOR with them maps a negative float's bits to an order-preserving key.
+_MAGNITUDE = {32: 0x7FFFFFFF, 64: 0x7FFFFFFFFFFFFFFF}
 
 
 def _ordered_keys(values: Tensor) -> tuple[Tensor, int]:
     """Integer keys whose signed order is the float order of ``values`` (``-0.0`` as ``+0.0``)."""
     if values.dtype == torch.float64:
-        bits, int_type, magnitude = 64, torch.int64, 0x7FFFFFFFFFFFFFFF
+        bits, int_type = 64, torch.int64
     else:
         values = values.float()
-        bits, int_type, magnitude = 32, torch.int32, 0x7FFFFFFF
+        bits, int_type = 32, torch.int32
     raw = (values + 0.0).view(int_type)
-    return torch.where(raw >= 0, raw, raw ^ magnitude), bits
+    return torch.where(raw >= 0, raw, raw ^ _MAGNITUDE[bits]), bits
 
 
-def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None) -> Tensor:
+TOP_K_METHODS = ("auto", "radix", "topk")
+
+
+def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None, *, method: str = "auto") -> Tensor:
     """Per-row mask of the ``k`` largest eligible values, ties to the lower index.
 
     Args:
@@ -50,16 +59,44 @@ def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None) -> 
         k: ``(R,)`` integer count per row; values above the number of eligible entries
             select all of them, values <= 0 select none.
         eligible: optional ``(R, N)`` bool; ineligible entries are never selected.
+        method: ``"radix"`` (no host synchronisation), ``"topk"`` (reads ``max(k)`` on the
+            host) or ``"auto"``: ``"topk"`` where :func:`host_sync_is_free`, else ``"radix"``.
 
     Returns:
         ``(R, N)`` bool: exactly ``min(k, eligible count)`` True per row, the same set as
         ``rank < k`` after a stable descending sort of the eligible values.
     """
+    require_choice(method, "method", TOP_K_METHODS)
+    eligible = torch.ones_like(values, dtype=torch.bool) if eligible is None else eligible
+    count = torch.minimum(k.to(torch.int64), eligible.sum(dim=1)).clamp(min=0)
+    if method == "topk" or (method == "auto" and host_sync_is_free(values)):
+        threshold, remaining = _kth_by_topk(values, count, eligible)
+    else:
+        threshold, remaining = _kth_by_radix(values, count, eligible)
+    tie = eligible & (threshold == values)
+    take_tie = tie & (tie.cumsum(dim=1) <= remaining.unsqueeze(1))
+    return ((eligible & (values > threshold)) | take_tie) & (count > 0).unsqueeze(1)
+
+
+def _kth_by_topk(values: Tensor, count: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
+    """``(threshold (R, 1), remaining (R,))``: each row's ``count``-th largest eligible value
+    (in the comparison dtype) and how many of its ties to take. One ``topk`` of ``max(count)``."""
+    values = values if values.dtype == torch.float64 else values.float()
+    largest = int(count.max()) if count.numel() else 0
+    if largest == 0:
+        return values.new_zeros(values.shape[0], 1), count
+    ranked = values.masked_fill(~eligible, float("-inf")).topk(largest, dim=1).values
+    threshold = ranked.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
+    above = (eligible & (values > threshold)).sum(dim=1)
+    return threshold, count - above
+
+
+def _kth_by_radix(values: Tensor, count: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
+    """As :func:`_kth_by_topk`, by a radix select on the float bits: no host synchronisation."""
     rows, n = values.shape
     device = values.device
-    eligible = torch.ones_like(values, dtype=torch.bool) if eligible is None else eligible
     keys, bits = _ordered_keys(values)
-    remaining = torch.minimum(k.to(torch.int64), eligible.sum(dim=1))
+    remaining = count
     ones = torch.ones((), dtype=torch.int32, device=device).expand(rows * n)
     prefix = None
     for width, shift in _PASSES[bits]:
@@ -85,10 +122,10 @@ def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None) -> 
         )
         remaining = remaining - above
         prefix = chosen - (buckets >> 1) if prefix is None else prefix * buckets + chosen
-    threshold = prefix.to(keys.dtype).unsqueeze(1)
-    tie = eligible & (keys == threshold)
-    take_tie = tie & (tie.cumsum(dim=1) <= remaining.unsqueeze(1))
-    return ((eligible & (keys > threshold)) | take_tie) & (k > 0).unsqueeze(1)
+    threshold_key = prefix.to(keys.dtype).unsqueeze(1)
+    compare_dtype = torch.float64 if bits == 64 else torch.float32
+    threshold = torch.where(threshold_key >= 0, threshold_key, threshold_key ^ _MAGNITUDE[bits]).view(compare_dtype)
+    return threshold, remaining
 
 
 def mine_hard_negatives(
