@@ -40,6 +40,7 @@ from .._validate import require_choice, require_floating, require_positive, requ
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
+from ..functional.selection import host_sync_is_free
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
 from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_hot
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
@@ -71,6 +72,13 @@ def yolo_max_iou(
         batch, n, t = pred_cxcywh.shape[0], pred_cxcywh.shape[1], true_cxcywh.shape[1]
         dtype = compute_dtype(pred_cxcywh)
         out = pred_cxcywh.new_zeros(batch, n, dtype=dtype)
+        if true_valid is not None and t > 0 and host_sync_is_free(true_valid):
+            # the true-box lists are padded (to 150 per scale in the original) and mostly empty:
+            # keep only as many rows as the fullest image has valid ones (the max ignores order)
+            t = int(true_valid.sum(dim=1).max())
+            order = torch.sort((~true_valid).to(torch.uint8), dim=1, stable=True).indices[:, :t]
+            true_cxcywh = true_cxcywh.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
+            true_valid = true_valid.gather(1, order)
         if t == 0 or n == 0:
             return out
         iou_of = ChunkedPairwiseIoU(
@@ -98,9 +106,14 @@ class _HeadGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor):
         head, image, row, col, anchor = ctx.saved_tensors
-        grad = torch.zeros_like(head)  # the head's memory layout, so NCHW maps need no copy back
-        grad[..., :4] = grad_box.permute(0, 2, 3, 4, 1)
-        grad[..., 4] = grad_obj
+        box = grad_box.permute(0, 2, 3, 4, 1).to(head.dtype)
+        if head.is_contiguous():  # NHWC: one pass writes box, objectness and the zero class channels
+            zeros = head.new_zeros(()).expand(head.shape[:-1] + (head.shape[-1] - 5,))
+            grad = torch.cat((box, grad_obj.to(head.dtype).unsqueeze(-1), zeros), dim=-1)
+        else:  # the head's memory layout, so NCHW maps need no copy back
+            grad = torch.zeros_like(head)
+            grad[..., :4] = box
+            grad[..., 4] = grad_obj
         grad[..., 5:].index_put_((image, row, col, anchor), grad_cls, accumulate=True)
         return grad, None, None, None, None
 
