@@ -52,10 +52,26 @@ def _require_box_shape(boxes: Tensor, name: str = "boxes") -> None:
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """``(..., 4)`` centre-size boxes -> ``(..., 4)`` corner boxes."""
+    """``(..., 4)`` centre-size boxes -> ``(..., 4)`` corner boxes, in the memory layout of
+    ``boxes`` (coordinate-major input stays coordinate-major: no interleaving copy)."""
     _require_box_shape(boxes)
-    centre, size = boxes[..., :2], boxes[..., 2:]
-    return torch.cat((centre - size / 2, centre + size / 2), dim=-1)
+    centre, half = boxes[..., :2], boxes[..., 2:] / 2
+    return join_halves(centre - half, centre + half, like=boxes)
+
+
+def join_halves(first: Tensor, second: Tensor, *, like: Tensor) -> Tensor:
+    """``cat((first, second), -1)`` of two ``(..., 2)`` halves, laid out like ``like (..., 4)``:
+    interleaved if ``like`` is (its last dimension has stride 1), else coordinate-major (four
+    contiguous planes, a ``(4, ...)`` buffer seen as ``(..., 4)``), so coordinate-major boxes
+    stay so without an interleaving copy. Differentiable."""
+    dtype = torch.promote_types(first.dtype, second.dtype)
+    if like.stride(-1) == 1:
+        out = torch.empty(like.shape, dtype=dtype, device=like.device)
+    else:
+        out = torch.empty((like.shape[-1],) + like.shape[:-1], dtype=dtype, device=like.device).movedim(0, -1)
+    out[..., :2] = first
+    out[..., 2:] = second
+    return out
 
 
 def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:

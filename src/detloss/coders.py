@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._validate import require_boxes, require_floating, require_tensor
-from .boxes import compute_dtype
+from .boxes import compute_dtype, join_halves
 from .priors import yolo_grid
 
 DEFAULT_VARIANCES = (0.1, 0.2)
@@ -267,10 +267,20 @@ def decode_yolo(
         )
     raw = raw.to(compute_dtype(raw))
     grid = yolo_grid(raw.shape[1], raw.shape[2], device=raw.device, dtype=raw.dtype)
-    grid = grid[None, :, :, None, :]
-    xy = (torch.sigmoid(raw[..., :2]) + grid) * stride
-    wh = (torch.exp(raw[..., 2:].clamp(max=max_log_scale)) * anchors.to(raw.dtype)) * stride
-    return torch.cat((xy, wh), dim=-1)
+    return decode_yolo_cells(raw, grid[None, :, :, None, :], anchors.to(raw.dtype), stride, max_log_scale=max_log_scale)
+
+
+def decode_yolo_cells(
+    raw: Tensor, cell_xy: Tensor, anchor_wh: Tensor, stride: float, *, max_log_scale: float = 10.0
+) -> Tensor:
+    """:func:`decode_yolo` of raw outputs at given cells: ``raw (..., 4)``, ``cell_xy (..., 2)``
+    (column, row) and ``anchor_wh (..., 2)`` in grid units, broadcasting -> ``(..., 4)`` cxcywh
+    pixels. For decoding only the gathered positive cells of a head. No input checks."""
+    xy = (torch.sigmoid(raw[..., :2]) + cell_xy) * stride
+    wh = (torch.exp(raw[..., 2:].clamp(max=max_log_scale)) * anchor_wh) * stride
+    if xy.shape[:-1] != raw.shape[:-1]:  # cells or anchors broadcast beyond raw
+        return torch.cat((xy, wh), dim=-1)
+    return join_halves(xy, wh, like=raw)  # raw's memory layout (channel-major heads stay so)
 
 
 def encode_corner_offsets(

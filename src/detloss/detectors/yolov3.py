@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .._validate import require_choice, require_floating, require_positive, require_tensor
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
-from ..coders import decode_yolo
+from ..coders import decode_yolo, decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.selection import host_sync_is_free
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
@@ -98,42 +98,40 @@ class _HeadGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, head: Tensor, image: Tensor, row: Tensor, col: Tensor, anchor: Tensor):
         ctx.save_for_backward(head, image, row, col, anchor)
-        box = head[..., :4].permute(0, 4, 1, 2, 3).contiguous()  # (B, 4, H, W, A): channel-major
-        obj = head[..., 4].contiguous()
-        cls = head[image, row, col, anchor, 5:]
-        return box, obj, cls
+        picked = head[image, row, col, anchor]  # (B, K, 5 + C)
+        # one strided read of the first five channels of every cell, stored channel-major
+        planes = head[..., :5].permute(0, 4, 1, 2, 3).contiguous()  # (B, 5, H, W, A)
+        ctx.mark_non_differentiable(planes)
+        return picked[..., :4].contiguous(), planes[:, 4], picked[..., 5:].contiguous(), planes
 
     @staticmethod
-    def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor):
+    def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor, grad_planes: Tensor):
         head, image, row, col, anchor = ctx.saved_tensors
-        box = grad_box.permute(0, 2, 3, 4, 1).to(head.dtype)
-        if head.is_contiguous():  # NHWC: one pass writes box, objectness and the zero class channels
-            zeros = head.new_zeros(()).expand(head.shape[:-1] + (head.shape[-1] - 5,))
-            grad = torch.cat((box, grad_obj.to(head.dtype).unsqueeze(-1), zeros), dim=-1)
-        else:  # the head's memory layout, so NCHW maps need no copy back
-            grad = torch.zeros_like(head)
-            grad[..., :4] = box
-            grad[..., 4] = grad_obj
-        grad[..., 5:].index_put_((image, row, col, anchor), grad_cls, accumulate=True)
+        grad = torch.zeros_like(head)  # the head's memory layout, so NCHW maps need no copy back
+        grad[..., 4] = grad_obj
+        picked = torch.cat((grad_box, grad_box.new_zeros(grad_box.shape[:-1] + (1,)), grad_cls), dim=-1)
+        grad.index_put_((image, row, col, anchor), picked.to(head.dtype), accumulate=True)
         return grad, None, None, None, None
 
 
-def gather_head(head: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Box and objectness channels of every cell, and class channels at ``cells``.
+def gather_head(head: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Objectness of every cell, box and class channels at ``cells``.
 
     ``head (B, H, W, A, 5 + C)`` in any memory layout (an NHWC map or a permuted NCHW one);
     ``cells (B, K)`` int64 flat cell indices ``(row * W + col) * A + a`` (repeats allowed).
-    Returns ``box (B, H, W, A, 4)`` (stored channel-major, so each channel is contiguous),
-    ``obj (B, H * W * A)`` and ``cls (B, K, C)``. The backward writes the head-sized gradient
-    once (box and objectness channels copied, class channels accumulated at ``cells``) instead
-    of once per slice or gather, and without a head-sized index.
+    Returns ``box (B, K, 4)``, ``obj (B, H * W * A)``, ``cls (B, K, C)``, ``cell (B, K, 3)``
+    int64 ``(row, col, anchor)`` of each candidate, and ``raw_box (B, H, W, A, 4)``: every
+    cell's box channels without gradient, stored channel-major (a view of a ``(B, 4, H, W, A)``
+    copy). The backward writes the head-sized gradient once (objectness copied, box and class
+    channels accumulated at ``cells``) instead of once per slice or gather.
     """
     batch, h, w, n_anchors, _ = head.shape
     image = torch.arange(batch, device=head.device)[:, None].expand_as(cells)
     cell, anchor = cells.div(n_anchors, rounding_mode="floor"), cells.remainder(n_anchors)
     row, col = cell.div(w, rounding_mode="floor"), cell.remainder(w)
-    box, obj, cls = _HeadGather.apply(head, image, row, col, anchor)
-    return box.permute(0, 2, 3, 4, 1), obj.view(batch, -1), cls
+    box, obj, cls, planes = _HeadGather.apply(head, image, row, col, anchor)
+    raw_box = planes[:, :4].permute(0, 2, 3, 4, 1)
+    return box, obj.reshape(batch, -1), cls, torch.stack((row, col, anchor), dim=-1), raw_box
 
 
 @dataclass
@@ -355,13 +353,19 @@ class YOLOv3Loss(nn.Module):
         totals = [[], [], []]
         respond_all, background_all, max_iou_all = [], [], []
         for s, (head, stride) in enumerate(zip(heads, self.strides)):
-            # One gather per scale (box + objectness everywhere, classes at the candidates): the
+            # One gather per scale (objectness everywhere, box and classes at the candidates): the
             # backward then writes the head-sized gradient once.
             pos_index = match.slot[s].flatten(1)
-            box_raw, obj_logits, cls_logits = gather_head(head, pos_index)
-            pred = decode_yolo(box_raw.to(dtype), anchors[s].to(dtype), stride,
-                               max_log_scale=self.max_log_scale).reshape(batch, -1, 4)
-            pred_pos = pred.gather(1, pos_index[..., None].expand(-1, -1, 4))
+            box_raw, obj_logits, cls_logits, cell, raw_all = gather_head(head, pos_index)
+            scale_anchors = anchors[s].to(dtype)
+            # gradients flow through the candidates' boxes only; every cell is decoded without
+            # autograd for the ignore rule, channel-major throughout
+            pred_pos = decode_yolo_cells(
+                box_raw.to(dtype), cell[..., [1, 0]].to(dtype), scale_anchors[cell[..., 2]], stride,
+                max_log_scale=self.max_log_scale,
+            )
+            pred = decode_yolo(raw_all, scale_anchors, stride, max_log_scale=self.max_log_scale)
+            pred = pred.reshape(batch, -1, 4)
             respond = match.winner[s] >= 0
             terms = yolo_scale_terms(
                 obj_logits, pred, respond, pred_pos, cls_logits, repeat(gt),
