@@ -2,7 +2,7 @@
 log-sum-exp, the shared chunked IoU kernel.
 
 On the CPU the SSD / RetinaFace losses gather the selected rows and rank negatives by
-:func:`logsumexp_no_grad`; on accelerators and under ``torch.compile`` they use masks. Both must
+:func:`class_cross_entropy_no_grad`; on accelerators and under ``torch.compile`` they use masks. Both must
 give the same losses, gradients and assignments.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import detloss
 from detloss import boxes as B
 from detloss.detectors import ssd as ssd_module
 from detloss.functional import selection
-from detloss.functional.classification import logsumexp_no_grad
+from detloss.functional.classification import class_cross_entropy_no_grad
 from detloss.functional.selection import RowSelection, gather_matched
 from detloss.priors import retinaface_priors
 
@@ -120,30 +120,34 @@ def test_row_selection_forms_agree():
     assert empty.take_matched(torch.zeros(2, 0, 3), torch.full((2, 5), -1)).shape == (0, 3)
 
 
+@pytest.mark.parametrize("target_class", [0, 7, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_logsumexp_no_grad_matches_stable_form(dtype):
+def test_class_cross_entropy_no_grad_matches_stable_form(dtype, target_class):
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(5, 300, 21, generator=g) * 4).to(dtype)
-    ref = torch.logsumexp(x.double(), -1)
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
-    torch.testing.assert_close(logsumexp_no_grad(x).double(), ref, rtol=tol, atol=tol)
+    x = (torch.randn(5, 30000, 21, generator=g) * 4).to(dtype)  # several chunks
+    labels = torch.full(x.shape[:-1], target_class)
+    ref = torch.nn.functional.cross_entropy(x.double().flatten(0, 1), labels.flatten(), reduction="none")
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    got = class_cross_entropy_no_grad(x, target_class)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double().flatten(), ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("extreme", [100.0, -200.0, 3e38])
-def test_logsumexp_no_grad_falls_back_on_overflow_and_underflow(extreme):
+def test_class_cross_entropy_no_grad_falls_back_on_overflow_and_underflow(extreme):
     x = torch.randn(4, 50, 21, generator=torch.Generator().manual_seed(2))
     x[2, 7] += extreme  # one row overflows (or underflows entirely) without the max shift
-    got = logsumexp_no_grad(x)
+    got = class_cross_entropy_no_grad(x, 3)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, torch.logsumexp(x, -1))
+    torch.testing.assert_close(got, torch.logsumexp(x, -1) - x[..., 3])
 
 
-def test_logsumexp_no_grad_propagates_nan_and_handles_empty():
+def test_class_cross_entropy_no_grad_propagates_nan_and_handles_empty():
     x = torch.zeros(2, 3, 4)
     x[1, 2, 0] = float("nan")
-    got = logsumexp_no_grad(x)
+    got = class_cross_entropy_no_grad(x, 1)
     assert torch.isnan(got[1, 2]) and torch.isfinite(got[0]).all()
-    assert logsumexp_no_grad(torch.zeros(0, 5)).shape == (0,)
+    assert class_cross_entropy_no_grad(torch.zeros(0, 5), 0).shape == (0,)
 
 
 def _boxes(g, shape, dtype, degenerate=0.1):

@@ -46,8 +46,8 @@ from .._validate import (
 )
 from ..coders import DEFAULT_VARIANCES, encode_boxes
 from ..functional import cross_entropy, positive_normalizer, smooth_l1_loss, weighted_reduce
-from ..functional.classification import logsumexp_no_grad
-from ..functional.selection import RowSelection, gather_matched, host_sync_is_free
+from ..functional.classification import class_cross_entropy_no_grad
+from ..functional.selection import RowSelection, host_sync_is_free
 from ..matching.bipartite import PriorMatch, match_priors
 from ..sampling.hard_negative import mine_hard_negatives
 
@@ -152,14 +152,14 @@ def mined_cross_entropy(
     :class:`detloss.functional.selection.RowSelection` (``gather`` overrides):
 
     * gathered (CPU): the ranking scores ``logsumexp(x) - x_0`` of every prior come from
-      :func:`detloss.functional.classification.logsumexp_no_grad` without autograd; the
+      :func:`detloss.functional.classification.class_cross_entropy_no_grad`; the
       differentiable cross-entropy is computed on the ~4 % of rows that are selected;
     * dense (accelerators, ``torch.compile``): the cross-entropy of every prior is computed
       once, with autograd, and its detached value ranks the negatives.
     """
     gather = host_sync_is_free(cls_logits) if gather is None else gather
     if gather:
-        mining_loss = logsumexp_no_grad(cls_logits) - cls_logits.detach()[..., 0]
+        mining_loss = class_cross_entropy_no_grad(cls_logits, 0)
         require_finite(mining_loss, "cls_logits (per-prior cross-entropy)")
         negative = mine_hard_negatives(mining_loss, positive, neg_pos_ratio=neg_pos_ratio, candidates=candidates)
         chosen = RowSelection(positive | negative, gather=True)
@@ -220,16 +220,18 @@ class MultiBoxLossBase(nn.Module):
         labels: Tensor,
         normalizer: Tensor,
         candidates: Optional[Tensor] = None,
+        positives: Optional[RowSelection] = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Smooth L1 (beta 1) of the positives' encoded boxes and the mined cross-entropy.
 
         ``loc_pred (B, P, 4)``, ``cls_logits (B, P, C)``, ``priors (P, 4)`` cxcywh,
         ``gt_boxes (B, M, 4)`` xyxy, ``labels (B, P)`` int64 classification targets, both
-        terms divided by ``normalizer``. Returns ``(box_targets (B, P, 4), loss_box, loss_cls,
+        terms divided by ``normalizer``; ``positives`` the caller's selection of
+        ``match.positive``, if it made one. Returns ``(box_targets (B, P, 4), loss_box, loss_cls,
         negative (B, P) bool)``; ``box_targets`` are the encoded targets of the positives and 0
         elsewhere (the box term only ever encodes the positives' GT).
         """
-        positives = RowSelection(match.positive)
+        positives = RowSelection(match.positive) if positives is None else positives
         targets = encode_boxes(
             positives.take_matched(gt_boxes, match.matched_gt), positives.take_priors(priors), self.variances
         )
@@ -308,11 +310,11 @@ class SSDLoss(MultiBoxLossBase):
             pos_iou=self.pos_iou, neg_iou=self.neg_iou, drop_degenerate_gt=self.drop_degenerate_gt,
         )
         positive = match.positive
-        matched_labels = gather_matched(gt_labels.unsqueeze(-1), match.matched_gt).squeeze(-1)
-        labels = torch.where(positive, matched_labels + 1, 0)
+        positives = RowSelection(positive)
+        labels = positives.scatter(positives.take_matched(gt_labels.unsqueeze(-1), match.matched_gt) + 1).squeeze(-1)
         n = multibox_normalizer(positive, self.normalizer, self.distributed)
         box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
-            loc_pred, cls_logits, priors, gt_boxes, match, labels, n, candidates=~match.ignore
+            loc_pred, cls_logits, priors, gt_boxes, match, labels, n, candidates=~match.ignore, positives=positives
         )
         out = {
             "loss_box": loss_box,

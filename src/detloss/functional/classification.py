@@ -18,7 +18,7 @@ from .reduce import Reduction, require_weight_shape, weighted_reduce
 # Elements of logits per chunk of the cross-entropy backward: 8k rows x 21 classes of float32
 # stay in cache between the exp and the multiplication.
 _CE_CHUNK_ELEMENTS = 1 << 17
-# Elements per chunk of :func:`logsumexp_no_grad` (a 2 MiB float32 exp buffer, reused).
+# Elements per chunk of :func:`class_cross_entropy_no_grad` (a 2 MiB float32 exp buffer, reused).
 _LSE_CHUNK_ELEMENTS = 1 << 19
 
 
@@ -63,15 +63,18 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None
 
 
-def logsumexp_no_grad(logits: Tensor) -> Tensor:
-    """``log(sum(exp(logits), -1))`` of ``logits (..., C)`` -> ``(...)``, without autograd.
+def class_cross_entropy_no_grad(logits: Tensor, target_class: int) -> Tensor:
+    """``logsumexp(logits) - logits[..., target_class]`` of ``logits (..., C)`` -> ``(...)``:
+    every row's softmax cross-entropy against one class, without autograd.
 
-    For ranking (hard negative mining) on the CPU: ``exp`` and a BLAS matrix-vector sum,
-    chunk by chunk through one cache-sized buffer, about 3x faster than ``torch.logsumexp``
-    over short rows (21 classes). Without the max shift a row overflows when a logit exceeds
-    ~88 and loses accuracy when all of its logits are below ~-87 (float32); both show in the
-    row sums, and then the stable ``torch.logsumexp`` is used instead. Reads the sums on the
-    host (free on the CPU). Computed in float32 (float64 stays float64); NaN propagates.
+    For ranking (hard negative mining ranks priors by their background cross-entropy) on the
+    CPU: ``exp`` and a BLAS matrix-vector sum, chunk by chunk through one cache-sized buffer,
+    about 3x faster than
+    ``torch.logsumexp`` over short rows (21 classes). Without the max shift a row overflows
+    when a logit exceeds ~88 and loses accuracy when all of its logits are below ~-87
+    (float32); both show in the row sums, and then the stable ``torch.logsumexp`` is used
+    instead. Reads the sums on the host (free on the CPU). Computed in float32 (float64 stays
+    float64); NaN propagates.
     """
     x = _acc(logits).detach()
     if x.numel() == 0:
@@ -85,11 +88,14 @@ def logsumexp_no_grad(logits: Tensor) -> Tensor:
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         torch.mv(torch.exp(flat[start:stop], out=buffer[: stop - start]), ones, out=total[start:stop])
+    target = flat[:, target_class].contiguous()  # one strided gather: 2x faster than subtracting the view
     # every term finite and the largest one a normal float: each is exact to an ulp
     smallest_safe = torch.finfo(flat.dtype).tiny * classes
     if bool((total.min() >= smallest_safe) & (total.max() < float("inf"))):
-        return total.log_().view(x.shape[:-1])
-    return torch.logsumexp(x, dim=-1)
+        lse = total.log_()
+    else:
+        lse = torch.logsumexp(flat, dim=-1)
+    return lse.sub_(target).view(x.shape[:-1])
 
 
 def _check_pair(logits: Tensor, targets: Tensor, names: tuple[str, str] = ("logits", "targets")) -> None:

@@ -91,7 +91,7 @@ class RowSelection:
     def scatter(self, rows: Tensor) -> Tensor:
         """The inverse of ``take`` for reporting: ``(B, P, ...)`` with zeros where the mask is False."""
         if not self.gathered:
-            return torch.where(self.mask[(...,) + (None,) * (rows.dim() - 2)], rows, 0.0)
+            return torch.where(self.mask[(...,) + (None,) * (rows.dim() - 2)], rows, rows.new_zeros(()))
         b, p = self.mask.shape
         dense = rows.new_zeros((b * p,) + rows.shape[1:])
         return dense.index_copy_(0, self.index, rows).view((b, p) + rows.shape[1:])

@@ -68,27 +68,36 @@ def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None, *, 
     """
     require_choice(method, "method", TOP_K_METHODS)
     eligible = torch.ones_like(values, dtype=torch.bool) if eligible is None else eligible
-    count = torch.minimum(k.to(torch.int64), eligible.sum(dim=1)).clamp(min=0)
+    count = torch.minimum(k.to(torch.int64), torch.count_nonzero(eligible, dim=1)).clamp(min=0)
     if method == "topk" or (method == "auto" and host_sync_is_free(values)):
-        threshold, remaining = _kth_by_topk(values, count, eligible)
+        threshold, remaining, all_ties = _kth_by_topk(values, count, eligible)
     else:
         threshold, remaining = _kth_by_radix(values, count, eligible)
+        all_ties = False
+    if all_ties:  # every row takes all of its ties: one comparison selects the set
+        return eligible & (values >= threshold) & (count > 0).unsqueeze(1)
     tie = eligible & (threshold == values)
-    take_tie = tie & (tie.cumsum(dim=1) <= remaining.unsqueeze(1))
+    take_tie = tie & (tie.cumsum(dim=1) <= remaining.unsqueeze(1))  # the first ties that fit
     return ((eligible & (values > threshold)) | take_tie) & (count > 0).unsqueeze(1)
 
 
-def _kth_by_topk(values: Tensor, count: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
-    """``(threshold (R, 1), remaining (R,))``: each row's ``count``-th largest eligible value
-    (in the comparison dtype) and how many of its ties to take. One ``topk`` of ``max(count)``."""
+def _kth_by_topk(values: Tensor, count: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(threshold (R, 1), remaining (R,), all_ties)``: each row's ``count``-th largest
+    eligible value (in the comparison dtype), how many of its ties to take, and whether that is
+    every tie of every row. One ``topk`` of ``max(count) + 1``: the extra rank shows whether a
+    tie continues past the cut; the other counts come from the small ranked tensor."""
     values = values if values.dtype == torch.float64 else values.float()
     largest = int(count.max()) if count.numel() else 0
     if largest == 0:
-        return values.new_zeros(values.shape[0], 1), count
-    ranked = values.masked_fill(~eligible, float("-inf")).topk(largest, dim=1).values
+        return values.new_zeros(values.shape[0], 1), count, True
+    ranks = min(largest + 1, values.shape[1])
+    ranked = values.masked_fill(~eligible, float("-inf")).topk(ranks, dim=1).values
     threshold = ranked.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
-    above = (eligible & (values > threshold)).sum(dim=1)
-    return threshold, count - above
+    remaining = count - (ranked > threshold).sum(dim=1)  # everything above lies in the first ranks
+    next_value = ranked.gather(1, count.clamp(max=ranks - 1).unsqueeze(1))
+    # a tie continues past the cut (or cannot be seen): take the first ties by index instead
+    continues = (next_value == threshold).squeeze(1) & (count > 0) | (count >= ranks)
+    return threshold, remaining, not bool(continues.any())
 
 
 def _kth_by_radix(values: Tensor, count: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
