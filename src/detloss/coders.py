@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -247,13 +247,17 @@ def decode_yolo(
     stride: float,
     *,
     max_log_scale: float = 10.0,
+    box_format: Literal["cxcywh", "xyxy"] = "cxcywh",
 ) -> Tensor:
     """YOLOv3 box decode of ``raw (B, H, W, A, 4)`` ``(tx, ty, tw, th)`` -> ``(B, H, W, A, 4)``.
 
     Centre ``(sigmoid(t_xy) + cell) * stride`` with x the column and y the row; size
-    ``exp(t_wh) * anchor * stride``; the output is ``(cx, cy, w, h)`` in input pixels.
-    ``anchors (A, 2)`` are ``(w, h)`` in grid units of this scale (tensorflow-yolov3's
-    layout). ``t_wh`` is clamped at ``max_log_scale`` so ``exp`` cannot overflow.
+    ``exp(t_wh) * anchor * stride``; the output is ``(cx, cy, w, h)`` in input pixels, or with
+    ``box_format="xyxy"`` the corners (the same numbers as :func:`detloss.cxcywh_to_xyxy` of
+    the centre form, without the intermediate). ``anchors (A, 2)`` are ``(w, h)`` in grid units
+    of this scale (tensorflow-yolov3's layout). ``t_wh`` is clamped at ``max_log_scale`` so
+    ``exp`` cannot overflow. The output keeps the memory layout of ``raw`` (channel-major input
+    stays channel-major).
     """
     require_floating(raw, "raw")
     require_floating(require_tensor(anchors, "anchors"), "anchors")
@@ -265,19 +269,37 @@ def decode_yolo(
         raise ValueError(
             f"anchors: expected shape (A={raw.shape[3]}, 2), got {tuple(anchors.shape)}"
         )
+    if box_format not in ("cxcywh", "xyxy"):
+        raise ValueError(f"box_format: expected 'cxcywh' or 'xyxy', got {box_format!r}")
     raw = raw.to(compute_dtype(raw))
     grid = yolo_grid(raw.shape[1], raw.shape[2], device=raw.device, dtype=raw.dtype)
-    return decode_yolo_cells(raw, grid[None, :, :, None, :], anchors.to(raw.dtype), stride, max_log_scale=max_log_scale)
+    # cell offsets and anchor sizes for every (row, col, anchor), laid out like one image of
+    # raw: the elementwise passes then broadcast over the batch only (over the short anchor
+    # axis as well they run 2x slower)
+    one_image = raw[:1, ..., :2]
+    cell_xy = torch.empty_like(one_image).copy_(grid[None, :, :, None, :].expand_as(one_image))
+    anchor_wh = torch.empty_like(one_image).copy_(anchors.to(raw.dtype).expand_as(one_image))
+    return decode_yolo_cells(raw, cell_xy, anchor_wh, stride, max_log_scale=max_log_scale, box_format=box_format)
 
 
 def decode_yolo_cells(
-    raw: Tensor, cell_xy: Tensor, anchor_wh: Tensor, stride: float, *, max_log_scale: float = 10.0
+    raw: Tensor,
+    cell_xy: Tensor,
+    anchor_wh: Tensor,
+    stride: float,
+    *,
+    max_log_scale: float = 10.0,
+    box_format: Literal["cxcywh", "xyxy"] = "cxcywh",
 ) -> Tensor:
     """:func:`decode_yolo` of raw outputs at given cells: ``raw (..., 4)``, ``cell_xy (..., 2)``
-    (column, row) and ``anchor_wh (..., 2)`` in grid units, broadcasting -> ``(..., 4)`` cxcywh
-    pixels. For decoding only the gathered positive cells of a head. No input checks."""
+    (column, row) and ``anchor_wh (..., 2)`` in grid units, broadcasting -> ``(..., 4)``
+    pixels in ``box_format``. For decoding only the gathered positive cells of a head. No
+    input checks."""
     xy = (torch.sigmoid(raw[..., :2]) + cell_xy) * stride
     wh = (torch.exp(raw[..., 2:].clamp(max=max_log_scale)) * anchor_wh) * stride
+    if box_format == "xyxy":
+        half = wh / 2
+        xy, wh = xy - half, xy + half
     if xy.shape[:-1] != raw.shape[:-1]:  # cells or anchors broadcast beyond raw
         return torch.cat((xy, wh), dim=-1)
     return join_halves(xy, wh, like=raw)  # raw's memory layout (channel-major heads stay so)

@@ -40,7 +40,7 @@ from .._validate import require_choice, require_floating, require_positive, requ
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo, decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
-from ..functional.selection import host_sync_is_free
+from ..functional.selection import RowSelection, host_sync_is_free
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
 from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_hot
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
@@ -54,24 +54,26 @@ MAX_IOU_CHUNK = 1 << 17
 
 
 def yolo_max_iou(
-    pred_cxcywh: Tensor,
+    pred_boxes: Tensor,
     true_cxcywh: Tensor,
     true_valid: Optional[Tensor] = None,
     *,
     eps: Optional[float] = None,
     chunk_elements: int = MAX_IOU_CHUNK,
+    pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
 ) -> Tensor:
     """Best plain IoU of each prediction with any valid true box, without gradient.
 
-    ``pred_cxcywh (B, N, 4)`` and ``true_cxcywh (B, T, 4)`` centre/size boxes (same units),
+    ``pred_boxes (B, N, 4)`` (``pred_format``: centre/size or corners; coordinate-major
+    memory avoids a copy) and ``true_cxcywh (B, T, 4)`` centre/size boxes (same units),
     ``true_valid (B, T)`` bool (None: all rows count; all-zero rows give IoU 0 anyway).
     Returns ``(B, N)``, 0 where there is no valid true box. Works ``chunk_elements // (B * T)``
     predictions at a time (:class:`detloss.boxes.ChunkedPairwiseIoU`).
     """
     with torch.no_grad():
-        batch, n, t = pred_cxcywh.shape[0], pred_cxcywh.shape[1], true_cxcywh.shape[1]
-        dtype = compute_dtype(pred_cxcywh)
-        out = pred_cxcywh.new_zeros(batch, n, dtype=dtype)
+        batch, n, t = pred_boxes.shape[0], pred_boxes.shape[1], true_cxcywh.shape[1]
+        dtype = compute_dtype(pred_boxes)
+        out = pred_boxes.new_zeros(batch, n, dtype=dtype)
         if true_valid is not None and t > 0 and host_sync_is_free(true_valid):
             # the true-box lists are padded (to 150 per scale in the original) and mostly empty:
             # keep only as many rows as the fullest image has valid ones (the max ignores order)
@@ -81,10 +83,10 @@ def yolo_max_iou(
             true_valid = true_valid.gather(1, order)
         if t == 0 or n == 0:
             return out
-        iou_of = ChunkedPairwiseIoU(
-            cxcywh_to_xyxy(true_cxcywh.to(dtype)), cxcywh_to_xyxy(pred_cxcywh.detach().to(dtype)),
-            rows_valid=true_valid, eps=eps,
-        )
+        pred_xyxy = pred_boxes.detach().to(dtype)
+        if pred_format == "cxcywh":
+            pred_xyxy = cxcywh_to_xyxy(pred_xyxy)
+        iou_of = ChunkedPairwiseIoU(cxcywh_to_xyxy(true_cxcywh.to(dtype)), pred_xyxy, rows_valid=true_valid, eps=eps)
         step = max(1, chunk_elements // (batch * t))
         for start in range(0, n, step):
             stop = min(start + step, n)
@@ -154,7 +156,7 @@ class YoloScaleTerms:
 
 def yolo_scale_terms(
     obj_logits: Tensor,
-    pred_cxcywh: Tensor,
+    pred_boxes: Tensor,
     respond: Tensor,
     pred_pos: Tensor,
     cls_logits: Tensor,
@@ -169,12 +171,14 @@ def yolo_scale_terms(
     box_loss: str = "giou",
     box_eps: Optional[float] = None,
     ignore_eps: Optional[float] = None,
+    pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
 ) -> YoloScaleTerms:
     """The three YOLOv3 terms of one scale, summed over the batch.
 
     Args:
         obj_logits: ``(B, N)`` objectness logits, ``N = H * W * A`` cells (row, col, anchor).
-        pred_cxcywh: ``(B, N)`` x 4 decoded boxes, input pixels, for the ignore rule (no gradient).
+        pred_boxes: ``(B, N, 4)`` decoded boxes (``pred_format``, input pixels), for the
+            ignore rule (no gradient).
         respond: ``(B, N)`` 0/1 responsibility of each cell (objectness target).
         pred_pos, cls_logits: ``(B, K, 4)`` decoded boxes and ``(B, K, C)`` class logits of
             ``K`` positive candidates (gathered at their cells by the caller, or every cell with
@@ -187,23 +191,28 @@ def yolo_scale_terms(
         ignore_iou: background cells whose best IoU reaches this get no objectness loss.
         box_loss: ``"giou"``, ``"diou"`` or ``"ciou"``; ``box_eps`` its denominator clamp.
         ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
+        pred_format: ``"cxcywh"`` or ``"xyxy"``, the format of ``pred_boxes``.
     """
     dtype = compute_dtype(pred_pos)
-    box_target = box_target.to(dtype)
-    pos_weight = pos_weight.to(dtype)
+    # box and class terms on the candidates of non-zero weight only (gathered on the CPU)
+    candidates = RowSelection(pos_weight != 0)
+    box_target = candidates.take(box_target).to(dtype)
+    weight = candidates.take(pos_weight).to(dtype)
 
-    iou = aligned_box_iou(cxcywh_to_xyxy(pred_pos.to(dtype)), cxcywh_to_xyxy(box_target), box_loss, box_eps)
+    iou = aligned_box_iou(
+        cxcywh_to_xyxy(candidates.take(pred_pos).to(dtype)), cxcywh_to_xyxy(box_target), box_loss, box_eps
+    )
     box_scale = 2.0 - box_target[..., 2] * box_target[..., 3] / image_area
-    box = weighted_reduce(1.0 - iou, pos_weight * box_scale, "sum")
+    box = weighted_reduce(1.0 - iou, weight * box_scale, "sum")
 
-    max_iou = yolo_max_iou(pred_cxcywh, true_cxcywh, true_valid, eps=ignore_eps)
+    max_iou = yolo_max_iou(pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format)
     respond = respond.to(dtype)
     background = (respond == 0) & (max_iou < ignore_iou)
     obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background.to(dtype))
     cls = binary_cross_entropy_with_logits(
-        cls_logits, cls_target.to(dtype), weight=pos_weight[..., None], reduction="sum"
+        candidates.take(cls_logits), candidates.take(cls_target).to(dtype), weight=weight[..., None], reduction="sum"
     )
-    return YoloScaleTerms(box, obj, cls, torch.where(pos_weight != 0, iou, 0.0).detach(), max_iou, background)
+    return YoloScaleTerms(box, obj, cls, candidates.scatter(iou.detach()), max_iou, background)
 
 
 @dataclass
@@ -364,13 +373,13 @@ class YOLOv3Loss(nn.Module):
                 box_raw.to(dtype), cell[..., [1, 0]].to(dtype), scale_anchors[cell[..., 2]], stride,
                 max_log_scale=self.max_log_scale,
             )
-            pred = decode_yolo(raw_all, scale_anchors, stride, max_log_scale=self.max_log_scale)
+            pred = decode_yolo(raw_all, scale_anchors, stride, max_log_scale=self.max_log_scale, box_format="xyxy")
             pred = pred.reshape(batch, -1, 4)
             respond = match.winner[s] >= 0
             terms = yolo_scale_terms(
                 obj_logits, pred, respond, pred_pos, cls_logits, repeat(gt),
                 repeat(per_gt_cls), match.positive[s].flatten(1), gt, true_valid=match.in_list[s], image_area=float(input_hw[0] * input_hw[1]),
-                ignore_iou=self.ignore_iou, box_loss=self.box_loss, box_eps=self.box_eps,
+                ignore_iou=self.ignore_iou, box_loss=self.box_loss, box_eps=self.box_eps, pred_format="xyxy",
             )
             for total, term in zip(totals, (terms.box, terms.obj, terms.cls)):
                 total.append(term)
