@@ -11,8 +11,8 @@ the same set without sorting:
 * On accelerators and under ``torch.compile`` the ``k``-th value comes from a radix select on
   the float bits (three histogram passes for float32, six for float64): ``k`` is a per-row
   tensor, no host synchronisation, no data-dependent shapes. On the CPU, where reading
-  ``max(k)`` costs nothing, one ``torch.topk`` with that ``k`` is 3-4x faster; the selected
-  set is the same.
+  ``max(k)`` costs nothing, one ``torch.topk`` of ``max(k) + 1`` is 3-4x faster (the extra
+  rank tells whether a tie continues past the cut); the selected set is the same.
 
 Positives are never negatives, so they can neither take a negative's place nor be counted
 twice (the originals give positives mining loss 0 and let them compete; they never win in
