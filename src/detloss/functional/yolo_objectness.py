@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._validate import require_floating, require_tensor
-from .classification import binary_cross_entropy_with_logits, sigmoid_focal_loss
+from .classification import sigmoid_focal_loss
 
 __all__ = ["yolo_objectness_focal_loss"]
 
@@ -27,10 +27,14 @@ class _ObjectnessFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor, w: Tensor) -> Tensor:
         p = torch.sigmoid(x)
-        bce = binary_cross_entropy_with_logits(x, t, reduction="none")
+        # BCE = softplus(x) - x t: one fused pass instead of the where-based form's six (the
+        # same value to rounding: softplus returns x itself above the threshold, where
+        # log1p(exp(-x)) is below the dtype's resolution; the backward never differentiates it)
+        threshold = 40.0 if x.dtype == torch.float64 else 20.0
+        bce = torch.nn.functional.softplus(x, threshold=threshold).sub_(x * t)
         diff = p - t
         ctx.save_for_backward(p, diff, bce, w)
-        return (w * (diff * diff * bce)).sum()
+        return torch.dot((diff * diff).mul_(bce).flatten(), w.flatten())
 
     @staticmethod
     def backward(ctx, grad: Tensor):
