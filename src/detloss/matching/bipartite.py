@@ -182,16 +182,18 @@ def match_priors(
 
     forcing = usable if min_best_iou is None else usable & (best_prior_iou >= min_best_iou)
     claiming = usable if ignored_gt_claims_prior else forcing
+    # Forcing touches only the B x M best priors, in place: a claimant's slot enters as
+    # slot + M, above every ordinary slot (< M), so the largest (the later GT) wins and
+    # ``remainder`` restores it; a forced prior's IoU becomes 2.0, above every real IoU (<= 1).
     gt_index = torch.arange(m, device=gt_boxes.device).expand(b, m)
-    claimant = torch.full((b, p), -1, dtype=torch.int64, device=gt_boxes.device)
-    claimant.scatter_reduce_(1, best_prior, torch.where(claiming, gt_index, -1), reduce="amax")
-    forced = torch.zeros(b, p, dtype=torch.int32, device=gt_boxes.device)
-    forced = forced.scatter_reduce_(1, best_prior, forcing.to(torch.int32), reduce="amax").bool()
+    matched_gt = prior_gt.scatter_reduce_(1, best_prior, torch.where(claiming, gt_index + m, -1), reduce="amax")
+    matched_gt.remainder_(m)
+    forced_iou = torch.where(forcing, FORCED_IOU, float("-inf")).to(prior_iou.dtype)
+    matched_iou = prior_iou.scatter_reduce_(1, best_prior, forced_iou, reduce="amax")
+    forced = matched_iou == FORCED_IOU
 
     has_gt = forcing.any(dim=1, keepdim=True)
-    matched_gt = torch.where(claimant >= 0, claimant, prior_gt)
     matched_gt = torch.where(has_gt, matched_gt, -1)
-    matched_iou = torch.where(forced, FORCED_IOU, prior_iou)
     matched_iou = torch.where(has_gt, matched_iou, 0.0)
     positive = (matched_iou >= pos_iou) & has_gt
     if neg_iou is None:
