@@ -1,5 +1,5 @@
-"""The CPU fast paths against their sync-free forms: gathered rows vs masks, the no-grad
-log-sum-exp, the shared chunked IoU kernel.
+"""The CPU fast paths against their sync-free forms: gathered rows vs masks, topk vs radix
+mining, the no-grad ranking cross-entropy, the shared chunked IoU kernel.
 
 On the CPU the SSD / RetinaFace losses gather the selected rows and rank negatives by
 :func:`class_cross_entropy_no_grad`; on accelerators and under ``torch.compile`` they use masks. Both must
@@ -19,6 +19,7 @@ from detloss.functional import selection
 from detloss.functional.classification import class_cross_entropy_no_grad
 from detloss.functional.selection import RowSelection, gather_matched
 from detloss.priors import retinaface_priors
+from detloss.sampling import hard_negative
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -43,8 +44,8 @@ def ssd_batch(seed: int, batch: int, num_gt: int, num_priors: int = 300, num_cla
 def run(loss, x: dict, gather: bool, monkeypatch) -> tuple[dict, list]:
     """Loss outputs and input gradients with the gathered (CPU) or the mask (accelerator) form."""
     with monkeypatch.context() as m:
-        m.setattr(selection, "host_sync_is_free", lambda _: gather)
-        m.setattr(ssd_module, "host_sync_is_free", lambda _: gather)
+        for module in (selection, ssd_module, hard_negative):
+            m.setattr(module, "host_sync_is_free", lambda _: gather)
         inputs = {k: (v.detach().clone().requires_grad_() if v.requires_grad else v) for k, v in x.items()}
         out = loss(**inputs, return_assignment=True)
         out["loss"].backward()
@@ -225,7 +226,6 @@ def test_cpu_fast_paths_equal_sync_free_paths(family, seed, monkeypatch):
     from reliability.cases import loss_and_grads, make_case
 
     from detloss.detectors import yolov3
-    from detloss.sampling import hard_negative
 
     case = make_case(family, batch=3, num_gt=[4, 0, 7], seed=seed)
     fast_out, fast_grads = loss_and_grads(case)
