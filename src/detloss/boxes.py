@@ -27,7 +27,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from ._validate import require_boxes, require_choice, require_positive, require_tensor
+from ._validate import host_sync_is_free, require_boxes, require_choice, require_positive, require_tensor
 
 BoxFormat = Literal["xyxy", "cxcywh", "xywh"]
 IoUKind = Literal["iou", "giou", "diou", "ciou"]
@@ -326,8 +326,7 @@ class ChunkedPairwiseIoU:
             # no union can reach eps and the degenerate rule is skipped (checked where a host
             # read is free; elsewhere the rule always runs)
             self.union_can_vanish = not (
-                columns.device.type == "cpu"
-                and not torch.compiler.is_compiling()
+                host_sync_is_free(columns)
                 and self.column_area.numel() > 0
                 and bool(self.column_area.min() > 2 * self.eps)
             )

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .._validate import (
     as_bool_mask,
+    host_sync_is_free,
     require_choice,
     require_finite,
     require_floating,
@@ -47,7 +48,7 @@ from .._validate import (
 from ..coders import DEFAULT_VARIANCES, encode_boxes
 from ..functional import cross_entropy, positive_normalizer, smooth_l1_loss, weighted_reduce
 from ..functional.classification import class_cross_entropy_no_grad
-from ..functional.selection import RowSelection, host_sync_is_free
+from ..functional.selection import RowSelection
 from ..matching.bipartite import PriorMatch, match_priors
 from ..sampling.hard_negative import mine_hard_negatives
 

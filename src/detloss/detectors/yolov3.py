@@ -36,11 +36,11 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import require_choice, require_floating, require_positive, require_tensor
+from .._validate import host_sync_is_free, require_choice, require_floating, require_positive, require_tensor
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo, decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
-from ..functional.selection import RowSelection, host_sync_is_free
+from ..functional.selection import RowSelection
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
 from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_hot
 from ..priors import YOLOV3_STRIDES, yolov3_anchors

@@ -18,10 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-def host_sync_is_free(x: Tensor) -> bool:
-    """True where reading a value of ``x`` on the host costs nothing: CPU tensors, eager mode."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+from .._validate import host_sync_is_free
 
 
 def gather_matched(values: Tensor, matched_gt: Tensor) -> Tensor:

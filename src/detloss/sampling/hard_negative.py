@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_choice, require_floating, require_shape
-from ..functional.selection import host_sync_is_free
+from .._validate import as_bool_mask, host_sync_is_free, require_choice, require_floating, require_shape
 
 # (digit width, shift) of each radix pass, most significant digit first.
 _PASSES = {
