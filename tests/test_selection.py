@@ -216,6 +216,8 @@ def test_yolo_decode_to_corners_and_coordinate_major_layout_are_exact():
     assert torch.equal(
         yolov3.yolo_max_iou(corners.reshape(2, -1, 4), true, pred_format="xyxy"), yolov3.yolo_max_iou(centre, true)
     )
+    with pytest.raises(ValueError, match="pred_format"):
+        yolov3.yolo_max_iou(centre, true, pred_format="xywh")
 
 
 @pytest.mark.parametrize("family", ["ssd", "retinaface", "yolov3"])

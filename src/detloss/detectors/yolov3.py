@@ -70,6 +70,7 @@ def yolo_max_iou(
     Returns ``(B, N)``, 0 where there is no valid true box. Works ``chunk_elements // (B * T)``
     predictions at a time (:class:`detloss.boxes.ChunkedPairwiseIoU`).
     """
+    require_choice(pred_format, "pred_format", ("cxcywh", "xyxy"))
     with torch.no_grad():
         batch, n, t = pred_boxes.shape[0], pred_boxes.shape[1], true_cxcywh.shape[1]
         dtype = compute_dtype(pred_boxes)
