@@ -139,7 +139,6 @@ def mined_cross_entropy(
     neg_pos_ratio: float,
     normalizer: Tensor,
     candidates: Optional[Tensor] = None,
-    gather: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax cross-entropy over positives and per-image hard negatives, summed / ``normalizer``.
 
@@ -150,7 +149,7 @@ def mined_cross_entropy(
     value check).
 
     Two strategies with the same result (up to summation order), chosen like
-    :class:`detloss.functional.selection.RowSelection` (``gather`` overrides):
+    :class:`detloss.functional.selection.RowSelection`:
 
     * gathered (CPU): the ranking scores ``logsumexp(x) - x_0`` of every prior come from
       :func:`detloss.functional.classification.class_cross_entropy_no_grad`; the
@@ -158,8 +157,7 @@ def mined_cross_entropy(
     * dense (accelerators, ``torch.compile``): the cross-entropy of every prior is computed
       once, with autograd, and its detached value ranks the negatives.
     """
-    gather = host_sync_is_free(cls_logits) if gather is None else gather
-    if gather:
+    if host_sync_is_free(cls_logits):
         mining_loss = class_cross_entropy_no_grad(cls_logits, 0)
         require_finite(mining_loss, "cls_logits (per-prior cross-entropy)")
         negative = mine_hard_negatives(mining_loss, positive, neg_pos_ratio=neg_pos_ratio, candidates=candidates)
