@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -286,15 +286,15 @@ def decode_yolo_cells(
     raw: Tensor,
     cell_xy: Tensor,
     anchor_wh: Tensor,
-    stride: float,
+    stride: Union[float, Tensor],
     *,
     max_log_scale: float = 10.0,
     box_format: Literal["cxcywh", "xyxy"] = "cxcywh",
 ) -> Tensor:
     """:func:`decode_yolo` of raw outputs at given cells: ``raw (..., 4)``, ``cell_xy (..., 2)``
-    (column, row) and ``anchor_wh (..., 2)`` in grid units, broadcasting -> ``(..., 4)``
-    pixels in ``box_format``. For decoding only the gathered positive cells of a head. No
-    input checks."""
+    (column, row) and ``anchor_wh (..., 2)`` in grid units, ``stride`` a number or a tensor
+    ``(..., 1)`` (cells of several scales at once), broadcasting -> ``(..., 4)`` pixels in
+    ``box_format``. For decoding only the gathered positive cells of heads. No input checks."""
     xy = (torch.sigmoid(raw[..., :2]) + cell_xy) * stride
     wh = (torch.exp(raw[..., 2:].clamp(max=max_log_scale)) * anchor_wh) * stride
     if box_format == "xyxy":

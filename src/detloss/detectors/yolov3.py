@@ -46,7 +46,8 @@ from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_ho
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
 
 __all__ = [
-    "YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "gather_head", "yolo_max_iou", "yolo_scale_terms",
+    "YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "gather_head", "yolo_candidate_terms", "yolo_max_iou",
+    "yolo_objectness_terms", "yolo_scale_terms",
 ]
 
 # Elements of one ignore-IoU block (B x T x predictions): its ~20 temporaries stay cache-sized.
@@ -155,6 +156,80 @@ class YoloScaleTerms:
     background: Tensor
 
 
+def yolo_candidate_terms(
+    pred_pos: Tensor,
+    cls_logits: Tensor,
+    box_target: Tensor,
+    cls_target: Tensor,
+    pos_weight: Tensor,
+    *,
+    image_area: float,
+    box_loss: str = "giou",
+    box_eps: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The box and class terms of ``K`` candidate cells (of one scale or of several), summed.
+
+    Args:
+        pred_pos, cls_logits: ``(B, K, 4)`` decoded cxcywh boxes (input pixels) and
+            ``(B, K, C)`` class logits of the candidates; gradients flow through them.
+        box_target, cls_target, pos_weight: ``(B, K, 4)`` cxcywh pixels, ``(B, K, C)`` class
+            targets and ``(B, K)`` 0/1 weights of the candidates.
+        image_area: ``H_in * W_in`` pixels, for the box weight ``2 - w * h / image_area``.
+        box_loss: ``"giou"``, ``"diou"`` or ``"ciou"``; ``box_eps`` its denominator clamp.
+
+    Returns ``(box, cls, box_iou)``: the two weighted sums (0-d) and the IoU-family value at
+    each candidate ``(B, K)`` (0 where its weight is 0). Only candidates of non-zero weight
+    are computed (gathered on the CPU, :class:`detloss.functional.selection.RowSelection`).
+    """
+    dtype = compute_dtype(pred_pos)
+    candidates = RowSelection(pos_weight != 0)
+    box_target = candidates.take(box_target).to(dtype)
+    weight = candidates.take(pos_weight).to(dtype)
+    iou = aligned_box_iou(
+        cxcywh_to_xyxy(candidates.take(pred_pos).to(dtype)), cxcywh_to_xyxy(box_target), box_loss, box_eps
+    )
+    box_scale = 2.0 - box_target[..., 2] * box_target[..., 3] / image_area
+    box = weighted_reduce(1.0 - iou, weight * box_scale, "sum")
+    cls = binary_cross_entropy_with_logits(
+        candidates.take(cls_logits), candidates.take(cls_target).to(dtype), weight=weight[..., None], reduction="sum"
+    )
+    return box, cls, candidates.scatter(iou.detach())
+
+
+def yolo_objectness_terms(
+    obj_logits: Tensor,
+    pred_boxes: Tensor,
+    respond: Tensor,
+    true_cxcywh: Tensor,
+    *,
+    true_valid: Optional[Tensor] = None,
+    ignore_iou: float = 0.5,
+    ignore_eps: Optional[float] = None,
+    pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The objectness term of one scale, summed, with its ignore rule.
+
+    Args:
+        obj_logits: ``(B, N)`` objectness logits, ``N = H * W * A`` cells (row, col, anchor).
+        pred_boxes: ``(B, N, 4)`` decoded boxes (``pred_format``, input pixels), for the
+            ignore rule (no gradient).
+        respond: ``(B, N)`` 0/1 responsibility of each cell (objectness target).
+        true_cxcywh, true_valid: ``(B, T, 4)`` true boxes of this scale and ``(B, T)`` bool
+            validity (None: all).
+        ignore_iou: background cells whose best IoU reaches this get no objectness loss.
+        ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
+        pred_format: ``"cxcywh"`` or ``"xyxy"``, the format of ``pred_boxes``.
+
+    Returns ``(obj, max_iou (B, N), background (B, N) bool)``: the focal sum (0-d), each
+    prediction's best IoU with the true boxes and the cells counted as negatives.
+    """
+    max_iou = yolo_max_iou(pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format)
+    respond = respond.to(compute_dtype(obj_logits))
+    background = (respond == 0) & (max_iou < ignore_iou)
+    obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background.to(respond.dtype))
+    return obj, max_iou, background
+
+
 def yolo_scale_terms(
     obj_logits: Tensor,
     pred_boxes: Tensor,
@@ -174,46 +249,20 @@ def yolo_scale_terms(
     ignore_eps: Optional[float] = None,
     pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
 ) -> YoloScaleTerms:
-    """The three YOLOv3 terms of one scale, summed over the batch.
-
-    Args:
-        obj_logits: ``(B, N)`` objectness logits, ``N = H * W * A`` cells (row, col, anchor).
-        pred_boxes: ``(B, N, 4)`` decoded boxes (``pred_format``, input pixels), for the
-            ignore rule (no gradient).
-        respond: ``(B, N)`` 0/1 responsibility of each cell (objectness target).
-        pred_pos, cls_logits: ``(B, K, 4)`` decoded boxes and ``(B, K, C)`` class logits of
-            ``K`` positive candidates (gathered at their cells by the caller, or every cell with
-            ``K = N`` for dense labels as in the original); gradients flow through them.
-        box_target, cls_target, pos_weight: ``(B, K, 4)`` cxcywh pixels, ``(B, K, C)`` class
-            targets and ``(B, K)`` 0/1 weights of the candidates.
-        true_cxcywh, true_valid: ``(B, T, 4)`` true boxes of this scale and ``(B, T)`` bool
-            validity (None: all), for the ignore rule.
-        image_area: ``H_in * W_in`` pixels, for the box weight ``2 - w * h / image_area``.
-        ignore_iou: background cells whose best IoU reaches this get no objectness loss.
-        box_loss: ``"giou"``, ``"diou"`` or ``"ciou"``; ``box_eps`` its denominator clamp.
-        ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
-        pred_format: ``"cxcywh"`` or ``"xyxy"``, the format of ``pred_boxes``.
+    """The three YOLOv3 terms of one scale, summed over the batch: :func:`yolo_candidate_terms`
+    of ``K`` candidates (gathered at their cells by the caller, or every cell with ``K = N``
+    for dense labels as in the original) and :func:`yolo_objectness_terms` of the ``N`` cells;
+    the arguments are theirs.
     """
-    dtype = compute_dtype(pred_pos)
-    # box and class terms on the candidates of non-zero weight only (gathered on the CPU)
-    candidates = RowSelection(pos_weight != 0)
-    box_target = candidates.take(box_target).to(dtype)
-    weight = candidates.take(pos_weight).to(dtype)
-
-    iou = aligned_box_iou(
-        cxcywh_to_xyxy(candidates.take(pred_pos).to(dtype)), cxcywh_to_xyxy(box_target), box_loss, box_eps
+    box, cls, box_iou = yolo_candidate_terms(
+        pred_pos, cls_logits, box_target, cls_target, pos_weight,
+        image_area=image_area, box_loss=box_loss, box_eps=box_eps,
     )
-    box_scale = 2.0 - box_target[..., 2] * box_target[..., 3] / image_area
-    box = weighted_reduce(1.0 - iou, weight * box_scale, "sum")
-
-    max_iou = yolo_max_iou(pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format)
-    respond = respond.to(dtype)
-    background = (respond == 0) & (max_iou < ignore_iou)
-    obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background.to(dtype))
-    cls = binary_cross_entropy_with_logits(
-        candidates.take(cls_logits), candidates.take(cls_target).to(dtype), weight=weight[..., None], reduction="sum"
+    obj, max_iou, background = yolo_objectness_terms(
+        obj_logits, pred_boxes, respond, true_cxcywh,
+        true_valid=true_valid, ignore_iou=ignore_iou, ignore_eps=ignore_eps, pred_format=pred_format,
     )
-    return YoloScaleTerms(box, obj, cls, candidates.scatter(iou.detach()), max_iou, background)
+    return YoloScaleTerms(box, obj, cls, box_iou, max_iou, background)
 
 
 @dataclass
@@ -360,33 +409,41 @@ class YOLOv3Loss(nn.Module):
         n_anchors = anchors.shape[1]
         per_gt_cls = smoothed_one_hot(gt_labels, self.num_classes, self.label_smoothing).to(dtype)
         repeat = lambda t: t[:, :, None].expand(-1, -1, n_anchors, *t.shape[2:]).flatten(1, 2)  # noqa: E731
-        totals = [[], [], []]
-        respond_all, background_all, max_iou_all = [], [], []
+        obj_terms, respond_all, background_all, max_iou_all = [], [], [], []
+        candidate_parts = []  # per scale: raw box channels, class logits, cell (col, row), anchor, stride
         for s, (head, stride) in enumerate(zip(heads, self.strides)):
             # One gather per scale (objectness everywhere, box and classes at the candidates): the
             # backward then writes the head-sized gradient once.
-            pos_index = match.slot[s].flatten(1)
-            box_raw, obj_logits, cls_logits, cell, raw_all = gather_head(head, pos_index)
+            box_raw, obj_logits, cls_logits, cell, raw_all = gather_head(head, match.slot[s].flatten(1))
             scale_anchors = anchors[s].to(dtype)
-            # gradients flow through the candidates' boxes only; every cell is decoded without
-            # autograd for the ignore rule, channel-major throughout
-            pred_pos = decode_yolo_cells(
-                box_raw.to(dtype), cell[..., [1, 0]].to(dtype), scale_anchors[cell[..., 2]], stride,
-                max_log_scale=self.max_log_scale,
-            )
+            candidate_parts.append((
+                box_raw, cls_logits, cell[..., [1, 0]], scale_anchors[cell[..., 2]],
+                box_raw.new_full((1, cell.shape[1], 1), float(stride), dtype=dtype),
+            ))
+            # every cell decoded without autograd for the ignore rule, channel-major throughout
             pred = decode_yolo(raw_all, scale_anchors, stride, max_log_scale=self.max_log_scale, box_format="xyxy")
-            pred = pred.reshape(batch, -1, 4)
             respond = match.winner[s] >= 0
-            terms = yolo_scale_terms(
-                obj_logits, pred, respond, pred_pos, cls_logits, repeat(gt),
-                repeat(per_gt_cls), match.positive[s].flatten(1), gt, true_valid=match.in_list[s], image_area=float(input_hw[0] * input_hw[1]),
-                ignore_iou=self.ignore_iou, box_loss=self.box_loss, box_eps=self.box_eps, pred_format="xyxy",
+            obj, max_iou, background = yolo_objectness_terms(
+                obj_logits, pred.reshape(batch, -1, 4), respond, gt, true_valid=match.in_list[s],
+                ignore_iou=self.ignore_iou, pred_format="xyxy",
             )
-            for total, term in zip(totals, (terms.box, terms.obj, terms.cls)):
-                total.append(term)
+            obj_terms.append(obj)
             respond_all.append(respond.view(head.shape[:4]))
-            background_all.append(terms.background.view(head.shape[:4]))
-            max_iou_all.append(terms.max_iou.view(head.shape[:4]))
+            background_all.append(background.view(head.shape[:4]))
+            max_iou_all.append(max_iou.view(head.shape[:4]))
+        # the candidates of all scales in one pass (the same K = M * A slots per scale);
+        # gradients flow through the candidates' boxes only
+        box_raw, cls_logits, cell_xy, cell_anchor, cell_stride = (torch.cat(parts, dim=1) for parts in zip(*candidate_parts))
+        pred_pos = decode_yolo_cells(
+            box_raw.to(dtype), cell_xy.to(dtype), cell_anchor, cell_stride, max_log_scale=self.max_log_scale
+        )
+        n_scales = len(heads)
+        loss_box, loss_cls, _ = yolo_candidate_terms(
+            pred_pos, cls_logits, repeat(gt).repeat(1, n_scales, 1), repeat(per_gt_cls).repeat(1, n_scales, 1),
+            torch.cat([p.flatten(1) for p in match.positive], dim=1),
+            image_area=float(input_hw[0] * input_hw[1]), box_loss=self.box_loss, box_eps=self.box_eps,
+        )
+        totals = ([loss_box], obj_terms, [loss_cls])
         if self.normalizer == "batch":
             norm = float(max(batch, 1))
         else:
