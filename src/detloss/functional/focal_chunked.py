@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._memory import new_like
+
 # Logit elements per chunk when ``chunk_size`` is not given (256 KiB of float32: the chunk's
 # few temporaries stay in cache).
 FOCAL_CHUNK_ELEMENTS = 1 << 16
@@ -76,7 +78,7 @@ class _FocalSum(torch.autograd.Function):
         # every other entry is background: one fused pass, chunk by chunk; the target entry of
         # each row is left out of the sum and given its own gradient
         coef = w * c0
-        grad = torch.empty_like(logits) if need_grad else None
+        grad = new_like(logits, zero=False) if need_grad else None
         for start in range(0, logits.shape[0], chunk):
             rows = slice(start, start + chunk)
             c, t = col[rows], is_target[rows]
