@@ -188,27 +188,26 @@ def assign_yolo_anchors(
         clip_max = torch.where(has_positive[:, :, None, None], own_max, own_max[-1])
     col_row = torch.minimum(col_row.clamp(min=0), clip_max)
 
-    slots, positives, winners, in_lists, list_slots = [], [], [], [], []
-    gt_index = torch.arange(m, device=device).view(1, m, 1)
-    for s in range(n_scales):
-        n_slots = int(grid_hw[s, 0] * grid_hw[s, 1]) * n_anchors
-        resp_s = responsible[:, :, s]  # (B, M, A)
-        cell_flat = col_row[:, :, s, 1] * grid_hw[s, 1] + col_row[:, :, s, 0]  # (B, M)
-        slot = cell_flat[:, :, None] * n_anchors + torch.arange(n_anchors, device=device)
-        claim = torch.where(resp_s, gt_index, -1).flatten(1)
-        winner = torch.full((batch, n_slots), -1, dtype=torch.int64, device=device)
-        winner = winner.scatter_reduce(1, slot.flatten(1), claim, "amax", include_self=True)
-        won = resp_s & (winner.gather(1, slot.flatten(1)).view_as(slot) == gt_index)
-        # True-box list: GT order, row = count mod K; the last K assigned GTs survive the wrap.
-        assigned = resp_s.any(-1)
-        order = torch.cumsum(assigned.long(), dim=1) - 1
-        total = assigned.long().sum(1, keepdim=True)
-        in_list = assigned & (order >= total - max_boxes_per_scale)
-        slots.append(slot)
-        positives.append(won)
-        winners.append(winner)
-        in_lists.append(in_list)
-        list_slots.append(order.clamp(min=0) % max_boxes_per_scale)
+    # All scales at once: slots of scale s live at offset[s] + (row * W_s + col) * A + a of one
+    # (B, sum of slots) table, so a single scatter decides every slot's winner (later GT wins).
+    n_slots = [int(grid_hw[s, 0] * grid_hw[s, 1]) * n_anchors for s in range(n_scales)]
+    offset = torch.tensor([0] + n_slots[:-1], device=device).cumsum(0)
+    cell_flat = col_row[..., 1] * grid_hw[:, 1] + col_row[..., 0]  # (B, M, S)
+    slot = cell_flat[..., None] * n_anchors + torch.arange(n_anchors, device=device)  # (B, M, S, A)
+    table_slot = (slot + offset[:, None]).flatten(1)
+    gt_index = torch.arange(m, device=device).view(1, m, 1, 1)
+    claim = torch.where(responsible, gt_index, -1).flatten(1)
+    winner = torch.full((batch, sum(n_slots)), -1, dtype=torch.int64, device=device)
+    winner = winner.scatter_reduce(1, table_slot, claim, "amax", include_self=True)
+    won = responsible & (winner.gather(1, table_slot).view_as(slot) == gt_index)
+    # True-box lists: GT order, row = count mod K; the last K assigned GTs survive the wrap.
+    assigned = responsible.any(-1)  # (B, M, S)
+    order = torch.cumsum(assigned.long(), dim=1) - 1
+    total = assigned.long().sum(1, keepdim=True)
+    in_list = assigned & (order >= total - max_boxes_per_scale)
+    list_slot = order.clamp(min=0) % max_boxes_per_scale
+    slots, positives, in_lists, list_slots = (t.unbind(2) for t in (slot, won, in_list, list_slot))
+    winners = winner.split(n_slots, dim=1)
     return YoloAssignment(
         tuple(slots), tuple(positives), tuple(winners), tuple(in_lists), tuple(list_slots), gt_cxcywh,
         tuple((hw[0] // s, hw[1] // s) for s in strides), int(max_boxes_per_scale),
