@@ -65,6 +65,19 @@ class PriorMatch:
     best_prior_iou: Tensor
 
 
+def _first_best_slot_(iou: Tensor, best: Tensor) -> Tensor:
+    """The first slot of ``iou (..., M, N)`` whose value equals ``best (..., N)``, as float;
+    ``iou`` is overwritten.
+
+    Key = slot where the IoU equals the best and >= M elsewhere, built in place and minimised
+    (value-and-index ``max`` over this short middle axis is 2-3x slower); ``iou - best <= 0``
+    is exactly ``-(best - iou)``, so the key is slot or slot + M.
+    """
+    m = iou.shape[-2]
+    slot = torch.arange(m, dtype=iou.dtype, device=iou.device).unsqueeze(1)
+    return iou.sub_(best.unsqueeze(-2)).sign_().mul_(-m).add_(slot).amin(dim=-2)
+
+
 def _iou_maxima(
     gt_xyxy: Tensor, priors_xyxy: Tensor, usable: Tensor, chunk_size: Optional[int]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -84,17 +97,13 @@ def _iou_maxima(
     prior_gt = gt_xyxy.new_empty(b, p)  # small integers, exact in float; converted once at the end
     gt_iou = gt_prior = None
     iou_of = ChunkedPairwiseIoU(gt_xyxy, priors_xyxy.unsqueeze(0), rows_valid=usable)  # priors shared by all images
-    slot = torch.arange(m, dtype=gt_xyxy.dtype, device=gt_xyxy.device).view(1, m, 1)
     for start in range(0, p, chunk_size):
         stop = min(start + chunk_size, p)
         iou = iou_of(start, stop)
+        c_iou, c_prior = iou.max(dim=2)
         best = iou.amax(dim=1)
         prior_iou[:, start:stop] = best
-        # first GT of highest IoU: key = slot where the IoU equals the best, >= m elsewhere
-        # (value-and-index ``max`` over this short middle axis is 2-3x slower)
-        key = torch.sub(best.unsqueeze(1), iou).sign_().mul_(m).add_(slot)
-        prior_gt[:, start:stop] = key.amin(dim=1)
-        c_iou, c_prior = iou.max(dim=2)
+        prior_gt[:, start:stop] = _first_best_slot_(iou, best)
         if gt_iou is None:
             gt_iou, gt_prior = c_iou, c_prior
         else:
@@ -187,7 +196,7 @@ def match_priors(
     # ``remainder`` restores it; a forced prior's IoU becomes 2.0, above every real IoU (<= 1).
     gt_index = torch.arange(m, device=gt_boxes.device).expand(b, m)
     matched_gt = prior_gt.scatter_reduce_(1, best_prior, torch.where(claiming, gt_index + m, -1), reduce="amax")
-    matched_gt.remainder_(m)
+    matched_gt.scatter_(1, best_prior, matched_gt.gather(1, best_prior).remainder_(m))  # only these exceed m
     forced_iou = torch.where(forcing, FORCED_IOU, float("-inf")).to(prior_iou.dtype)
     matched_iou = prior_iou.scatter_reduce_(1, best_prior, forced_iou, reduce="amax")
     forced = matched_iou == FORCED_IOU
