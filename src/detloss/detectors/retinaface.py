@@ -134,8 +134,9 @@ class RetinaFaceLoss(MultiBoxLossBase):
 
         n = multibox_normalizer(positive, self.normalizer, self.distributed)
         n_landmark = positive_normalizer(landmark_positive.sum(), distributed=self.distributed)
+        positives = RowSelection(positive)
         box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
-            loc_pred, cls_logits, priors, gt_boxes, match, labels, n
+            loc_pred, cls_logits, priors, gt_boxes, match, labels, n, positives
         )
         loss_landmark = smooth_l1_loss(
             with_landmarks.take(landmark_pred), landmark_targets, 1.0,
@@ -150,7 +151,7 @@ class RetinaFaceLoss(MultiBoxLossBase):
         if return_assignment:
             out["assignment"] = MultiBoxAssignment(
                 labels=labels, positive=positive, negative=negative,
-                matched_gt=match.matched_gt, box_targets=box_targets, match=match,
+                matched_gt=match.matched_gt, box_targets=positives.scatter(box_targets), match=match,
                 landmark_positive=landmark_positive, landmark_targets=with_landmarks.scatter(landmark_targets.detach()),
             )
         return out

@@ -218,19 +218,18 @@ class MultiBoxLossBase(nn.Module):
         match: PriorMatch,
         labels: Tensor,
         normalizer: Tensor,
+        positives: RowSelection,
         candidates: Optional[Tensor] = None,
-        positives: Optional[RowSelection] = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Smooth L1 (beta 1) of the positives' encoded boxes and the mined cross-entropy.
 
         ``loc_pred (B, P, 4)``, ``cls_logits (B, P, C)``, ``priors (P, 4)`` cxcywh,
         ``gt_boxes (B, M, 4)`` xyxy, ``labels (B, P)`` int64 classification targets, both
-        terms divided by ``normalizer``; ``positives`` the caller's selection of
-        ``match.positive``, if it made one. Returns ``(box_targets (B, P, 4), loss_box, loss_cls,
-        negative (B, P) bool)``; ``box_targets`` are the encoded targets of the positives and 0
-        elsewhere (the box term only ever encodes the positives' GT).
+        terms divided by ``normalizer``; ``positives`` the selection of ``match.positive``.
+        Returns ``(box_targets, loss_box, loss_cls, negative (B, P) bool)``; ``box_targets`` are
+        the encoded targets of the positives, detached, in ``positives.take`` form (the box
+        term only ever encodes the positives' GT; ``positives.scatter`` makes them ``(B, P, 4)``).
         """
-        positives = RowSelection(match.positive) if positives is None else positives
         targets = encode_boxes(
             positives.take_matched(gt_boxes, match.matched_gt), positives.take_priors(priors), self.variances
         )
@@ -241,7 +240,7 @@ class MultiBoxLossBase(nn.Module):
             cls_logits, labels, match.positive,
             neg_pos_ratio=self.neg_pos_ratio, normalizer=normalizer, candidates=candidates,
         )
-        return positives.scatter(targets.detach()), loss_box, loss_cls, negative
+        return targets.detach(), loss_box, loss_cls, negative
 
 
 class SSDLoss(MultiBoxLossBase):
@@ -313,7 +312,7 @@ class SSDLoss(MultiBoxLossBase):
         labels = positives.scatter(positives.take_matched(gt_labels.unsqueeze(-1), match.matched_gt) + 1).squeeze(-1)
         n = multibox_normalizer(positive, self.normalizer, self.distributed)
         box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
-            loc_pred, cls_logits, priors, gt_boxes, match, labels, n, candidates=~match.ignore, positives=positives
+            loc_pred, cls_logits, priors, gt_boxes, match, labels, n, positives, candidates=~match.ignore
         )
         out = {
             "loss_box": loss_box,
@@ -323,6 +322,6 @@ class SSDLoss(MultiBoxLossBase):
         if return_assignment:
             out["assignment"] = MultiBoxAssignment(
                 labels=labels, positive=positive, negative=negative,
-                matched_gt=match.matched_gt, box_targets=box_targets, match=match,
+                matched_gt=match.matched_gt, box_targets=positives.scatter(box_targets), match=match,
             )
         return out
