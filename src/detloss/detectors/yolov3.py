@@ -39,16 +39,16 @@ from torch import Tensor, nn
 from .._memory import new_like
 from .._validate import host_sync_is_free, require_choice, require_floating, require_positive, require_tensor
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
-from ..coders import decode_yolo, decode_yolo_cells
+from ..coders import decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.selection import RowSelection
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
 from ..matching.yolo import YoloAssignment, assign_yolo_anchors, smoothed_one_hot
-from ..priors import YOLOV3_STRIDES, yolov3_anchors
+from ..priors import YOLOV3_STRIDES, yolo_grid, yolov3_anchors
 
 __all__ = [
-    "YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "gather_head", "yolo_candidate_terms", "yolo_max_iou",
-    "yolo_objectness_terms", "yolo_scale_terms",
+    "YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "gather_head", "yolo_background", "yolo_candidate_terms",
+    "yolo_max_iou", "yolo_objectness_terms", "yolo_scale_terms",
 ]
 
 # Elements of one ignore-IoU block (B x T x predictions): its ~20 temporaries stay cache-sized.
@@ -224,11 +224,30 @@ def yolo_objectness_terms(
     Returns ``(obj, max_iou (B, N), background (B, N) bool)``: the focal sum (0-d), each
     prediction's best IoU with the true boxes and the cells counted as negatives.
     """
-    max_iou = yolo_max_iou(pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format)
+    max_iou, background = yolo_background(
+        pred_boxes, respond, true_cxcywh, true_valid=true_valid, ignore_iou=ignore_iou, ignore_eps=ignore_eps,
+        pred_format=pred_format,
+    )
     respond = respond.to(compute_dtype(obj_logits))
-    background = (respond == 0) & (max_iou < ignore_iou)
     obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background.to(respond.dtype))
     return obj, max_iou, background
+
+
+def yolo_background(
+    pred_boxes: Tensor,
+    respond: Tensor,
+    true_cxcywh: Tensor,
+    *,
+    true_valid: Optional[Tensor] = None,
+    ignore_iou: float = 0.5,
+    ignore_eps: Optional[float] = None,
+    pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
+) -> tuple[Tensor, Tensor]:
+    """The ignore rule of one scale: ``(max_iou (B, N), background (B, N) bool)``, each
+    prediction's best IoU with the true boxes and the non-responsible cells below
+    ``ignore_iou`` (the objectness negatives); arguments as :func:`yolo_objectness_terms`."""
+    max_iou = yolo_max_iou(pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format)
+    return max_iou, (respond == 0) & (max_iou < ignore_iou)
 
 
 def yolo_scale_terms(
@@ -352,6 +371,8 @@ class YOLOv3Loss(nn.Module):
         self.weights = (float(box_weight), float(obj_weight), float(cls_weight))
         self.assign_iou, self.max_boxes_per_scale = float(assign_iou), int(max_boxes_per_scale)
         self.faithful_fallback_clip, self.box_eps, self.max_log_scale = faithful_fallback_clip, box_eps, max_log_scale
+        self._cell_table_key: Optional[tuple] = None
+        self._cell_table: tuple[Tensor, ...] = ()
 
     def _heads(self, outputs: Sequence[Tensor], batch: int) -> tuple[list[Tensor], tuple[int, int]]:
         """Validate the head maps; return them as ``(B, H, W, A, 5 + C)`` views and the input (H, W)."""
@@ -388,6 +409,28 @@ class YOLOv3Loss(nn.Module):
             heads.append(x)
         return heads, input_hw
 
+    def _cell_tables(self, input_hw: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+        """Per-cell decode constants of all scales in head order ``(row, col, anchor)``:
+        ``(cell_xy, anchor_wh, stride)``, shapes ``(1, N, 2)``, ``(1, N, 2)``, ``(1, N, 1)``,
+        the first two coordinate-major like the decoded planes; kept while the input size,
+        dtype, device and anchors stay the same."""
+        key = (input_hw, dtype, device, self.anchors.data_ptr(), self.anchors._version)
+        if self._cell_table_key != key:
+            xy_parts, anchor_parts, stride_parts = [], [], []
+            for stride, scale_anchors in zip(self.strides, self.anchors.to(device=device, dtype=dtype)):
+                grid = yolo_grid(input_hw[0] // stride, input_hw[1] // stride, device=device, dtype=dtype)
+                n_anchors = scale_anchors.shape[0]
+                xy_parts.append(grid[:, :, None, :].expand(-1, -1, n_anchors, -1).reshape(-1, 2))
+                anchor_parts.append(scale_anchors.repeat(grid.shape[0] * grid.shape[1], 1))
+                stride_parts.append(torch.full((xy_parts[-1].shape[0], 1), float(stride), device=device, dtype=dtype))
+            coordinate_major = lambda t: t.t().contiguous().t().unsqueeze(0)  # noqa: E731
+            self._cell_table = (
+                coordinate_major(torch.cat(xy_parts)), coordinate_major(torch.cat(anchor_parts)),
+                torch.cat(stride_parts).unsqueeze(0),
+            )
+            self._cell_table_key = key
+        return self._cell_table
+
     def forward(
         self,
         outputs: Sequence[Tensor],
@@ -410,8 +453,7 @@ class YOLOv3Loss(nn.Module):
         n_anchors = anchors.shape[1]
         per_gt_cls = smoothed_one_hot(gt_labels, self.num_classes, self.label_smoothing).to(dtype)
         repeat = lambda t: t[:, :, None].expand(-1, -1, n_anchors, *t.shape[2:]).flatten(1, 2)  # noqa: E731
-        obj_terms, respond_all, background_all, max_iou_all = [], [], [], []
-        candidate_parts = []  # per scale: raw box channels, class logits, cell (col, row), anchor, stride
+        obj_parts, raw_parts, candidate_parts = [], [], []  # per scale
         for s, (head, stride) in enumerate(zip(heads, self.strides)):
             # One gather per scale (objectness everywhere, box and classes at the candidates): the
             # backward then writes the head-sized gradient once.
@@ -421,17 +463,26 @@ class YOLOv3Loss(nn.Module):
                 box_raw, cls_logits, cell[..., [1, 0]], scale_anchors[cell[..., 2]],
                 box_raw.new_full((1, cell.shape[1], 1), float(stride), dtype=dtype),
             ))
-            # every cell decoded without autograd for the ignore rule, channel-major throughout
-            pred = decode_yolo(raw_all, scale_anchors, stride, max_log_scale=self.max_log_scale, box_format="xyxy")
+            obj_parts.append(obj_logits)
+            raw_parts.append(raw_all.permute(0, 4, 1, 2, 3).reshape(batch, 4, -1))  # a view: (B, 4, N_s)
+        # every cell of every scale decoded at once without autograd, channel-major, for the
+        # ignore rule; then that rule per scale (each against its own true boxes)
+        cell_xy, cell_anchor, cell_stride = self._cell_tables(input_hw, dtype, heads[0].device)
+        raw = torch.cat(raw_parts, dim=2).to(dtype).transpose(1, 2)  # (B, N, 4), coordinate-major
+        pred = decode_yolo_cells(raw, cell_xy, cell_anchor, cell_stride, max_log_scale=self.max_log_scale, box_format="xyxy")
+        respond_all, background_all, max_iou_all = [], [], []
+        for s, (head, pred_s) in enumerate(zip(heads, pred.split([o.shape[1] for o in obj_parts], dim=1))):
             respond = match.winner[s] >= 0
-            obj, max_iou, background = yolo_objectness_terms(
-                obj_logits, pred.reshape(batch, -1, 4), respond, gt, true_valid=match.in_list[s],
-                ignore_iou=self.ignore_iou, pred_format="xyxy",
+            max_iou, background = yolo_background(
+                pred_s, respond, gt, true_valid=match.in_list[s], ignore_iou=self.ignore_iou, pred_format="xyxy"
             )
-            obj_terms.append(obj)
             respond_all.append(respond.view(head.shape[:4]))
             background_all.append(background.view(head.shape[:4]))
             max_iou_all.append(max_iou.view(head.shape[:4]))
+        responsible = torch.cat([r.flatten(1) for r in respond_all], dim=1)
+        respond = responsible.to(dtype)
+        background = torch.cat([g.flatten(1) for g in background_all], dim=1).to(dtype)
+        loss_obj = yolo_objectness_focal_loss(torch.cat(obj_parts, dim=1), respond, respond + background)
         # the candidates of all scales in one pass (the same K = M * A slots per scale);
         # gradients flow through the candidates' boxes only
         box_raw, cls_logits, cell_xy, cell_anchor, cell_stride = (torch.cat(parts, dim=1) for parts in zip(*candidate_parts))
@@ -444,14 +495,11 @@ class YOLOv3Loss(nn.Module):
             torch.cat([p.flatten(1) for p in match.positive], dim=1),
             image_area=float(input_hw[0] * input_hw[1]), box_loss=self.box_loss, box_eps=self.box_eps,
         )
-        totals = ([loss_box], obj_terms, [loss_cls])
         if self.normalizer == "batch":
             norm = float(max(batch, 1))
         else:
-            norm = positive_normalizer(
-                torch.stack([r.sum() for r in respond_all]), distributed=self.distributed
-            )
-        loss_box, loss_obj, loss_cls = (torch.stack(t).sum() / norm for t in totals)
+            norm = positive_normalizer(responsible.sum(), distributed=self.distributed)
+        loss_box, loss_obj, loss_cls = (term / norm for term in (loss_box, loss_obj, loss_cls))
         wb, wo, wc = self.weights
         result = {
             "loss_box": loss_box,
