@@ -328,3 +328,25 @@ def test_fused_objectness_gradcheck_and_half_input():
     assert tt.grad is not None
     with pytest.raises(ValueError, match="weight"):
         yolo_objectness_focal_loss(x, t, w[:, :3])
+
+
+def test_reused_module_follows_input_size_dtype_and_anchor_changes():
+    """The per-cell decode tables a module keeps are rebuilt when the input size, the dtype or
+    the anchors change: one module called on a sequence of problems equals fresh modules."""
+    rng = np.random.default_rng(7)
+    kept = YOLOv3Loss(2, anchors=ANCHORS.clone())
+
+    def check(size, dtype):
+        convs, arr, valid = random_problem(rng, size, 2, 2, [3, 1], dtype=dtype)
+        args = (torch.as_tensor(arr[..., :4], dtype=dtype), torch.as_tensor(arr[..., 4]).long(), valid)
+        fresh = YOLOv3Loss(2, anchors=kept.anchors.clone())
+        got, want = kept(convs, *args), fresh(convs, *args)
+        for key in ("loss_box", "loss_obj", "loss_cls"):
+            assert torch.equal(got[key], want[key]), (size, dtype, key)
+
+    check(64, torch.float64)
+    check(96, torch.float64)
+    check(96, torch.float32)
+    with torch.no_grad():
+        kept.anchors.mul_(1.5)  # in place: same storage, new version
+    check(96, torch.float32)

@@ -412,24 +412,30 @@ class YOLOv3Loss(nn.Module):
     def _cell_tables(self, input_hw: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
         """Per-cell decode constants of all scales in head order ``(row, col, anchor)``:
         ``(cell_xy, anchor_wh, stride)``, shapes ``(1, N, 2)``, ``(1, N, 2)``, ``(1, N, 1)``,
-        the first two coordinate-major like the decoded planes; kept while the input size,
-        dtype, device and anchors stay the same."""
+        the first two coordinate-major like the decoded planes. Kept in eager mode while the
+        input size, dtype, device and anchors stay the same (under ``torch.compile`` they are
+        constants of the graph)."""
+        if torch.compiler.is_compiling():
+            return self._build_cell_tables(input_hw, dtype, device)
         key = (input_hw, dtype, device, self.anchors.data_ptr(), self.anchors._version)
         if self._cell_table_key != key:
-            xy_parts, anchor_parts, stride_parts = [], [], []
-            for stride, scale_anchors in zip(self.strides, self.anchors.to(device=device, dtype=dtype)):
-                grid = yolo_grid(input_hw[0] // stride, input_hw[1] // stride, device=device, dtype=dtype)
-                n_anchors = scale_anchors.shape[0]
-                xy_parts.append(grid[:, :, None, :].expand(-1, -1, n_anchors, -1).reshape(-1, 2))
-                anchor_parts.append(scale_anchors.repeat(grid.shape[0] * grid.shape[1], 1))
-                stride_parts.append(torch.full((xy_parts[-1].shape[0], 1), float(stride), device=device, dtype=dtype))
-            coordinate_major = lambda t: t.t().contiguous().t().unsqueeze(0)  # noqa: E731
-            self._cell_table = (
-                coordinate_major(torch.cat(xy_parts)), coordinate_major(torch.cat(anchor_parts)),
-                torch.cat(stride_parts).unsqueeze(0),
-            )
+            self._cell_table = self._build_cell_tables(input_hw, dtype, device)
             self._cell_table_key = key
         return self._cell_table
+
+    def _build_cell_tables(self, input_hw: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+        xy_parts, anchor_parts, stride_parts = [], [], []
+        for stride, scale_anchors in zip(self.strides, self.anchors.to(device=device, dtype=dtype)):
+            grid = yolo_grid(input_hw[0] // stride, input_hw[1] // stride, device=device, dtype=dtype)
+            n_anchors = scale_anchors.shape[0]
+            xy_parts.append(grid[:, :, None, :].expand(-1, -1, n_anchors, -1).reshape(-1, 2))
+            anchor_parts.append(scale_anchors.repeat(grid.shape[0] * grid.shape[1], 1))
+            stride_parts.append(torch.full((xy_parts[-1].shape[0], 1), float(stride), device=device, dtype=dtype))
+        coordinate_major = lambda t: t.t().contiguous().t().unsqueeze(0)  # noqa: E731
+        return (
+            coordinate_major(torch.cat(xy_parts)), coordinate_major(torch.cat(anchor_parts)),
+            torch.cat(stride_parts).unsqueeze(0),
+        )
 
     def forward(
         self,
