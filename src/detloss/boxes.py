@@ -285,6 +285,11 @@ def box_iou(
     return out
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """``x`` itself when its last axis is contiguous (all a vector loop needs), else a copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
 class ChunkedPairwiseIoU:
     """Plain IoU of all ``rows (B, M, 4)`` against chunks of ``columns (B or 1, N, 4)``, no autograd.
 
@@ -315,7 +320,7 @@ class ChunkedPairwiseIoU:
         self.eps = DEFAULT_EPS if eps is None else eps
         with torch.no_grad():
             self.rows = [c.unsqueeze(-1) for c in rows.detach().to(dtype).unbind(-1)]  # 4 x (B, M, 1)
-            self.columns = [c.unsqueeze(-2).contiguous() for c in columns.detach().to(dtype).unbind(-1)]
+            self.columns = [_rows_contiguous(c.unsqueeze(-2)) for c in columns.detach().to(dtype).unbind(-1)]
             rx1, ry1, rx2, ry2 = self.rows
             cx1, cy1, cx2, cy2 = self.columns
             self.row_area = (rx2 - rx1).clamp(min=0) * (ry2 - ry1).clamp(min=0)
