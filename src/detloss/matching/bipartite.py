@@ -25,7 +25,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_boxes, require_shape
+from .._validate import as_bool_mask, host_sync_is_free, require_boxes, require_shape
 from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
@@ -65,34 +65,43 @@ class PriorMatch:
     best_prior_iou: Tensor
 
 
-def _first_best_slot_(iou: Tensor, best: Tensor) -> Tensor:
-    """The first slot of ``iou (..., M, N)`` whose value equals ``best (..., N)``, as float;
+def _first_best_slot_(iou: Tensor, best: Tensor, slot: Tensor, offset: int) -> Tensor:
+    """The smallest ``slot`` value among the rows of ``iou (..., M, N)`` equal to ``best (..., N)``,
+    as float; ``slot`` is ``(..., M, 1)`` increasing along M, every value below ``offset``;
     ``iou`` is overwritten.
 
-    Key = slot where the IoU equals the best and >= M elsewhere, built in place and minimised
-    (value-and-index ``max`` over this short middle axis is 2-3x slower); ``iou - best <= 0``
-    is exactly ``-(best - iou)``, so the key is slot or slot + M.
+    Key = slot where the IoU equals the best and slot + offset elsewhere, built in place and
+    minimised (value-and-index ``max`` over this short middle axis is 2-3x slower); ``iou - best
+    <= 0`` is exactly ``-(best - iou)``, so the sign is -1 or 0.
     """
-    m = iou.shape[-2]
-    slot = torch.arange(m, dtype=iou.dtype, device=iou.device).unsqueeze(1)
-    return iou.sub_(best.unsqueeze(-2)).sign_().mul_(-m).add_(slot).amin(dim=-2)
+    return iou.sub_(best.unsqueeze(-2)).sign_().mul_(-offset).add_(slot).amin(dim=-2)
 
 
 def _iou_maxima(
-    gt_xyxy: Tensor, priors_xyxy: Tensor, usable: Tensor, chunk_size: Optional[int]
+    gt_xyxy: Tensor,
+    priors_xyxy: Tensor,
+    usable: Tensor,
+    chunk_size: Optional[int],
+    slot: Optional[Tensor] = None,
+    num_slots: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-prior and per-GT IoU maxima, reduced chunk-wise over priors.
 
     Returns ``(prior_iou (B, P), prior_gt (B, P), gt_iou (B, M), gt_prior (B, M))``; unusable
     GTs take part below every usable one, so they never win unless nothing is usable (their
     ``gt_iou`` is -1 and ``gt_prior`` 0). Ties keep the first index (torch's ``max`` rule
-    within a chunk; a later chunk must be strictly larger).
+    within a chunk; a later chunk must be strictly larger). ``prior_gt`` names each GT by
+    ``slot (B, M)`` int64 (default its row, ``0..M-1``), values increasing along M and below
+    ``num_slots`` (default M).
     """
     b, m = usable.shape
     p = priors_xyxy.shape[0]
     if chunk_size is None:
         budget = _IOU_CHUNK_ELEMENTS.get(gt_xyxy.device.type, _IOU_CHUNK_ELEMENTS_DEFAULT)
         chunk_size = max(256, budget // max(b * m, 1))
+    if slot is None:
+        slot, num_slots = torch.arange(m, device=gt_xyxy.device).expand(b, m), m
+    slot_key = slot.to(gt_xyxy.dtype).unsqueeze(2)
     prior_iou = gt_xyxy.new_empty(b, p)
     prior_gt = gt_xyxy.new_empty(b, p)  # small integers, exact in float; converted once at the end
     gt_iou = gt_prior = None
@@ -103,7 +112,7 @@ def _iou_maxima(
         c_iou, c_prior = iou.max(dim=2)
         best = iou.amax(dim=1)
         prior_iou[:, start:stop] = best
-        prior_gt[:, start:stop] = _first_best_slot_(iou, best)
+        prior_gt[:, start:stop] = _first_best_slot_(iou, best, slot_key, num_slots)
         if gt_iou is None:
             gt_iou, gt_prior = c_iou, c_prior
         else:
@@ -112,6 +121,72 @@ def _iou_maxima(
             gt_prior = torch.where(better, c_prior + start, gt_prior)
     prior_gt = prior_gt.to(torch.int64)
     return prior_iou, prior_gt, torch.where(usable, gt_iou, -1.0), torch.where(usable, gt_prior, 0)
+
+
+# Fixed cost of one more image group in :func:`_iou_maxima_compacted`, in GT rows of IoU work
+# (about 30 eager operations against one (GT, all priors) row; measured on SSD300 batch 32).
+_GROUP_COST_ROWS = 12
+
+
+def _count_groups(counts: list[int], group_cost: int) -> list[tuple[list[int], int]]:
+    """Images grouped by their count of usable GTs, as ``(image indices, largest count)``.
+
+    Groups are runs of the distinct counts in decreasing order chosen to minimise
+    ``sum(images in group * largest count) + group_cost * groups`` (the IoU rows computed plus
+    a per-group overhead); images without usable GT are left out.
+    """
+    by_count: dict[int, list[int]] = {}
+    for image, count in enumerate(counts):
+        if count > 0:
+            by_count.setdefault(count, []).append(image)
+    widths = sorted(by_count, reverse=True)
+    sizes = [len(by_count[w]) for w in widths]
+    # best[j]: least cost of grouping widths[:j]; cut[j]: where its last group starts
+    best, cut = [0] + [None] * len(widths), [0] * (len(widths) + 1)
+    for j in range(1, len(widths) + 1):
+        for i in range(j):
+            cost = best[i] + sum(sizes[i:j]) * widths[i] + group_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(widths)
+    while j > 0:
+        i = cut[j]
+        groups.append(([image for w in widths[i:j] for image in by_count[w]], widths[i]))
+        j = i
+    return groups
+
+
+def _iou_maxima_compacted(
+    gt_xyxy: Tensor, priors_xyxy: Tensor, usable: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_iou_maxima` over only the usable GTs (reads counts: CPU eager only).
+
+    Padded GT tensors carry the largest image's count for every image. Each image's usable GTs
+    are moved to the front (in slot order, so "first" keeps its meaning) and images of similar
+    counts are matched together, each group only as wide as its largest count
+    (:func:`_count_groups`); GTs are reported by their original slot. The results equal
+    :func:`_iou_maxima`'s bit for bit in every image with a usable GT; rows of images without
+    one differ, and :func:`match_priors` overwrites those.
+    """
+    b, m = usable.shape
+    p = priors_xyxy.shape[0]
+    device = gt_xyxy.device
+    usable_first = torch.sort((~usable).to(torch.uint8), dim=1, stable=True).indices  # slots, usable first
+    prior_iou = gt_xyxy.new_zeros(b, p)
+    prior_gt = torch.zeros(b, p, dtype=torch.int64, device=device)
+    gt_iou = gt_xyxy.new_full((b, m), -1.0)
+    gt_prior = torch.zeros(b, m, dtype=torch.int64, device=device)
+    for images, width in _count_groups(usable.sum(dim=1).tolist(), _GROUP_COST_ROWS):
+        index = torch.tensor(images, device=device)
+        slot = usable_first.index_select(0, index)[:, :width]
+        rows = gt_xyxy.index_select(0, index).gather(1, slot.unsqueeze(2).expand(-1, -1, 4))
+        valid = usable.index_select(0, index).gather(1, slot)
+        group_iou, group_gt, group_gt_iou, group_gt_prior = _iou_maxima(rows, priors_xyxy, valid, None, slot, m)
+        prior_iou.index_copy_(0, index, group_iou)
+        prior_gt.index_copy_(0, index, group_gt)
+        gt_iou.index_copy_(0, index, gt_xyxy.new_full((len(images), m), -1.0).scatter_(1, slot, group_gt_iou))
+        gt_prior.index_copy_(0, index, torch.zeros_like(slot[:, :1]).expand(-1, m).scatter(1, slot, group_gt_prior))
+    return prior_iou, prior_gt, gt_iou, gt_prior
 
 
 def match_priors(
@@ -187,7 +262,11 @@ def match_priors(
     if drop_degenerate_gt:
         size = gt_boxes[..., 2:] - gt_boxes[..., :2]
         usable = usable & (size > 0).all(dim=-1)
-    prior_iou, prior_gt, best_prior_iou, best_prior = _iou_maxima(gt_boxes, priors_xyxy, usable, chunk_size)
+    if chunk_size is None and host_sync_is_free(usable):
+        maxima = _iou_maxima_compacted(gt_boxes, priors_xyxy, usable)
+    else:
+        maxima = _iou_maxima(gt_boxes, priors_xyxy, usable, chunk_size)
+    prior_iou, prior_gt, best_prior_iou, best_prior = maxima
 
     forcing = usable if min_best_iou is None else usable & (best_prior_iou >= min_best_iou)
     claiming = usable if ignored_gt_claims_prior else forcing
