@@ -27,6 +27,12 @@ decoded sizes use ``exp(min(t_wh, max_log_scale))``.
 
 The ignore IoU of ``B x H*W*A`` predictions against the ``M`` true boxes is computed
 ``max_iou_chunk`` elements at a time, so memory stays bounded whatever ``M`` is.
+
+:class:`YOLOv3Loss` works on all scales at once wherever they share a shape: the candidate
+box and class terms (:func:`yolo_candidate_terms`), the decode of every cell and the
+objectness focal sum; only the ignore rule (:func:`yolo_background`) runs per scale, against
+that scale's true boxes. :func:`yolo_scale_terms` is the same computation for one scale (the
+tensorflow-yolov3 drop-in's ``loss_layer``).
 """
 from __future__ import annotations
 
