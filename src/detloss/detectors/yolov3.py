@@ -54,7 +54,7 @@ from ..priors import YOLOV3_STRIDES, yolo_grid, yolov3_anchors
 
 __all__ = [
     "YOLOv3Loss", "YOLOv3LossAssignment", "YoloScaleTerms", "gather_head", "yolo_background", "yolo_candidate_terms",
-    "yolo_max_iou", "yolo_objectness_terms", "yolo_scale_terms",
+    "yolo_max_iou", "yolo_scale_terms",
 ]
 
 # Elements of one ignore-IoU block (B x T x predictions): its ~20 temporaries stay cache-sized.
@@ -203,42 +203,6 @@ def yolo_candidate_terms(
     return box, cls, candidates.scatter(iou.detach())
 
 
-def yolo_objectness_terms(
-    obj_logits: Tensor,
-    pred_boxes: Tensor,
-    respond: Tensor,
-    true_cxcywh: Tensor,
-    *,
-    true_valid: Optional[Tensor] = None,
-    ignore_iou: float = 0.5,
-    ignore_eps: Optional[float] = None,
-    pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The objectness term of one scale, summed, with its ignore rule.
-
-    Args:
-        obj_logits: ``(B, N)`` objectness logits, ``N = H * W * A`` cells (row, col, anchor).
-        pred_boxes: ``(B, N, 4)`` decoded boxes (``pred_format``, input pixels), for the
-            ignore rule (no gradient).
-        respond: ``(B, N)`` 0/1 responsibility of each cell (objectness target).
-        true_cxcywh, true_valid: ``(B, T, 4)`` true boxes of this scale and ``(B, T)`` bool
-            validity (None: all).
-        ignore_iou: background cells whose best IoU reaches this get no objectness loss.
-        ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
-        pred_format: ``"cxcywh"`` or ``"xyxy"``, the format of ``pred_boxes``.
-
-    Returns ``(obj, max_iou (B, N), background (B, N) bool)``: the focal sum (0-d), each
-    prediction's best IoU with the true boxes and the cells counted as negatives.
-    """
-    max_iou, background = yolo_background(
-        pred_boxes, respond, true_cxcywh, true_valid=true_valid, ignore_iou=ignore_iou, ignore_eps=ignore_eps,
-        pred_format=pred_format,
-    )
-    respond = respond.to(compute_dtype(obj_logits))
-    obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background.to(respond.dtype))
-    return obj, max_iou, background
-
-
 def yolo_background(
     pred_boxes: Tensor,
     respond: Tensor,
@@ -249,9 +213,21 @@ def yolo_background(
     ignore_eps: Optional[float] = None,
     pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
 ) -> tuple[Tensor, Tensor]:
-    """The ignore rule of one scale: ``(max_iou (B, N), background (B, N) bool)``, each
-    prediction's best IoU with the true boxes and the non-responsible cells below
-    ``ignore_iou`` (the objectness negatives); arguments as :func:`yolo_objectness_terms`."""
+    """The ignore rule of one scale: which cells count as objectness negatives.
+
+    Args:
+        pred_boxes: ``(B, N, 4)`` decoded boxes (``pred_format``, input pixels) of the
+            ``N = H * W * A`` cells (row, col, anchor); no gradient.
+        respond: ``(B, N)`` responsibility of each cell (bool or 0/1, the objectness target).
+        true_cxcywh, true_valid: ``(B, T, 4)`` true boxes of this scale and ``(B, T)`` bool
+            validity (None: all).
+        ignore_iou: background cells whose best IoU reaches this get no objectness loss.
+        ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
+        pred_format: ``"cxcywh"`` or ``"xyxy"``, the format of ``pred_boxes``.
+
+    Returns ``(max_iou (B, N), background (B, N) bool)``: each prediction's best IoU with the
+    true boxes, and the non-responsible cells below ``ignore_iou``.
+    """
     max_iou = yolo_max_iou(pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format)
     return max_iou, (respond == 0) & (max_iou < ignore_iou)
 
@@ -277,17 +253,20 @@ def yolo_scale_terms(
 ) -> YoloScaleTerms:
     """The three YOLOv3 terms of one scale, summed over the batch: :func:`yolo_candidate_terms`
     of ``K`` candidates (gathered at their cells by the caller, or every cell with ``K = N``
-    for dense labels as in the original) and :func:`yolo_objectness_terms` of the ``N`` cells;
-    the arguments are theirs.
+    for dense labels as in the original) and the objectness focal sum of the ``N`` cells
+    ``obj_logits (B, N)`` with :func:`yolo_background`'s ignore rule; the other arguments are
+    theirs.
     """
     box, cls, box_iou = yolo_candidate_terms(
         pred_pos, cls_logits, box_target, cls_target, pos_weight,
         image_area=image_area, box_loss=box_loss, box_eps=box_eps,
     )
-    obj, max_iou, background = yolo_objectness_terms(
-        obj_logits, pred_boxes, respond, true_cxcywh,
+    max_iou, background = yolo_background(
+        pred_boxes, respond, true_cxcywh,
         true_valid=true_valid, ignore_iou=ignore_iou, ignore_eps=ignore_eps, pred_format=pred_format,
     )
+    respond = respond.to(compute_dtype(obj_logits))
+    obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background.to(respond.dtype))
     return YoloScaleTerms(box, obj, cls, box_iou, max_iou, background)
 
 
