@@ -221,29 +221,3 @@ def test_compacted_cpu_path_equals_dense_path(batch, seed):
     for field in ("matched_gt", "matched_iou", "positive", "ignore", "forced", "best_prior", "best_prior_iou"):
         assert torch.equal(getattr(compacted, field), getattr(dense, field)), field
 
-
-@SETTINGS
-@given(st.lists(st.integers(0, 12), min_size=1, max_size=12), st.integers(0, 40))
-def test_count_groups_cover_every_image_and_are_optimal(counts, group_cost):
-    from itertools import combinations
-
-    from detloss.matching.bipartite import _count_groups
-
-    groups = _count_groups(counts, group_cost)
-    covered = sorted(i for images, _ in groups for i in images)
-    assert covered == [i for i, c in enumerate(counts) if c > 0]
-    for images, width in groups:
-        assert width == max(counts[i] for i in images)
-    cost = sum(len(images) * width + group_cost for images, width in groups)
-    # brute force over the cuts of the distinct counts in decreasing order
-    widths = sorted({c for c in counts if c > 0}, reverse=True)
-    best = 0 if not widths else None
-    for k in range(len(widths)):
-        for cuts in combinations(range(1, len(widths)), k):
-            bounds = (0,) + cuts + (len(widths),)
-            total = sum(
-                sum(counts.count(w) for w in widths[a:b]) * widths[a] + group_cost
-                for a, b in zip(bounds, bounds[1:])
-            )
-            best = total if best is None else min(best, total)
-    assert cost == best

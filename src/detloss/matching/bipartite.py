@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .._validate import as_bool_mask, host_sync_is_free, require_boxes, require_shape
+from .._grouping import group_by_count
 from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
@@ -130,34 +131,6 @@ def _iou_maxima(
 _GROUP_COST_ROWS = 12
 
 
-def _count_groups(counts: list[int], group_cost: int) -> list[tuple[list[int], int]]:
-    """Images grouped by their count of usable GTs, as ``(image indices, largest count)``.
-
-    Groups are runs of the distinct counts in decreasing order chosen to minimise
-    ``sum(images in group * largest count) + group_cost * groups`` (the IoU rows computed plus
-    a per-group overhead); images without usable GT are left out.
-    """
-    by_count: dict[int, list[int]] = {}
-    for image, count in enumerate(counts):
-        if count > 0:
-            by_count.setdefault(count, []).append(image)
-    widths = sorted(by_count, reverse=True)
-    sizes = [len(by_count[w]) for w in widths]
-    # best[j]: least cost of grouping widths[:j]; cut[j]: where its last group starts
-    best, cut = [0] + [None] * len(widths), [0] * (len(widths) + 1)
-    for j in range(1, len(widths) + 1):
-        for i in range(j):
-            cost = best[i] + sum(sizes[i:j]) * widths[i] + group_cost
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], len(widths)
-    while j > 0:
-        i = cut[j]
-        groups.append(([image for w in widths[i:j] for image in by_count[w]], widths[i]))
-        j = i
-    return groups
-
-
 def _iou_maxima_compacted(
     gt_xyxy: Tensor, priors_xyxy: Tensor, usable: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -166,7 +139,7 @@ def _iou_maxima_compacted(
     Padded GT tensors carry the largest image's count for every image. Each image's usable GTs
     are moved to the front (in slot order, so "first" keeps its meaning) and images of similar
     counts are matched together, each group only as wide as its largest count
-    (:func:`_count_groups`); GTs are reported by their original slot. The results equal
+    (:func:`detloss._grouping.group_by_count`); GTs are reported by their original slot. The results equal
     :func:`_iou_maxima`'s bit for bit in every image with a usable GT; rows of images without
     one differ, and :func:`match_priors` overwrites those.
     """
@@ -178,7 +151,7 @@ def _iou_maxima_compacted(
     prior_gt = torch.zeros(b, p, dtype=torch.int64, device=device)
     gt_iou = gt_xyxy.new_full((b, m), -1.0)
     gt_prior = torch.zeros(b, m, dtype=torch.int64, device=device)
-    for images, width in _count_groups(usable.sum(dim=1).tolist(), _GROUP_COST_ROWS):
+    for images, width in group_by_count(usable.sum(dim=1).tolist(), _GROUP_COST_ROWS):
         index = torch.tensor(images, device=device)
         slot = usable_first.index_select(0, index)[:, :width]
         rows = gt_xyxy.index_select(0, index).gather(1, slot.unsqueeze(2).expand(-1, -1, 4))
