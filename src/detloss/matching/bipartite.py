@@ -27,8 +27,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, host_sync_is_free, require_boxes, require_shape
 from .._grouping import group_by_count
+from .._validate import as_bool_mask, host_sync_is_free, require_boxes, require_shape
 from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
@@ -139,19 +139,22 @@ def _iou_maxima_compacted(
     Padded GT tensors carry the largest image's count for every image. Each image's usable GTs
     are moved to the front (in slot order, so "first" keeps its meaning) and images of similar
     counts are matched together, each group only as wide as its largest count
-    (:func:`detloss._grouping.group_by_count`); GTs are reported by their original slot. The results equal
-    :func:`_iou_maxima`'s bit for bit in every image with a usable GT; rows of images without
-    one differ, and :func:`match_priors` overwrites those.
+    (:func:`detloss._grouping.group_by_count`); GTs are reported by their original slot. The
+    results equal :func:`_iou_maxima`'s bit for bit in every image with a usable GT; rows of
+    images without one differ, and :func:`match_priors` overwrites those.
     """
     b, m = usable.shape
     p = priors_xyxy.shape[0]
     device = gt_xyxy.device
+    groups = group_by_count(usable.sum(dim=1).tolist(), _GROUP_COST_ROWS)
+    if len(groups) == 1 and groups[0][1] == m and len(groups[0][0]) == b:  # nothing to skip
+        return _iou_maxima(gt_xyxy, priors_xyxy, usable, None)
     usable_first = torch.sort((~usable).to(torch.uint8), dim=1, stable=True).indices  # slots, usable first
     prior_iou = gt_xyxy.new_zeros(b, p)
     prior_gt = torch.zeros(b, p, dtype=torch.int64, device=device)
     gt_iou = gt_xyxy.new_full((b, m), -1.0)
     gt_prior = torch.zeros(b, m, dtype=torch.int64, device=device)
-    for images, width in group_by_count(usable.sum(dim=1).tolist(), _GROUP_COST_ROWS):
+    for images, width in groups:
         index = torch.tensor(images, device=device)
         slot = usable_first.index_select(0, index)[:, :width]
         rows = gt_xyxy.index_select(0, index).gather(1, slot.unsqueeze(2).expand(-1, -1, 4))
