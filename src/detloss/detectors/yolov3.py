@@ -444,23 +444,26 @@ class YOLOv3Loss(nn.Module):
         n_anchors = anchors.shape[1]
         per_gt_cls = smoothed_one_hot(gt_labels, self.num_classes, self.label_smoothing).to(dtype)
         repeat = lambda t: t[:, :, None].expand(-1, -1, n_anchors, *t.shape[2:]).flatten(1, 2)  # noqa: E731
-        obj_parts, raw_parts, candidate_parts = [], [], []  # per scale
-        for s, (head, stride) in enumerate(zip(heads, self.strides)):
+        obj_parts, raw_parts, box_parts, cls_parts, table_rows = [], [], [], [], []  # per scale
+        first_cell = 0
+        for head in heads:
             # One gather per scale (objectness everywhere, box and classes at the candidates): the
             # backward then writes the head-sized gradient once.
-            box_raw, obj_logits, cls_logits, cell, raw_all = gather_head(head, match.slot[s].flatten(1))
-            scale_anchors = anchors[s].to(dtype)
-            candidate_parts.append((
-                box_raw, cls_logits, cell[..., [1, 0]], scale_anchors[cell[..., 2]],
-                box_raw.new_full((1, cell.shape[1], 1), float(stride), dtype=dtype),
-            ))
+            slot = match.slot[len(obj_parts)].flatten(1)
+            box_raw, obj_logits, cls_logits, _, raw_all = gather_head(head, slot)
+            box_parts.append(box_raw)
+            cls_parts.append(cls_logits)
+            table_rows.append(slot + first_cell)  # the candidates' rows of the all-scale cell tables
+            first_cell += obj_logits.shape[1]
             obj_parts.append(obj_logits)
             raw_parts.append(raw_all.permute(0, 4, 1, 2, 3).reshape(batch, 4, -1))  # a view: (B, 4, N_s)
         # every cell of every scale decoded at once without autograd, channel-major, for the
         # ignore rule; then that rule per scale (each against its own true boxes)
         cell_xy, cell_anchor, cell_stride = self._cell_tables(input_hw, dtype, heads[0].device)
         raw = torch.cat(raw_parts, dim=2).to(dtype).transpose(1, 2)  # (B, N, 4), coordinate-major
-        pred = decode_yolo_cells(raw, cell_xy, cell_anchor, cell_stride, max_log_scale=self.max_log_scale, box_format="xyxy")
+        pred = decode_yolo_cells(
+            raw, cell_xy, cell_anchor, cell_stride, max_log_scale=self.max_log_scale, box_format="xyxy"
+        )
         respond_all, background_all, max_iou_all = [], [], []
         for s, (head, pred_s) in enumerate(zip(heads, pred.split([o.shape[1] for o in obj_parts], dim=1))):
             respond = match.winner[s] >= 0
@@ -476,10 +479,16 @@ class YOLOv3Loss(nn.Module):
         loss_obj = yolo_objectness_focal_loss(torch.cat(obj_parts, dim=1), respond, respond + background)
         # the candidates of all scales in one pass (the same K = M * A slots per scale);
         # gradients flow through the candidates' boxes only
-        box_raw, cls_logits, cell_xy, cell_anchor, cell_stride = (torch.cat(parts, dim=1) for parts in zip(*candidate_parts))
+        rows = torch.cat(table_rows, dim=1)  # (B, S * K)
+
+        def at_candidates(table: Tensor) -> Tensor:  # (1, N, D) -> (B, S * K, D)
+            return table[0].index_select(0, rows.flatten()).view(*rows.shape, table.shape[-1])
+
         pred_pos = decode_yolo_cells(
-            box_raw.to(dtype), cell_xy.to(dtype), cell_anchor, cell_stride, max_log_scale=self.max_log_scale
+            torch.cat(box_parts, dim=1).to(dtype), at_candidates(cell_xy), at_candidates(cell_anchor),
+            at_candidates(cell_stride), max_log_scale=self.max_log_scale,
         )
+        cls_logits = torch.cat(cls_parts, dim=1)
         n_scales = len(heads)
         loss_box, loss_cls, _ = yolo_candidate_terms(
             pred_pos, cls_logits, repeat(gt).repeat(1, n_scales, 1), repeat(per_gt_cls).repeat(1, n_scales, 1),
