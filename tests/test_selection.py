@@ -143,6 +143,17 @@ def test_class_cross_entropy_no_grad_falls_back_on_overflow_and_underflow(extrem
     torch.testing.assert_close(got, torch.logsumexp(x, -1) - x[..., 3])
 
 
+@pytest.mark.parametrize("column, value", [(5, float("-inf")), (5, float("inf")), (3, float("-inf")), (3, float("inf"))])
+def test_class_cross_entropy_no_grad_infinite_logits(column, value):
+    """An infinite logit gives the stable form's value (-inf elsewhere than the target is a
+    probability of 0, finite cross-entropy), not the NaN of the fast path's column pick."""
+    x = torch.randn(4, 50, 21, generator=torch.Generator().manual_seed(3))
+    x[1, 9, column] = value
+    got = class_cross_entropy_no_grad(x, 3)
+    torch.testing.assert_close(got, torch.logsumexp(x, -1) - x[..., 3], equal_nan=True)
+    assert torch.isfinite(got).sum() == got.numel() - (column == 3 or value > 0)
+
+
 def test_class_cross_entropy_no_grad_propagates_nan_and_handles_empty():
     x = torch.zeros(2, 3, 4)
     x[1, 2, 0] = float("nan")
