@@ -15,8 +15,9 @@ For each configuration it prints
   ``bench_yolov3.py``; also at the lower bandwidth of copying into a fresh allocation, whose
   page faults a newly allocated gradient pays).
 
-Usage: ``python benchmarks/bench_ssd.py [--runs 20] [--threads 2] [--config ssd|retinaface|all] [--compile]``
-(``--compile`` also times the native loss under ``torch.compile(fullgraph=True)``, compile time excluded).
+Usage: ``python benchmarks/bench_ssd.py [--runs 20] [--threads 2] [--config ssd|retinaface|all] [--compile] [--phases]``
+(``--compile`` also times the native loss under ``torch.compile(fullgraph=True)``, compile time excluded;
+``--phases`` times its pieces alone: the matcher, the ranking cross-entropy, the mining, the forward).
 The machine's load average is printed: other processes sharing the CPU slow everything down.
 """
 from __future__ import annotations
@@ -82,14 +83,16 @@ def predictions(x: dict) -> list[torch.Tensor]:
 
 # --------------------------------------------------------------------------- native
 
-def native_step(x: dict, loss_module) -> None:
+def native_step_forward(x: dict, loss_module) -> dict:
     preds = predictions(x)
     if x["config"] == "ssd":
-        out = loss_module(preds[0], preds[1], x["priors"], x["gt_boxes"], x["gt_labels"], x["gt_valid"])
-    else:
-        out = loss_module(preds[0], preds[1], preds[2], x["priors"], x["gt_boxes"], x["gt_landmarks"],
-                          x["gt_has_landmarks"], x["gt_valid"])
-    out["loss"].backward()
+        return loss_module(preds[0], preds[1], x["priors"], x["gt_boxes"], x["gt_labels"], x["gt_valid"])
+    return loss_module(preds[0], preds[1], preds[2], x["priors"], x["gt_boxes"], x["gt_landmarks"],
+                       x["gt_has_landmarks"], x["gt_valid"])
+
+
+def native_step(x: dict, loss_module) -> None:
+    native_step_forward(x, loss_module)["loss"].backward()
 
 
 def native_loss(x: dict):
@@ -216,11 +219,34 @@ def traffic_floor_bytes(x: dict) -> int:
     return 2 * preds + fixed + per_prior
 
 
+def phase_times(x: dict, loss_module, runs: int) -> dict[str, tuple[float, float]]:
+    """Median and min ms of the native loss's main pieces on these inputs, each timed alone (the
+    matcher, the per-prior cross-entropy that ranks negatives, the mining), and of the whole
+    forward (its graph built, then dropped) and forward+backward."""
+    from detloss.functional.classification import class_cross_entropy_no_grad
+
+    floor = getattr(loss_module, "min_best_iou", None)
+    match = lambda: detloss.match_priors(  # noqa: E731
+        x["priors"], x["gt_boxes"], x["gt_valid"], pos_iou=loss_module.pos_iou, min_best_iou=floor
+    )
+    rank = lambda: class_cross_entropy_no_grad(x["cls_logits"], 0)  # noqa: E731
+    positive, scores = match().positive, rank()
+    mine = lambda: detloss.mine_hard_negatives(scores, positive, neg_pos_ratio=loss_module.neg_pos_ratio)  # noqa: E731
+
+    pieces = {"matching (match_priors)": match, "ranking (per-prior cross-entropy)": rank,
+              "mining (mine_hard_negatives)": mine, "forward": lambda: native_step_forward(x, loss_module),
+              "forward + backward": lambda: native_step(x, loss_module)}
+    return {name: time_it(fn, runs) for name, fn in pieces.items()}
+
+
 def child(config: str, impl: str, runs: int, threads: int) -> None:
     """Run one (config, implementation) in this fresh process; print JSON with time and memory."""
     torch.set_num_threads(threads)
     x = make_inputs(config)
     loss_module = native_loss(x)
+    if impl == "phases":
+        print(json.dumps(phase_times(x, loss_module, runs)))
+        return
     if impl == "compiled":  # the whole loss under torch.compile(fullgraph=True); compile time excluded
         loss_module = torch.compile(loss_module, fullgraph=True)
     step = (lambda: native_step(x, loss_module)) if impl != "loop" else (lambda: loop_step(x))
@@ -255,7 +281,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--config", choices=["ssd", "retinaface", "all"], default="all")
     parser.add_argument("--compile", action="store_true", help="also time the native loss under torch.compile")
-    parser.add_argument("--child", choices=["native", "loop", "compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the native loss's pieces alone (matching, ranking, mining, forward)")
+    parser.add_argument("--child", choices=["native", "loop", "compiled", "phases"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.config, args.child, args.runs, args.threads)
@@ -282,6 +310,11 @@ def main() -> None:
             comp = run_child(config, "compiled", args.runs, args.threads)
             print(f"  torch.compile  : median {comp['median_ms']:7.1f} ms (min {comp['min_ms']:.1f}), "
                   f"peak RSS {comp['peak_rss_mb']:.0f} MB, {loop['median_ms'] / comp['median_ms']:.2f}x the loop")
+        if args.phases:
+            phases = run_child(config, "phases", args.runs, args.threads)
+            total = phases["forward + backward"][0]
+            for name, (median, best) in phases.items():
+                print(f"    {name:34s}: median {median:6.1f} ms (min {best:.1f}), {median / total:4.0%} of forward + backward")
         floor_ms = floor / (bandwidth * 1e9) * 1e3
         fresh_ms = floor / (fresh_bandwidth * 1e9) * 1e3
         print(f"  traffic floor  : {floor / 1e6:.1f} MB = {floor_ms:.1f} ms at {bandwidth:.1f} GB/s "
