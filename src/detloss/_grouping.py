@@ -7,6 +7,8 @@ count can be processed together instead, each group only as wide as its own larg
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 
 def group_by_count(counts: list[int], group_cost: float) -> list[tuple[list[int], int]]:
     """Rows grouped by ``counts``, as ``(row indices, largest count in the group)``.
@@ -21,12 +23,12 @@ def group_by_count(counts: list[int], group_cost: float) -> list[tuple[list[int]
         if count > 0:
             by_count.setdefault(count, []).append(row)
     widths = sorted(by_count, reverse=True)
-    sizes = [len(by_count[w]) for w in widths]
+    rows_before = list(accumulate((len(by_count[w]) for w in widths), initial=0))  # rows of widths[:j]
     # best[j]: least cost of grouping widths[:j]; cut[j]: where its last group starts
     best, cut = [0.0] + [None] * len(widths), [0] * (len(widths) + 1)
     for j in range(1, len(widths) + 1):
         for i in range(j):
-            cost = best[i] + sum(sizes[i:j]) * widths[i] + group_cost
+            cost = best[i] + (rows_before[j] - rows_before[i]) * widths[i] + group_cost
             if best[j] is None or cost < best[j]:
                 best[j], cut[j] = cost, i
     groups, j = [], len(widths)
