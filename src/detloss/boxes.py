@@ -20,6 +20,8 @@ Papers: GIoU, Rezatofighi et al. 2019 (arXiv:1902.09630); DIoU and CIoU, Zheng e
 """
 from __future__ import annotations
 
+import copy
+
 import math
 import numbers
 from typing import Literal, Optional
@@ -316,17 +318,14 @@ class ChunkedPairwiseIoU:
         columns_valid: Optional[Tensor] = None,
         eps: Optional[float] = None,
     ) -> None:
-        dtype = torch.promote_types(compute_dtype(rows), compute_dtype(columns))
+        self.dtype = torch.promote_types(compute_dtype(rows), compute_dtype(columns))
         self.eps = DEFAULT_EPS if eps is None else eps
         with torch.no_grad():
-            self.rows = [c.unsqueeze(-1) for c in rows.detach().to(dtype).unbind(-1)]  # 4 x (B, M, 1)
-            self.columns = [_rows_contiguous(c.unsqueeze(-2)) for c in columns.detach().to(dtype).unbind(-1)]
-            rx1, ry1, rx2, ry2 = self.rows
+            self._set_rows(rows, rows_valid)
+            self.columns = [_rows_contiguous(c.unsqueeze(-2)) for c in columns.detach().to(self.dtype).unbind(-1)]
             cx1, cy1, cx2, cy2 = self.columns
-            self.row_area = (rx2 - rx1).clamp(min=0) * (ry2 - ry1).clamp(min=0)
             self.column_area = (cx2 - cx1).clamp(min=0) * (cy2 - cy1).clamp(min=0)
-            self.row_shift = self._shift(rows_valid, -1, dtype)
-            self.column_shift = self._shift(columns_valid, -2, dtype)
+            self.column_shift = self._shift(columns_valid, -2, self.dtype)
             # union >= the larger area: with every column area well above eps (priors, anchors)
             # no union can reach eps and the degenerate rule is skipped (checked where a host
             # read is free; elsewhere the rule always runs)
@@ -335,6 +334,20 @@ class ChunkedPairwiseIoU:
                 and self.column_area.numel() > 0
                 and bool(self.column_area.min() > 2 * self.eps)
             )
+
+    def with_rows(self, rows: Tensor, *, rows_valid: Optional[Tensor] = None) -> "ChunkedPairwiseIoU":
+        """The same columns against other ``rows (B, M', 4)`` (``B`` matching the columns' batch
+        unless that is 1), reusing the columns' planes, areas and checks."""
+        other = copy.copy(self)
+        with torch.no_grad():
+            other._set_rows(rows, rows_valid)
+        return other
+
+    def _set_rows(self, rows: Tensor, rows_valid: Optional[Tensor]) -> None:
+        self.rows = [c.unsqueeze(-1) for c in rows.detach().to(self.dtype).unbind(-1)]  # 4 x (B, M, 1)
+        rx1, ry1, rx2, ry2 = self.rows
+        self.row_area = (rx2 - rx1).clamp(min=0) * (ry2 - ry1).clamp(min=0)
+        self.row_shift = self._shift(rows_valid, -1, self.dtype)
 
     @classmethod
     def _shift(cls, valid: Optional[Tensor], dim: int, dtype: torch.dtype) -> Optional[Tensor]:

@@ -81,14 +81,14 @@ def _first_best_slot_(iou: Tensor, best: Tensor, slot: Tensor, offset: int) -> T
 
 
 def _iou_maxima(
-    gt_xyxy: Tensor,
-    priors_xyxy: Tensor,
+    iou_of: ChunkedPairwiseIoU,
     usable: Tensor,
     chunk_size: Optional[int],
     slot: Optional[Tensor] = None,
     num_slots: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-prior and per-GT IoU maxima, reduced chunk-wise over priors.
+    """Per-prior and per-GT IoU maxima of ``iou_of`` (GT rows against the shared priors),
+    reduced chunk-wise over priors.
 
     Returns ``(prior_iou (B, P), prior_gt (B, P), gt_iou (B, M), gt_prior (B, M))``; unusable
     GTs take part below every usable one, so they never win unless nothing is usable (their
@@ -98,17 +98,17 @@ def _iou_maxima(
     ``num_slots`` (default M).
     """
     b, m = usable.shape
-    p = priors_xyxy.shape[0]
+    p = iou_of.columns[0].shape[-1]
+    like = iou_of.row_area  # the GTs' compute dtype and device
     if chunk_size is None:
-        budget = _IOU_CHUNK_ELEMENTS.get(gt_xyxy.device.type, _IOU_CHUNK_ELEMENTS_DEFAULT)
+        budget = _IOU_CHUNK_ELEMENTS.get(like.device.type, _IOU_CHUNK_ELEMENTS_DEFAULT)
         chunk_size = max(256, budget // max(b * m, 1))
     if slot is None:
-        slot, num_slots = torch.arange(m, device=gt_xyxy.device).expand(b, m), m
-    slot_key = slot.to(gt_xyxy.dtype).unsqueeze(2)
-    prior_iou = gt_xyxy.new_empty(b, p)
-    prior_gt = gt_xyxy.new_empty(b, p)  # small integers, exact in float; converted once at the end
+        slot, num_slots = torch.arange(m, device=like.device).expand(b, m), m
+    slot_key = slot.to(like.dtype).unsqueeze(2)
+    prior_iou = like.new_empty(b, p)
+    prior_gt = like.new_empty(b, p)  # small integers, exact in float; converted once at the end
     gt_iou = gt_prior = None
-    iou_of = ChunkedPairwiseIoU(gt_xyxy, priors_xyxy.unsqueeze(0), rows_valid=usable)  # priors shared by all images
     for start in range(0, p, chunk_size):
         stop = min(start + chunk_size, p)
         iou = iou_of(start, stop)
@@ -132,7 +132,7 @@ _GROUP_COST_ROWS = 12
 
 
 def _iou_maxima_compacted(
-    gt_xyxy: Tensor, priors_xyxy: Tensor, usable: Tensor
+    gt_xyxy: Tensor, iou_of: ChunkedPairwiseIoU, usable: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_iou_maxima` over only the usable GTs (reads counts: CPU eager only).
 
@@ -141,14 +141,15 @@ def _iou_maxima_compacted(
     counts are matched together, each group only as wide as its largest count
     (:func:`detloss._grouping.group_by_count`); GTs are reported by their original slot. The
     results equal :func:`_iou_maxima`'s bit for bit in every image with a usable GT; rows of
-    images without one differ, and :func:`match_priors` overwrites those.
+    images without one differ, and :func:`match_priors` overwrites those. ``iou_of`` holds all
+    GTs against the priors; each group reuses its prepared priors.
     """
     b, m = usable.shape
-    p = priors_xyxy.shape[0]
+    p = iou_of.columns[0].shape[-1]
     device = gt_xyxy.device
     groups = group_by_count(usable.sum(dim=1).tolist(), _GROUP_COST_ROWS)
     if len(groups) == 1 and groups[0][1] == m and len(groups[0][0]) == b:  # nothing to skip
-        return _iou_maxima(gt_xyxy, priors_xyxy, usable, None)
+        return _iou_maxima(iou_of, usable, None)
     usable_first = torch.sort((~usable).to(torch.uint8), dim=1, stable=True).indices  # slots, usable first
     prior_iou = gt_xyxy.new_zeros(b, p)
     prior_gt = torch.zeros(b, p, dtype=torch.int64, device=device)
@@ -159,7 +160,8 @@ def _iou_maxima_compacted(
         slot = usable_first.index_select(0, index)[:, :width]
         rows = gt_xyxy.index_select(0, index).gather(1, slot.unsqueeze(2).expand(-1, -1, 4))
         valid = usable.index_select(0, index).gather(1, slot)
-        group_iou, group_gt, group_gt_iou, group_gt_prior = _iou_maxima(rows, priors_xyxy, valid, None, slot, m)
+        group = iou_of.with_rows(rows, rows_valid=valid)
+        group_iou, group_gt, group_gt_iou, group_gt_prior = _iou_maxima(group, valid, None, slot, m)
         prior_iou.index_copy_(0, index, group_iou)
         prior_gt.index_copy_(0, index, group_gt)
         gt_iou.index_copy_(0, index, gt_xyxy.new_full((len(images), m), -1.0).scatter_(1, slot, group_gt_iou))
@@ -240,10 +242,11 @@ def match_priors(
     if drop_degenerate_gt:
         size = gt_boxes[..., 2:] - gt_boxes[..., :2]
         usable = usable & (size > 0).all(dim=-1)
+    iou_of = ChunkedPairwiseIoU(gt_boxes, priors_xyxy.unsqueeze(0), rows_valid=usable)  # priors shared by all images
     if chunk_size is None and host_sync_is_free(usable):
-        maxima = _iou_maxima_compacted(gt_boxes, priors_xyxy, usable)
+        maxima = _iou_maxima_compacted(gt_boxes, iou_of, usable)
     else:
-        maxima = _iou_maxima(gt_boxes, priors_xyxy, usable, chunk_size)
+        maxima = _iou_maxima(iou_of, usable, chunk_size)
     prior_iou, prior_gt, best_prior_iou, best_prior = maxima
 
     forcing = usable if min_best_iou is None else usable & (best_prior_iou >= min_best_iou)
