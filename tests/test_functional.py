@@ -251,6 +251,17 @@ def test_classification_gradchecks():
     assert gradcheck(lambda z: softmax_focal_loss(z, target, 2.0, reduction="none"), (logits,))
 
 
+def test_bce_gradients_in_targets_and_second_order():
+    # the fused backward covers soft targets that require grad and double backward (gradient
+    # penalties); its d/dx must equal the oracle sigmoid(x) - t, with x = 0 included
+    x = torch.cat([(_rand(9, 5) - 0.5) * 8, torch.zeros(1, dtype=torch.float64)]).requires_grad_()
+    t = _rand(10, 6).requires_grad_()
+    assert gradcheck(lambda z, y: binary_cross_entropy_with_logits(z, y, reduction="none"), (x, t))
+    assert torch.autograd.gradgradcheck(lambda z, y: binary_cross_entropy_with_logits(z, y, reduction="sum"), (x, t))
+    (g,) = torch.autograd.grad(binary_cross_entropy_with_logits(x, t.detach(), reduction="sum"), x)
+    torch.testing.assert_close(g, torch.sigmoid(x.detach()) - t.detach(), rtol=1e-12, atol=1e-15)
+
+
 # ----------------------------------------------------------------------------- large logits / half inputs
 
 
