@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from detloss import _memory
-from detloss._memory import new_like
+from detloss._memory import new_like, one_channel_like
 from detloss.functional.focal_chunked import chunked_sigmoid_focal_sum
 
 
@@ -42,6 +42,24 @@ def test_new_like_small_or_unsupported_tensors_stay_with_torch(monkeypatch):
     large = torch.zeros(1024)
     assert not new_like(large, zero=True).untyped_storage().resizable()  # NumPy-owned memory
     assert new_like(large.bfloat16(), zero=True).untyped_storage().resizable()  # no NumPy bfloat16
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [0, 1 << 40])
+def test_one_channel_like_copies_the_channel_bits_and_zeros_the_rest(layout, dtype, threshold, monkeypatch):
+    monkeypatch.setattr(_memory, "FRESH_MAPPING_BYTES", threshold)
+    like = _layouts()[layout].to(dtype)
+    values = torch.randn(like.shape[:-1], dtype=torch.float64)
+    values.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, float("-inf")])
+    values = values.to(dtype)  # bits compared below: NaN payloads differ between cast kernels
+    for channel in (0, 1, like.shape[-1] - 1):
+        got = one_channel_like(like, values, channel)
+        expected = torch.zeros_like(like)  # the reference: clear, then write the channel
+        expected[..., channel] = values
+        assert (got.shape, got.stride(), got.dtype) == (like.shape, expected.stride(), like.dtype)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[like.element_size()]
+        assert torch.equal(got.view(bits), expected.view(bits))  # NaN, -0.0 and +0.0 exactly
 
 
 def _yolo_grads():

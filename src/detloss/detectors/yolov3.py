@@ -42,7 +42,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._memory import new_like
+from .._memory import one_channel_like
 from .._validate import host_sync_is_free, require_choice, require_floating, require_positive, require_tensor
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo_cells
@@ -118,8 +118,7 @@ class _HeadGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor, grad_planes: Tensor):
         head, image, row, col, anchor = ctx.saved_tensors
-        grad = new_like(head, zero=True)  # the head's memory layout, so NCHW maps need no copy back
-        grad[..., 4] = grad_obj
+        grad = one_channel_like(head, grad_obj, 4)  # the head's memory layout: NCHW maps need no copy back
         picked = torch.cat((grad_box, grad_box.new_zeros(grad_box.shape[:-1] + (1,)), grad_cls), dim=-1)
         grad.index_put_((image, row, col, anchor), picked.to(head.dtype), accumulate=True)
         return grad, None, None, None, None
