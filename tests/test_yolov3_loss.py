@@ -141,6 +141,14 @@ def test_gradcheck_box_losses(box_loss):
     assert torch.autograd.gradcheck(lambda *c: full(list(c), boxes, labels, valid)["loss"], tuple(convs))
 
 
+@pytest.mark.parametrize("term", ["loss_box", "loss_obj", "loss_cls"])
+def test_gradcheck_each_term_alone(term):
+    # backpropagating one term leaves the head gather's other outputs without a gradient
+    convs, boxes, labels, valid = _gradcheck_problem()
+    loss = YOLOv3Loss(1, anchors=ANCHORS)
+    assert torch.autograd.gradcheck(lambda *c: loss(list(c), boxes, labels, valid)[term], tuple(convs))
+
+
 def test_gradcheck_ciou_with_detached_tradeoff():
     """detloss.boxes detaches CIoU's alpha (as the CIoU authors' code): the analytic gradient is
     that of ``diou - const * v``. Check it against finite differences of that function."""

@@ -42,7 +42,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._memory import one_channel_like
+from .._memory import new_like, one_channel_like
 from .._validate import host_sync_is_free, require_choice, require_floating, require_positive, require_tensor
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo_cells
@@ -109,6 +109,7 @@ class _HeadGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, head: Tensor, image: Tensor, row: Tensor, col: Tensor, anchor: Tensor):
         ctx.save_for_backward(head, image, row, col, anchor)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for ``planes``, which never gets one
         picked = head[image, row, col, anchor]  # (B, K, 5 + C)
         # one strided read of the first five channels of every cell, stored channel-major
         planes = head[..., :5].permute(0, 4, 1, 2, 3).contiguous()  # (B, 5, H, W, A)
@@ -116,11 +117,16 @@ class _HeadGather(torch.autograd.Function):
         return picked[..., :4].contiguous(), planes[:, 4], picked[..., 5:].contiguous(), planes
 
     @staticmethod
-    def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor, grad_planes: Tensor):
+    def backward(ctx, grad_box: Optional[Tensor], grad_obj: Optional[Tensor], grad_cls: Optional[Tensor], _):
         head, image, row, col, anchor = ctx.saved_tensors
-        grad = one_channel_like(head, grad_obj, 4)  # the head's memory layout: NCHW maps need no copy back
-        picked = torch.cat((grad_box, grad_box.new_zeros(grad_box.shape[:-1] + (1,)), grad_cls), dim=-1)
-        grad.index_put_((image, row, col, anchor), picked.to(head.dtype), accumulate=True)
+        # the head's memory layout: NCHW maps need no copy back
+        grad = new_like(head, zero=True) if grad_obj is None else one_channel_like(head, grad_obj, 4)
+        if grad_box is not None or grad_cls is not None:
+            candidates = image.shape
+            box = head.new_zeros(*candidates, 4) if grad_box is None else grad_box.to(head.dtype)
+            cls = head.new_zeros(*candidates, head.shape[-1] - 5) if grad_cls is None else grad_cls.to(head.dtype)
+            picked = torch.cat((box, box.new_zeros(*candidates, 1), cls), dim=-1)
+            grad.index_put_((image, row, col, anchor), picked, accumulate=True)
         return grad, None, None, None, None
 
 
