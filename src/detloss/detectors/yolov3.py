@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .._memory import new_like, one_channel_like
 from .._validate import host_sync_is_free, require_choice, require_floating, require_positive, require_tensor
-from ..boxes import ChunkedPairwiseIoU, aligned_box_iou, compute_dtype, cxcywh_to_xyxy
+from ..boxes import ChunkedPairwiseIoU, aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.selection import RowSelection
@@ -193,11 +193,14 @@ def yolo_candidate_terms(
     each candidate ``(B, K)`` (0 where its weight is 0). Only candidates of non-zero weight
     are computed (gathered on the CPU, :class:`detloss.functional.selection.RowSelection`).
     """
+    require_choice(box_loss, "box_loss", ("giou", "diou", "ciou"))
+    if box_eps is not None:
+        require_positive(box_eps, "box_eps")
     dtype = compute_dtype(pred_pos)
     candidates = RowSelection(pos_weight != 0)
     box_target = candidates.take(box_target).to(dtype)
     weight = candidates.take(pos_weight).to(dtype)
-    iou = aligned_box_iou(
+    iou = aligned_box_iou_unchecked(
         cxcywh_to_xyxy(candidates.take(pred_pos).to(dtype)), cxcywh_to_xyxy(box_target), box_loss, box_eps
     )
     box_scale = 2.0 - box_target[..., 2] * box_target[..., 3] / image_area

@@ -42,7 +42,7 @@ from .._validate import (
     require_range,
     require_shape,
 )
-from ..boxes import aligned_box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from ..boxes import aligned_box_iou_unchecked, cxcywh_to_xyxy, xyxy_to_cxcywh
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
 
 __all__ = ["YoloAssignment", "YoloTargets", "assign_yolo_anchors", "build_yolo_targets", "yolo_input_hw"]
@@ -171,7 +171,7 @@ def assign_yolo_anchors(
          anchors[None, None].expand(batch, m, -1, -1, -1)),
         dim=-1,
     )
-    iou = aligned_box_iou(cxcywh_to_xyxy(scaled[:, :, :, None, :]), cxcywh_to_xyxy(anchor_boxes))
+    iou = aligned_box_iou_unchecked(cxcywh_to_xyxy(scaled[:, :, :, None, :]), cxcywh_to_xyxy(anchor_boxes))
     passing = (iou > iou_threshold) & valid[:, :, None, None]
     has_positive = passing.flatten(2).any(-1)  # (B, M)
     best = iou.flatten(2).argmax(-1)  # first maximum, scale-major like np.argmax
