@@ -242,6 +242,30 @@ def test_max_iou_chunking_is_exact():
     assert empty.shape == (2, 300) and float(empty.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_max_iou_of_several_scales_equals_one_call_per_scale(compact, monkeypatch):
+    # each cell is compared with its own scale's true boxes only; a scale whose boxes are all
+    # invalid (or that has no cells) gives 0; with and without the CPU row compaction
+    from detloss.detectors import yolov3
+
+    if not compact:
+        monkeypatch.setattr(yolov3, "host_sync_is_free", lambda _: False)
+    rng = np.random.default_rng(8)
+    sizes = [70, 0, 23, 9]
+    pred = torch.tensor(rng.uniform(5, 60, (3, sum(sizes), 4)))
+    true = torch.tensor(rng.uniform(5, 60, (3, 6, 4)))
+    valid = torch.tensor(rng.random((3, len(sizes), 6)) < 0.5)
+    valid[:, 3] = False
+    got = yolo_max_iou(pred, true, valid, scale_sizes=sizes, chunk_elements=50)
+    parts = [yolo_max_iou(p, true, valid[:, s]) for s, p in enumerate(pred.split(sizes, dim=1))]
+    torch.testing.assert_close(got, torch.cat(parts, dim=1), rtol=0, atol=0)
+    assert (got[:, -9:] == 0).all() and (got > 0).any()
+    with pytest.raises(ValueError, match="scale_sizes"):
+        yolo_max_iou(pred, true, valid, scale_sizes=[70, 23, 9])
+    with pytest.raises(ValueError, match="true_valid"):
+        yolo_max_iou(pred, true, valid[:, :3], scale_sizes=sizes)
+
+
 @pytest.mark.slow
 def test_compiles_fullgraph():
     rng = np.random.default_rng(6)

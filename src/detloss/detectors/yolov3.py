@@ -28,14 +28,15 @@ decoded sizes use ``exp(min(t_wh, max_log_scale))``.
 The ignore IoU of ``B x H*W*A`` predictions against the ``M`` true boxes is computed
 ``max_iou_chunk`` elements at a time, so memory stays bounded whatever ``M`` is.
 
-:class:`YOLOv3Loss` works on all scales at once wherever they share a shape: the candidate
-box and class terms (:func:`yolo_candidate_terms`), the decode of every cell and the
-objectness focal sum; only the ignore rule (:func:`yolo_background`) runs per scale, against
-that scale's true boxes. :func:`yolo_scale_terms` is the same computation for one scale (the
+:class:`YOLOv3Loss` works on all scales at once: the candidate box and class terms
+(:func:`yolo_candidate_terms`), the decode of every cell, the ignore rule
+(:func:`yolo_background` with ``scale_sizes``: each cell against its own scale's true boxes)
+and the objectness focal sum. :func:`yolo_scale_terms` is the same computation for one scale (the
 tensorflow-yolov3 drop-in's ``loss_layer``).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -69,37 +70,65 @@ def yolo_max_iou(
     eps: Optional[float] = None,
     chunk_elements: int = MAX_IOU_CHUNK,
     pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
+    scale_sizes: Optional[Sequence[int]] = None,
 ) -> Tensor:
-    """Best plain IoU of each prediction with any valid true box, without gradient.
+    """Best plain IoU of each prediction with any valid true box (of its own scale), without gradient.
 
     ``pred_boxes (B, N, 4)`` (``pred_format``: centre/size or corners; coordinate-major
     memory avoids a copy) and ``true_cxcywh (B, T, 4)`` centre/size boxes (same units),
     ``true_valid (B, T)`` bool (None: all rows count; all-zero rows give IoU 0 anyway).
     Returns ``(B, N)``, 0 where there is no valid true box. Works ``chunk_elements // (B * T)``
     predictions at a time (:class:`detloss.boxes.ChunkedPairwiseIoU`).
+
+    ``scale_sizes``: the predictions are the cells of ``S`` scales one after another, this many
+    of each (summing to ``N``), and ``true_valid`` is ``(B, S, T)``: which true boxes belong to
+    each scale. Each prediction is compared with its own scale's boxes only; the predictions'
+    coordinate planes and areas are prepared once for all scales.
     """
     require_choice(pred_format, "pred_format", ("cxcywh", "xyxy"))
+    batch, n, t = pred_boxes.shape[0], pred_boxes.shape[1], true_cxcywh.shape[1]
+    sizes = [n] if scale_sizes is None else [int(v) for v in scale_sizes]
+    per_scale = None if true_valid is None else true_valid if scale_sizes is not None else true_valid[:, None]
+    if sum(sizes) != n or (per_scale is not None and tuple(per_scale.shape) != (batch, len(sizes), t)):
+        raise ValueError(
+            f"scale_sizes, true_valid: expected sizes summing to N={n} and true_valid of shape "
+            f"(B={batch}, S={len(sizes)}, T={t}), got {scale_sizes} and "
+            f"{None if true_valid is None else tuple(true_valid.shape)}"
+        )
     with torch.no_grad():
-        batch, n, t = pred_boxes.shape[0], pred_boxes.shape[1], true_cxcywh.shape[1]
         dtype = compute_dtype(pred_boxes)
         out = pred_boxes.new_zeros(batch, n, dtype=dtype)
-        if true_valid is not None and t > 0 and host_sync_is_free(true_valid):
-            # the true-box lists are padded (to 150 per scale in the original) and mostly empty:
-            # keep only as many rows as the fullest image has valid ones (the max ignores order)
-            t = int(true_valid.sum(dim=1).max())
-            order = torch.sort((~true_valid).to(torch.uint8), dim=1, stable=True).indices[:, :t]
-            true_cxcywh = true_cxcywh.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
-            true_valid = true_valid.gather(1, order)
         if t == 0 or n == 0:
             return out
+        true_xyxy = cxcywh_to_xyxy(true_cxcywh.detach().to(dtype))
+        rows = true_xyxy[:, None].expand(-1, len(sizes), -1, -1)  # (B, S, T, 4)
+        counts = [t] * len(sizes)
+        if per_scale is not None and host_sync_is_free(per_scale):
+            # the true-box lists are padded (to 150 per scale in the original) and mostly empty:
+            # per scale keep only as many rows as the fullest image has valid ones (the max
+            # ignores order)
+            counts = per_scale.sum(dim=2).amax(dim=0).tolist()
+            order = torch.sort((~per_scale).to(torch.uint8), dim=2, stable=True).indices  # (B, S, T)
+            rows = true_xyxy.gather(1, order.flatten(1).unsqueeze(-1).expand(-1, -1, 4)).view(rows.shape)
+            per_scale = per_scale.gather(2, order)
         pred_xyxy = pred_boxes.detach().to(dtype)
         if pred_format == "cxcywh":
             pred_xyxy = cxcywh_to_xyxy(pred_xyxy)
-        iou_of = ChunkedPairwiseIoU(cxcywh_to_xyxy(true_cxcywh.to(dtype)), pred_xyxy, rows_valid=true_valid, eps=eps)
-        step = max(1, chunk_elements // (batch * t))
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            out[:, start:stop] = iou_of(start, stop).amax(1).clamp(min=0)  # (B, T, chunk) -> (B, chunk)
+        iou_of: Optional[ChunkedPairwiseIoU] = None
+        ends = list(itertools.accumulate(sizes))
+        for s, (first, last, count) in enumerate(zip([0] + ends[:-1], ends, counts)):
+            if count == 0 or first == last:
+                continue
+            scale_rows = rows[:, s, :count]
+            scale_valid = None if per_scale is None else per_scale[:, s, :count]
+            if iou_of is None:
+                iou_of = ChunkedPairwiseIoU(scale_rows, pred_xyxy, rows_valid=scale_valid, eps=eps)
+            else:
+                iou_of = iou_of.with_rows(scale_rows, rows_valid=scale_valid)
+            step = max(1, chunk_elements // (batch * count))
+            for start in range(first, last, step):
+                stop = min(start + step, last)
+                out[:, start:stop] = iou_of(start, stop).amax(1).clamp(min=0)  # (B, T, chunk) -> (B, chunk)
         return out
 
 
@@ -220,8 +249,9 @@ def yolo_background(
     ignore_iou: float = 0.5,
     ignore_eps: Optional[float] = None,
     pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
+    scale_sizes: Optional[Sequence[int]] = None,
 ) -> tuple[Tensor, Tensor]:
-    """The ignore rule of one scale: which cells count as objectness negatives.
+    """The ignore rule of one scale (or of several at once): which cells count as objectness negatives.
 
     Args:
         pred_boxes: ``(B, N, 4)`` decoded boxes (``pred_format``, input pixels) of the
@@ -232,11 +262,16 @@ def yolo_background(
         ignore_iou: background cells whose best IoU reaches this get no objectness loss.
         ignore_eps: union clamp of the ignore IoU (None: 1e-7; the original divides by the bare union).
         pred_format: ``"cxcywh"`` or ``"xyxy"``, the format of ``pred_boxes``.
+        scale_sizes: the cells of several scales one after another, this many of each;
+            ``true_valid`` is then ``(B, S, T)``, each scale's own true boxes
+            (:func:`yolo_max_iou`).
 
     Returns ``(max_iou (B, N), background (B, N) bool)``: each prediction's best IoU with the
     true boxes, and the non-responsible cells below ``ignore_iou``.
     """
-    max_iou = yolo_max_iou(pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format)
+    max_iou = yolo_max_iou(
+        pred_boxes, true_cxcywh, true_valid, eps=ignore_eps, pred_format=pred_format, scale_sizes=scale_sizes
+    )
     return max_iou, (respond == 0) & (max_iou < ignore_iou)
 
 
@@ -466,24 +501,20 @@ class YOLOv3Loss(nn.Module):
             obj_parts.append(obj_logits)
             raw_parts.append(raw_all.permute(0, 4, 1, 2, 3).reshape(batch, 4, -1))  # a view: (B, 4, N_s)
         # every cell of every scale decoded at once without autograd, channel-major, for the
-        # ignore rule; then that rule per scale (each against its own true boxes)
+        # ignore rule; then that rule for all scales at once (each cell against its own scale's
+        # true boxes)
         cell_xy, cell_anchor, cell_stride = self._cell_tables(input_hw, dtype, heads[0].device)
         raw = torch.cat(raw_parts, dim=2).to(dtype).transpose(1, 2)  # (B, N, 4), coordinate-major
         pred = decode_yolo_cells(
             raw, cell_xy, cell_anchor, cell_stride, max_log_scale=self.max_log_scale, box_format="xyxy"
         )
-        respond_all, background_all, max_iou_all = [], [], []
-        for s, (head, pred_s) in enumerate(zip(heads, pred.split([o.shape[1] for o in obj_parts], dim=1))):
-            respond = match.winner[s] >= 0
-            max_iou, background = yolo_background(
-                pred_s, respond, gt, true_valid=match.in_list[s], ignore_iou=self.ignore_iou, pred_format="xyxy"
-            )
-            respond_all.append(respond.view(head.shape[:4]))
-            background_all.append(background.view(head.shape[:4]))
-            max_iou_all.append(max_iou.view(head.shape[:4]))
-        responsible = torch.cat([r.flatten(1) for r in respond_all], dim=1)
-        respond = responsible.to(dtype)
-        background = torch.cat([g.flatten(1) for g in background_all], dim=1).to(dtype)
+        sizes = [o.shape[1] for o in obj_parts]
+        responsible = torch.cat(match.winner, dim=1) >= 0  # (B, N)
+        max_iou, is_background = yolo_background(
+            pred, responsible, gt, true_valid=torch.stack(match.in_list, dim=1), ignore_iou=self.ignore_iou,
+            pred_format="xyxy", scale_sizes=sizes,
+        )
+        respond, background = responsible.to(dtype), is_background.to(dtype)
         loss_obj = yolo_objectness_focal_loss(torch.cat(obj_parts, dim=1), respond, respond + background)
         # the candidates of all scales in one pass (the same K = M * A slots per scale);
         # gradients flow through the candidates' boxes only
@@ -516,7 +547,8 @@ class YOLOv3Loss(nn.Module):
             "loss": wb * loss_box + wo * loss_obj + wc * loss_cls,
         }
         if return_assignment:
+            per_scale = lambda t: tuple(part.view(h.shape[:4]) for part, h in zip(t.split(sizes, dim=1), heads))  # noqa: E731
             result["assignment"] = YOLOv3LossAssignment(
-                match, tuple(respond_all), tuple(background_all), tuple(max_iou_all)
+                match, per_scale(responsible), per_scale(is_background), per_scale(max_iou)
             )
         return result
