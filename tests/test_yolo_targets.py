@@ -204,3 +204,28 @@ def test_invalid_rows_are_not_checked():
     t = build_yolo_targets(torch.tensor([[[0.0, 0, 10, 10], [-50, -50, 900, 900]]]), torch.tensor([[0, 77]]),
                            torch.tensor([[True, False]]), num_classes=1, input_size=64)
     assert sum(int(lab[..., 4].sum()) for lab in t.labels) >= 1
+
+
+_EDGE_VALUES = st.sampled_from([-1.0, 0.0, 31.5, 64.0, 64.5, float("nan"), float("inf")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.lists(st.one_of(st.floats(-2, 66), _EDGE_VALUES), min_size=4, max_size=4),
+                       st.integers(-1, 3), st.booleans()), min_size=1, max_size=4)
+)
+def test_combined_input_check_accepts_exactly_what_the_named_checks_accept(rows):
+    # one host read decides the usual case; it must pass exactly the inputs the per-condition
+    # checks (run on failure, to name the problem) pass, padding rows included
+    from detloss.matching import yolo
+
+    boxes = torch.tensor([[r[0] for r in rows]], dtype=torch.float64)
+    labels = torch.tensor([[r[1] for r in rows]])
+    valid = torch.tensor([[r[2] for r in rows]])
+    fast = yolo._values_usable(boxes, labels, valid, 3, (64, 64))
+    try:
+        yolo._require_usable_values(boxes, labels, valid, 3, (64, 64))
+        named = True
+    except ValueError:
+        named = False
+    assert fast == named

@@ -37,10 +37,13 @@ from torch import Tensor
 from .._validate import (
     as_bool_mask,
     require_boxes,
+    require_floating,
     require_integer,
     require_positive,
     require_range,
     require_shape,
+    require_tensor,
+    value_checks_active,
 )
 from ..boxes import aligned_box_iou_unchecked, cxcywh_to_xyxy, xyxy_to_cxcywh
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
@@ -97,19 +100,38 @@ class YoloTargets(NamedTuple):
 def _check_inputs(
     gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, num_classes: int, hw: tuple[int, int]
 ) -> Tensor:
-    require_boxes(gt_boxes, "gt_boxes", ndim=3)
+    require_floating(require_tensor(gt_boxes, "gt_boxes"), "gt_boxes")
     dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
     require_integer(gt_labels, "gt_labels")
     require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
     valid = as_bool_mask(gt_valid, "gt_valid")
     require_shape(valid, "gt_valid", ("B", "M"), dims)
+    if value_checks_active() and not _values_usable(gt_boxes, gt_labels, valid, num_classes, hw):
+        _require_usable_values(gt_boxes, gt_labels, valid, num_classes, hw)  # raises, naming the problem
+    return valid
+
+
+def _values_usable(gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, num_classes: int, hw: tuple[int, int]) -> bool:
+    """Every box finite, and every valid row with a class id in ``[0, C)`` and ``0 <= x1 <= x2 <= W``,
+    ``0 <= y1 <= y2 <= H``, in one host read (:func:`_require_usable_values` names a failure)."""
+    h, w = hw
+    inside = (gt_boxes >= 0) & (gt_boxes <= gt_boxes.new_tensor([w, h, w, h]))
+    ordered = gt_boxes[..., 2:] >= gt_boxes[..., :2]
+    row_ok = (gt_labels >= 0) & (gt_labels < num_classes) & inside.all(-1) & ordered.all(-1)
+    return bool((row_ok | ~valid).all() & torch.isfinite(gt_boxes).all())
+
+
+def _require_usable_values(
+    gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, num_classes: int, hw: tuple[int, int]
+) -> None:
+    """The conditions of :func:`_values_usable` one by one, raising ``ValueError`` at the first failing one."""
+    require_boxes(gt_boxes, "gt_boxes")
     require_range(gt_labels, "gt_labels (class ids of valid boxes)", 0, num_classes - 1, where=valid)
     h, w = hw
     require_range(gt_boxes[..., 0::2], f"gt_boxes x (valid boxes, input width {w})", 0, w, where=valid)
     require_range(gt_boxes[..., 1::2], f"gt_boxes y (valid boxes, input height {h})", 0, h, where=valid)
     size = gt_boxes[..., 2:] - gt_boxes[..., :2]
     require_range(size, "gt_boxes width/height (x2 - x1, y2 - y1 of valid boxes)", 0, None, where=valid)
-    return valid
 
 
 def assign_yolo_anchors(
@@ -175,7 +197,7 @@ def assign_yolo_anchors(
     passing = (iou > iou_threshold) & valid[:, :, None, None]
     has_positive = passing.flatten(2).any(-1)  # (B, M)
     best = iou.flatten(2).argmax(-1)  # first maximum, scale-major like np.argmax
-    fallback = torch.nn.functional.one_hot(best, n_scales * n_anchors).bool().view_as(passing)
+    fallback = (best[:, :, None] == torch.arange(n_scales * n_anchors, device=device)).view_as(passing)
     fallback = fallback & (valid & ~has_positive)[:, :, None, None]
     responsible = passing | fallback
 
@@ -190,7 +212,7 @@ def assign_yolo_anchors(
 
     # All scales at once: slots of scale s live at offset[s] + (row * W_s + col) * A + a of one
     # (B, sum of slots) table, so a single scatter decides every slot's winner (later GT wins).
-    n_slots = [int(grid_hw[s, 0] * grid_hw[s, 1]) * n_anchors for s in range(n_scales)]
+    n_slots = [(hw[0] // s) * (hw[1] // s) * n_anchors for s in strides]
     offset = torch.tensor([0] + n_slots[:-1], device=device).cumsum(0)
     cell_flat = col_row[..., 1] * grid_hw[:, 1] + col_row[..., 0]  # (B, M, S)
     slot = cell_flat[..., None] * n_anchors + torch.arange(n_anchors, device=device)  # (B, M, S, A)
