@@ -132,51 +132,84 @@ def yolo_max_iou(
         return out
 
 
-class _HeadGather(torch.autograd.Function):
-    """``gather_head``'s forward (copies) and backward (one head-sized gradient, written once)."""
+class _HeadsGather(torch.autograd.Function):
+    """``gather_heads``'s forward (copies) and backward (one gradient per head, written once)."""
 
     @staticmethod
-    def forward(ctx, head: Tensor, image: Tensor, row: Tensor, col: Tensor, anchor: Tensor):
-        ctx.save_for_backward(head, image, row, col, anchor)
+    def forward(ctx, candidates: tuple[tuple[Tensor, ...], ...], *heads: Tensor):
+        ctx.save_for_backward(*heads)
+        ctx.candidates = candidates  # per head (image, row, col, anchor), each (B, K)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for ``planes``, which never gets one
-        picked = head[image, row, col, anchor]  # (B, K, 5 + C)
-        # one strided read of the first five channels of every cell, stored channel-major
-        planes = head[..., :5].permute(0, 4, 1, 2, 3).contiguous()  # (B, 5, H, W, A)
+        sizes = [h.shape[1] * h.shape[2] * h.shape[3] for h in heads]
+        planes = heads[0].new_empty(heads[0].shape[0], 5, sum(sizes))  # (B, 5, N), channel-major
+        picked, first = [], 0
+        for head, index, size in zip(heads, candidates, sizes):
+            # one strided read of the first five channels of every cell, written channel-major
+            block = planes[:, :, first : first + size].view(head.shape[0], 5, *head.shape[1:4])
+            block.copy_(head[..., :5].permute(0, 4, 1, 2, 3))
+            picked.append(head[index])  # (B, K, 5 + C)
+            first += size
+        picked = torch.cat(picked, dim=1)
         ctx.mark_non_differentiable(planes)
         return picked[..., :4].contiguous(), planes[:, 4], picked[..., 5:].contiguous(), planes
 
     @staticmethod
     def backward(ctx, grad_box: Optional[Tensor], grad_obj: Optional[Tensor], grad_cls: Optional[Tensor], _):
-        head, image, row, col, anchor = ctx.saved_tensors
-        # the head's memory layout: NCHW maps need no copy back
-        grad = new_like(head, zero=True) if grad_obj is None else one_channel_like(head, grad_obj, 4)
-        if grad_box is not None or grad_cls is not None:
-            candidates = image.shape
-            box = head.new_zeros(*candidates, 4) if grad_box is None else grad_box.to(head.dtype)
-            cls = head.new_zeros(*candidates, head.shape[-1] - 5) if grad_cls is None else grad_cls.to(head.dtype)
-            picked = torch.cat((box, box.new_zeros(*candidates, 1), cls), dim=-1)
-            grad.index_put_((image, row, col, anchor), picked, accumulate=True)
-        return grad, None, None, None, None
+        grads, first_cell, first_candidate = [], 0, 0
+        for head, index in zip(ctx.saved_tensors, ctx.candidates):
+            size, count = head.shape[1] * head.shape[2] * head.shape[3], index[0].shape[1]
+            # the head's memory layout: NCHW maps need no copy back
+            if grad_obj is None:
+                grad = new_like(head, zero=True)
+            else:
+                grad = one_channel_like(head, grad_obj[:, first_cell : first_cell + size].reshape(head.shape[:4]), 4)
+            if grad_box is not None or grad_cls is not None:
+                shape = index[0].shape
+                part = slice(first_candidate, first_candidate + count)
+                box = head.new_zeros(*shape, 4) if grad_box is None else grad_box[:, part].to(head.dtype)
+                cls = head.new_zeros(*shape, head.shape[-1] - 5) if grad_cls is None else grad_cls[:, part].to(head.dtype)
+                grad.index_put_(index, torch.cat((box, box.new_zeros(*shape, 1), cls), dim=-1), accumulate=True)
+            grads.append(grad)
+            first_cell, first_candidate = first_cell + size, first_candidate + count
+        return (None, *grads)
+
+
+def gather_heads(heads: Sequence[Tensor], cells: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Objectness of every cell, box and class channels at ``cells``, of several heads at once.
+
+    ``heads[s] (B, H_s, W_s, A, 5 + C)`` in any memory layout (NHWC maps or permuted NCHW
+    ones); ``cells[s] (B, K_s)`` int64 flat cell indices ``(row * W_s + col) * A + a``
+    (repeats allowed). Returns, with the heads' cells and candidates one after another,
+    ``box (B, K, 4)``, ``obj (B, N)``, ``cls (B, K, C)`` and ``planes (B, 5, N)``: every cell's
+    five first channels without gradient, channel-major (``obj`` is a view of its row 4). The
+    backward writes each head-sized gradient once (objectness copied, box and class channels
+    accumulated at ``cells``) instead of once per slice or gather.
+    """
+    candidates = []
+    for head, index in zip(heads, cells):
+        image = torch.arange(head.shape[0], device=head.device)[:, None].expand_as(index)
+        candidates.append((image, *_row_col_anchor(index, head.shape[2], head.shape[3])))
+    return _HeadsGather.apply(tuple(candidates), *heads)
+
+
+def _row_col_anchor(cells: Tensor, width: int, n_anchors: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row, col, anchor)`` of flat cell indices ``(row * width + col) * n_anchors + anchor``."""
+    cell, anchor = cells.div(n_anchors, rounding_mode="floor"), cells.remainder(n_anchors)
+    return cell.div(width, rounding_mode="floor"), cell.remainder(width), anchor
 
 
 def gather_head(head: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Objectness of every cell, box and class channels at ``cells``.
+    """:func:`gather_heads` of one head ``(B, H, W, A, 5 + C)`` with ``cells (B, K)``.
 
-    ``head (B, H, W, A, 5 + C)`` in any memory layout (an NHWC map or a permuted NCHW one);
-    ``cells (B, K)`` int64 flat cell indices ``(row * W + col) * A + a`` (repeats allowed).
     Returns ``box (B, K, 4)``, ``obj (B, H * W * A)``, ``cls (B, K, C)``, ``cell (B, K, 3)``
     int64 ``(row, col, anchor)`` of each candidate, and ``raw_box (B, H, W, A, 4)``: every
     cell's box channels without gradient, stored channel-major (a view of a ``(B, 4, H, W, A)``
-    copy). The backward writes the head-sized gradient once (objectness copied, box and class
-    channels accumulated at ``cells``) instead of once per slice or gather.
+    copy).
     """
     batch, h, w, n_anchors, _ = head.shape
-    image = torch.arange(batch, device=head.device)[:, None].expand_as(cells)
-    cell, anchor = cells.div(n_anchors, rounding_mode="floor"), cells.remainder(n_anchors)
-    row, col = cell.div(w, rounding_mode="floor"), cell.remainder(w)
-    box, obj, cls, planes = _HeadGather.apply(head, image, row, col, anchor)
-    raw_box = planes[:, :4].permute(0, 2, 3, 4, 1)
-    return box, obj.reshape(batch, -1), cls, torch.stack((row, col, anchor), dim=-1), raw_box
+    box, obj, cls, planes = gather_heads([head], [cells])
+    raw_box = planes[:, :4].view(batch, 4, h, w, n_anchors).permute(0, 2, 3, 4, 1)
+    return box, obj, cls, torch.stack(_row_col_anchor(cells, w, n_anchors), dim=-1), raw_box
 
 
 @dataclass
@@ -487,47 +520,38 @@ class YOLOv3Loss(nn.Module):
         n_anchors = anchors.shape[1]
         per_gt_cls = smoothed_one_hot(gt_labels, self.num_classes, self.label_smoothing).to(dtype)
         repeat = lambda t: t[:, :, None].expand(-1, -1, n_anchors, *t.shape[2:]).flatten(1, 2)  # noqa: E731
-        obj_parts, raw_parts, box_parts, cls_parts, table_rows = [], [], [], [], []  # per scale
-        first_cell = 0
-        for head in heads:
-            # One gather per scale (objectness everywhere, box and classes at the candidates): the
-            # backward then writes the head-sized gradient once.
-            slot = match.slot[len(obj_parts)].flatten(1)
-            box_raw, obj_logits, cls_logits, _, raw_all = gather_head(head, slot)
-            box_parts.append(box_raw)
-            cls_parts.append(cls_logits)
-            table_rows.append(slot + first_cell)  # the candidates' rows of the all-scale cell tables
-            first_cell += obj_logits.shape[1]
-            obj_parts.append(obj_logits)
-            raw_parts.append(raw_all.permute(0, 4, 1, 2, 3).reshape(batch, 4, -1))  # a view: (B, 4, N_s)
+        # One gather for all scales (objectness everywhere, box and classes at the candidates):
+        # the backward then writes each head-sized gradient once.
+        slots = [slot.flatten(1) for slot in match.slot]
+        box_raw, obj_logits, cls_logits, planes = gather_heads(heads, slots)
+        sizes = [h.shape[1] * h.shape[2] * h.shape[3] for h in heads]
+        # the candidates' rows of the all-scale cell tables
+        rows = torch.cat([slot + first for slot, first in zip(slots, [0, *itertools.accumulate(sizes)])], dim=1)
         # every cell of every scale decoded at once without autograd, channel-major, for the
         # ignore rule; then that rule for all scales at once (each cell against its own scale's
         # true boxes)
         cell_xy, cell_anchor, cell_stride = self._cell_tables(input_hw, dtype, heads[0].device)
-        raw = torch.cat(raw_parts, dim=2).to(dtype).transpose(1, 2)  # (B, N, 4), coordinate-major
+        raw = planes[:, :4].to(dtype).transpose(1, 2)  # (B, N, 4), coordinate-major
         pred = decode_yolo_cells(
             raw, cell_xy, cell_anchor, cell_stride, max_log_scale=self.max_log_scale, box_format="xyxy"
         )
-        sizes = [o.shape[1] for o in obj_parts]
         responsible = torch.cat(match.winner, dim=1) >= 0  # (B, N)
         max_iou, is_background = yolo_background(
             pred, responsible, gt, true_valid=torch.stack(match.in_list, dim=1), ignore_iou=self.ignore_iou,
             pred_format="xyxy", scale_sizes=sizes,
         )
         respond, background = responsible.to(dtype), is_background.to(dtype)
-        loss_obj = yolo_objectness_focal_loss(torch.cat(obj_parts, dim=1), respond, respond + background)
+        loss_obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background)
+
         # the candidates of all scales in one pass (the same K = M * A slots per scale);
         # gradients flow through the candidates' boxes only
-        rows = torch.cat(table_rows, dim=1)  # (B, S * K)
-
         def at_candidates(table: Tensor) -> Tensor:  # (1, N, D) -> (B, S * K, D)
             return table[0].index_select(0, rows.flatten()).view(*rows.shape, table.shape[-1])
 
         pred_pos = decode_yolo_cells(
-            torch.cat(box_parts, dim=1).to(dtype), at_candidates(cell_xy), at_candidates(cell_anchor),
+            box_raw.to(dtype), at_candidates(cell_xy), at_candidates(cell_anchor),
             at_candidates(cell_stride), max_log_scale=self.max_log_scale,
         )
-        cls_logits = torch.cat(cls_parts, dim=1)
         n_scales = len(heads)
         loss_box, loss_cls, _ = yolo_candidate_terms(
             pred_pos, cls_logits, repeat(gt).repeat(1, n_scales, 1), repeat(per_gt_cls).repeat(1, n_scales, 1),
