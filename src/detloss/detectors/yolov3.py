@@ -540,8 +540,9 @@ class YOLOv3Loss(nn.Module):
             pred, responsible, gt, true_valid=torch.stack(match.in_list, dim=1), ignore_iou=self.ignore_iou,
             pred_format="xyxy", scale_sizes=sizes,
         )
-        respond, background = responsible.to(dtype), is_background.to(dtype)
-        loss_obj = yolo_objectness_focal_loss(obj_logits, respond, respond + background)
+        # targets 1 on responsible cells; weight 1 there and on background cells (disjoint sets)
+        respond, counted = responsible.to(dtype), (responsible | is_background).to(dtype)
+        loss_obj = yolo_objectness_focal_loss(obj_logits, respond, counted)
 
         # the candidates of all scales in one pass (the same K = M * A slots per scale);
         # gradients flow through the candidates' boxes only

@@ -6,7 +6,7 @@ detached). Autograd through that composition keeps about ten ``logits``-sized te
 and runs twenty element-wise passes backward; here the forward keeps ``sigmoid(x)`` and the
 BCE, and the backward is one expression:
 
-``d/dx [(p - t)**2 * BCE] = (p - t) * (2 * p * (1 - p) * BCE + (p - t)**2)``, ``p = sigmoid(x)``
+``d/dx [(p - t)**2 * BCE] = (p - t) * (2 * (p - p**2) * BCE + (p - t)**2)``, ``p = sigmoid(x)``
 
 (``dBCE/dx = p - t``, TensorFlow's where-based form included: at ``x = 0`` it is ``0.5 - t``).
 Gradients flow to ``logits`` only; with ``targets`` or ``weight`` requiring grad the plain
@@ -33,13 +33,15 @@ class _ObjectnessFocal(torch.autograd.Function):
         threshold = 40.0 if x.dtype == torch.float64 else 20.0
         bce = torch.nn.functional.softplus(x, threshold=threshold).sub_(x * t)
         diff = p - t
-        ctx.save_for_backward(p, diff, bce, w)
-        return torch.dot((diff * diff).mul_(bce).flatten(), w.flatten())
+        diff_sq = diff * diff
+        ctx.save_for_backward(p, diff, diff_sq, bce, w)
+        return torch.dot((diff_sq * bce).flatten(), w.flatten())
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        p, diff, bce, w = ctx.saved_tensors
-        return grad * w * diff * (2 * p * (1 - p) * bce + diff * diff), None, None
+        p, diff, diff_sq, bce, w = ctx.saved_tensors
+        slope = torch.addcmul(p, p, p, value=-1)  # sigmoid'(x) = p - p^2
+        return torch.addcmul(diff_sq, slope, bce, value=2).mul_(diff).mul_(w).mul_(grad), None, None
 
 
 def yolo_objectness_focal_loss(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
