@@ -8,7 +8,8 @@ For each configuration it prints
   double-argsort mining and masked-select losses of ssd.pytorch / Pytorch_Retinaface), and
   the speed-up;
 * the peak resident memory of each, measured in a fresh subprocess (``ru_maxrss``), and
-  its increase over the process state just before the first loss call;
+  the peak's increase over the resident size just before the first loss call
+  (:mod:`resident_memory`);
 * the memory-traffic floor: bytes a loss must at least move (read the predictions, write their
   gradients, read priors / GT, one float32 loss and one label byte per prior), in MB and in
   ms at the copy bandwidth measured on this machine (a large copy into an existing buffer, as
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 import detloss
 from detloss.priors import SSD_PRESETS, retinaface_priors, ssd_priors
+from resident_memory import PeakResident
 
 BATCH = 32
 
@@ -250,23 +252,10 @@ def child(config: str, impl: str, runs: int, threads: int) -> None:
     if impl == "compiled":  # the whole loss under torch.compile(fullgraph=True); compile time excluded
         loss_module = torch.compile(loss_module, fullgraph=True)
     step = (lambda: native_step(x, loss_module)) if impl != "loop" else (lambda: loop_step(x))
-    before = peak_rss_kb()
-    median, best = time_it(step, runs)
-    peak = peak_rss_kb()
-    print(json.dumps(dict(median_ms=median, min_ms=best, peak_rss_mb=peak / 1024, rss_increase_mb=(peak - before) / 1024)))
-
-
-def peak_rss_kb() -> int:
-    """This process's peak resident set (kB): ``VmHWM`` (reset by exec, unlike ``ru_maxrss``,
-    which a child inherits from its parent), else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakResident() as resident:
+        median, best = time_it(step, runs)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(median_ms=median, min_ms=best, peak_rss_mb=peak_mb, rss_increase_mb=resident.growth_mib)))
 
 
 def run_child(config: str, impl: str, runs: int, threads: int) -> dict:

@@ -7,9 +7,9 @@ head maps read, their gradients written and the dense label tensors, at a measur
 
     python benchmarks/bench_yolov3.py [--batches 8 32] [--runs 10] [--threads 2]
 
-Peak memory on the CPU is the growth of the process's resident high-water mark during the
-timed runs, measured in a fresh subprocess per (implementation, batch); on CUDA it is
-``torch.cuda.max_memory_allocated`` above the inputs.
+Peak memory on the CPU is the peak resident size during the warm-up and timed runs above the
+resident size before them (inputs built), in a fresh subprocess per (implementation, batch)
+(:mod:`resident_memory`); on CUDA it is ``torch.cuda.max_memory_allocated`` above the inputs.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 from detloss import YOLOv3Loss
 from detloss._memory import new_like
 from detloss.priors import yolov3_anchors
+from resident_memory import PeakResident
 
 SIZE, NUM_CLASSES, STRIDES, BOXES_PER_IMAGE, A = 416, 80, (8, 16, 32), 8, 3
 # glibc malloc settings for the starred run: never return freed memory to the system, so large
@@ -170,21 +170,21 @@ def time_one(impl: str, batch: int, runs: int, device: str) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()  # warm-up (counted in the peak: it allocates what the timed runs reuse)
     times = []
-    for _ in range(runs):
-        for h in heads:
-            h.grad = None
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    with PeakResident() as resident:
+        fn()  # warm-up (counted in the peak: it allocates what the timed runs reuse)
+        for _ in range(runs):
+            for h in heads:
+                h.grad = None
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # ru_maxrss is KiB
+        peak = resident.growth_mib
     return {"impl": impl, "batch": batch, "median_ms": statistics.median(times), "min_ms": min(times),
             "peak_mib": peak}
 
