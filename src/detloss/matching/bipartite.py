@@ -262,8 +262,9 @@ def match_priors(
     forced = matched_iou == FORCED_IOU
 
     has_gt = forcing.any(dim=1, keepdim=True)
-    matched_gt = torch.where(has_gt, matched_gt, -1)
-    matched_iou = torch.where(has_gt, matched_iou, 0.0)
+    if not (host_sync_is_free(has_gt) and bool(has_gt.all())):  # on the CPU, skipped when every image has one
+        matched_gt = torch.where(has_gt, matched_gt, -1)
+        matched_iou = torch.where(has_gt, matched_iou, 0.0)
     positive = (matched_iou >= pos_iou) & has_gt
     if neg_iou is None:
         ignore = torch.zeros_like(positive)
