@@ -17,12 +17,20 @@ def _layouts():
     return {"contiguous": contiguous, "permuted": nchw_as_nhwc}
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("threshold", [0, 1 << 40])
-def test_new_like_has_torch_layout_and_zeros(layout, dtype, threshold, monkeypatch):
+@pytest.fixture(
+    params=[(layout, dtype, threshold) for layout in ("contiguous", "permuted")
+            for dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16) for threshold in (0, 1 << 40)],
+    ids=lambda p: f"{p[0]}-{str(p[1])[6:]}-{'numpy' if p[2] == 0 else 'torch'}",
+)
+def like(request, monkeypatch):
+    """A tensor of each layout and dtype, with detloss allocating through NumPy or through torch."""
+    layout, dtype, threshold = request.param
     monkeypatch.setattr(_memory, "FRESH_MAPPING_BYTES", threshold)
-    x = _layouts()[layout].to(dtype)
+    return _layouts()[layout].to(dtype)
+
+
+def test_new_like_has_torch_layout_and_zeros(like):
+    x = like
     expected = torch.zeros_like(x)
     for zero in (True, False):
         y = new_like(x, zero=zero)
@@ -44,15 +52,10 @@ def test_new_like_small_or_unsupported_tensors_stay_with_torch(monkeypatch):
     assert new_like(large.bfloat16(), zero=True).untyped_storage().resizable()  # no NumPy bfloat16
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("threshold", [0, 1 << 40])
-def test_one_channel_like_copies_the_channel_bits_and_zeros_the_rest(layout, dtype, threshold, monkeypatch):
-    monkeypatch.setattr(_memory, "FRESH_MAPPING_BYTES", threshold)
-    like = _layouts()[layout].to(dtype)
+def test_one_channel_like_copies_the_channel_bits_and_zeros_the_rest(like):
     values = torch.randn(like.shape[:-1], dtype=torch.float64)
     values.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, float("-inf")])
-    values = values.to(dtype)  # bits compared below: NaN payloads differ between cast kernels
+    values = values.to(like.dtype)  # bits compared below: NaN payloads differ between cast kernels
     for channel in (0, 1, like.shape[-1] - 1):
         got = one_channel_like(like, values, channel)
         expected = torch.zeros_like(like)  # the reference: clear, then write the channel
