@@ -51,9 +51,14 @@ def one_channel_like(like: Tensor, values: Tensor, channel: int) -> Tensor:
     Written in one pass, as the bits of ``values`` AND a mask that is all ones in ``channel``
     and zero elsewhere: every value is copied exactly (NaN and -0.0 included) and every other
     entry is +0.0. Clearing the tensor and then writing the strided channel costs a second
-    pass over its cache lines (YOLOv3 batch 8 head gradients: 2.8 ms against 2.4 ms).
+    pass over its cache lines (YOLOv3 batch 8 head gradients: 2.8 ms against 2.4 ms). Under
+    ``torch.compile`` it is written as exactly that (clear, then write), which the compiler fuses.
     """
     values = values.to(like.dtype)
+    if torch.compiler.is_compiling():  # inductor cannot lower dtype views; it fuses this form anyway
+        out = torch.zeros_like(like)
+        out[..., channel] = values
+        return out
     as_bits = _SAME_SIZE_INTEGER[like.element_size()]
     mask = torch.zeros(like.shape[-1], dtype=as_bits, device=like.device)
     mask[channel] = -1  # all bits set
