@@ -88,7 +88,9 @@ def yolo_max_iou(
     require_choice(pred_format, "pred_format", ("cxcywh", "xyxy"))
     batch, n, t = pred_boxes.shape[0], pred_boxes.shape[1], true_cxcywh.shape[1]
     sizes = [n] if scale_sizes is None else [int(v) for v in scale_sizes]
-    per_scale = None if true_valid is None else true_valid if scale_sizes is not None else true_valid[:, None]
+    per_scale = true_valid  # (B, S, T) validity, or None: every row counts
+    if true_valid is not None and scale_sizes is None:
+        per_scale = true_valid[:, None]
     if sum(sizes) != n or (per_scale is not None and tuple(per_scale.shape) != (batch, len(sizes), t)):
         raise ValueError(
             f"scale_sizes, true_valid: expected sizes summing to N={n} and true_valid of shape "
@@ -525,8 +527,6 @@ class YOLOv3Loss(nn.Module):
         slots = [slot.flatten(1) for slot in match.slot]
         box_raw, obj_logits, cls_logits, planes = gather_heads(heads, slots)
         sizes = [h.shape[1] * h.shape[2] * h.shape[3] for h in heads]
-        # the candidates' rows of the all-scale cell tables
-        rows = torch.cat([slot + first for slot, first in zip(slots, [0, *itertools.accumulate(sizes)])], dim=1)
         # every cell of every scale decoded at once without autograd, channel-major, for the
         # ignore rule; then that rule for all scales at once (each cell against its own scale's
         # true boxes)
@@ -546,6 +546,8 @@ class YOLOv3Loss(nn.Module):
 
         # the candidates of all scales in one pass (the same K = M * A slots per scale);
         # gradients flow through the candidates' boxes only
+        rows = torch.cat([slot + first for slot, first in zip(slots, [0, *itertools.accumulate(sizes)])], dim=1)
+
         def at_candidates(table: Tensor) -> Tensor:  # (1, N, D) -> (B, S * K, D)
             return table[0].index_select(0, rows.flatten()).view(*rows.shape, table.shape[-1])
 
