@@ -5,7 +5,7 @@ Compares ``detloss.YOLOv3Loss`` with a straightforward implementation of the ori
 unchunked ``(B, H*W*A, 150)`` ignore IoU), and with a memory-traffic floor: bytes of the three
 head maps read, their gradients written and the dense label tensors, at a measured copy bandwidth.
 
-    python benchmarks/bench_yolov3.py [--batches 8 32] [--runs 10] [--threads 2]
+    python benchmarks/bench_yolov3.py [--batches 8 32] [--runs 30] [--threads 2]
 
 Peak memory on the CPU is the peak resident size during the warm-up and timed runs above the
 resident size before them (inputs built), in a fresh subprocess per (implementation, batch)
@@ -239,7 +239,7 @@ def zeros_then_objectness(head: torch.Tensor, objectness: torch.Tensor) -> torch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
