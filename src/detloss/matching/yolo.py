@@ -220,7 +220,7 @@ def assign_yolo_anchors(
     gt_index = torch.arange(m, device=device).view(1, m, 1, 1)
     claim = torch.where(responsible, gt_index, -1).flatten(1)
     winner = torch.full((batch, sum(n_slots)), -1, dtype=torch.int64, device=device)
-    winner = winner.scatter_reduce(1, table_slot, claim, "amax", include_self=True)
+    winner.scatter_reduce_(1, table_slot, claim, "amax", include_self=True)
     won = responsible & (winner.gather(1, table_slot).view_as(slot) == gt_index)
     # True-box lists: GT order, row = count mod K; the last K assigned GTs survive the wrap.
     assigned = responsible.any(-1)  # (B, M, S)
