@@ -11,6 +11,8 @@ from conftest import golden_path
 from detloss.compat.retinaface import MultiBoxLoss
 from detloss.priors import retinaface_priors
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 CASES = ["retina_mnet_a_typical", "retina_mnet_b_image_all_ignored", "retina_mnet_c_zero_positives"]
 
 

@@ -17,6 +17,8 @@ from conftest import golden_path
 from detloss.compat.ssd_keras import DegenerateBoxError, SSDInputEncoder, SSDLoss
 from oracles import ssd_keras as O
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 SETTINGS = settings(max_examples=200, deadline=None)
 CASES = ["ssd_typical", "ssd_zero_gt_image", "ssd_n_neg_min5", "ssd_many_gt"]
 GRAD_TOL = dict(rtol=1e-5, atol=1e-6)

@@ -9,6 +9,8 @@ from detloss.compat.ssd_pytorch import MultiBoxLoss
 from detloss.priors import SSD_PRESETS, ssd_priors
 from oracles.ssd import SSD_GOLDEN_CASES
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 CASES = SSD_GOLDEN_CASES
 
 

@@ -8,6 +8,8 @@ import torch
 from detloss.compat.tensorflow_yolov3 import YOLOv3Loss, preprocess_true_boxes
 from oracles import yolov3 as oracle
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 CASES = oracle.GOLDEN_CASES
 SCALES = "sml"
 

@@ -16,6 +16,8 @@ from detloss.detectors.faster_rcnn import (
     rpn_targets,
 )
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 ORIGINAL = dict(pixel_offset=1.0, low_quality_zero_iou=True)  # tf-faster-rcnn's conventions
 
 

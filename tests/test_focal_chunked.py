@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from detloss.functional import sigmoid_focal_loss
 from detloss.functional.focal_chunked import chunked_sigmoid_focal_sum
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 
 def _reference(x, target, weight, alpha, gamma):
     onehot = F.one_hot(target.clamp(min=0), x.shape[-1]).to(x.dtype) * (target >= 0).unsqueeze(-1)

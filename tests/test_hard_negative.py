@@ -14,6 +14,8 @@ from detloss import mine_hard_negatives, top_k_mask
 from detloss.sampling import hard_negative
 from oracles import ssd as O
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 SETTINGS = settings(max_examples=200, deadline=None)
 
 

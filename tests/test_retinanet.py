@@ -15,6 +15,8 @@ from detloss.detectors.retinanet import RetinaNetLoss, chunked_sigmoid_focal_sum
 from detloss.functional import binary_cross_entropy_with_logits, sigmoid_focal_loss
 from oracles import two_stage as O
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 
 @st.composite
 def batches(draw):

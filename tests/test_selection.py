@@ -41,11 +41,9 @@ def ssd_batch(seed: int, batch: int, num_gt: int, num_priors: int = 300, num_cla
     )
 
 
-def run(loss, x: dict, gather: bool, monkeypatch) -> tuple[dict, list]:
+def run(loss, x: dict, gather: bool) -> tuple[dict, list]:
     """Loss outputs and input gradients with the gathered (CPU) or the mask (accelerator) form."""
-    with monkeypatch.context() as m:
-        for module in (selection, ssd_module, hard_negative):
-            m.setattr(module, "host_sync_is_free", lambda _: gather)
+    with detloss.execution_strategy("gathered" if gather else "dense"):
         inputs = {k: (v.detach().clone().requires_grad_() if v.requires_grad else v) for k, v in x.items()}
         out = loss(**inputs, return_assignment=True)
         out["loss"].backward()
@@ -58,12 +56,8 @@ def run(loss, x: dict, gather: bool, monkeypatch) -> tuple[dict, list]:
 def test_ssd_gathered_equals_masked(seed, batch, num_gt, dtype):
     x = ssd_batch(seed, batch, num_gt, dtype=dtype)
     loss = detloss.SSDLoss(5)
-    mp = pytest.MonkeyPatch()
-    try:
-        fast, fast_grads = run(loss, x, True, mp)
-        dense, dense_grads = run(loss, x, False, mp)
-    finally:
-        mp.undo()
+    fast, fast_grads = run(loss, x, True)
+    dense, dense_grads = run(loss, x, False)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for key in ("loss_box", "loss_cls", "loss"):
         torch.testing.assert_close(fast[key], dense[key], **tol)
@@ -76,7 +70,7 @@ def test_ssd_gathered_equals_masked(seed, batch, num_gt, dtype):
     assert (fa.box_targets[~fa.positive] == 0).all()
 
 
-def test_retinaface_gathered_equals_masked(monkeypatch):
+def test_retinaface_gathered_equals_masked():
     g = torch.Generator().manual_seed(3)
     priors = retinaface_priors((640, 640))
     p, batch, m = priors.shape[0], 3, 4
@@ -93,8 +87,8 @@ def test_retinaface_gathered_equals_masked(monkeypatch):
         gt_valid=torch.tensor([[True, True, True, False], [True, True, False, False], [False] * 4]),
     )
     loss = detloss.RetinaFaceLoss(2)
-    fast, fast_grads = run(loss, x, True, monkeypatch)
-    dense, dense_grads = run(loss, x, False, monkeypatch)
+    fast, fast_grads = run(loss, x, True)
+    dense, dense_grads = run(loss, x, False)
     assert fast["assignment"].positive.any() and fast["assignment"].landmark_positive.any()
     for key in ("loss_box", "loss_cls", "loss_landmark", "loss"):
         torch.testing.assert_close(fast[key], dense[key], rtol=1e-5, atol=1e-6)
@@ -187,7 +181,7 @@ def test_chunked_pairwise_iou_is_box_iou_bit_for_bit(dtype, degenerate_columns):
     assert (got[~valid] <= -1).all() and (got[~valid] >= -4).all()  # shifted by -2 per invalid side
 
 
-def test_yolo_max_iou_compacted_true_boxes_equal_padded(monkeypatch):
+def test_yolo_max_iou_compacted_true_boxes_equal_padded():
     """On the CPU the ignore IoU keeps only as many true-box rows as the fullest image has valid
     ones (scattered through a 150-slot list here); the result equals the padded computation."""
     from detloss.detectors import yolov3
@@ -199,8 +193,8 @@ def test_yolo_max_iou_compacted_true_boxes_equal_padded(monkeypatch):
     valid[0, [3, 77, 149]] = True
     valid[1, 10] = True  # image 2 has none
     compact = yolov3.yolo_max_iou(pred, true, valid, chunk_elements=1000)
-    monkeypatch.setattr(yolov3, "host_sync_is_free", lambda _: False)
-    padded = yolov3.yolo_max_iou(pred, true, valid, chunk_elements=1000)
+    with detloss.execution_strategy("dense"):
+        padded = yolov3.yolo_max_iou(pred, true, valid, chunk_elements=1000)
     assert torch.equal(compact, padded)
     assert (compact[2] == 0).all() and (compact[0] > 0).any()
 
@@ -233,7 +227,7 @@ def test_yolo_decode_to_corners_and_coordinate_major_layout_are_exact():
 
 @pytest.mark.parametrize("family", ["ssd", "retinaface", "yolov3"])
 @pytest.mark.parametrize("seed", range(3))
-def test_cpu_fast_paths_equal_sync_free_paths(family, seed, monkeypatch):
+def test_cpu_fast_paths_equal_sync_free_paths(family, seed):
     """Every loss with a CPU fast path (gathered rows, topk mining, compacted ignore IoU) gives
     the losses and gradients of its sync-free form, which accelerators and torch.compile run."""
     from reliability.cases import loss_and_grads, make_case
@@ -241,10 +235,10 @@ def test_cpu_fast_paths_equal_sync_free_paths(family, seed, monkeypatch):
     from detloss.detectors import yolov3
 
     case = make_case(family, batch=3, num_gt=[4, 0, 7], seed=seed)
-    fast_out, fast_grads = loss_and_grads(case)
-    for module in (selection, ssd_module, hard_negative, yolov3):
-        monkeypatch.setattr(module, "host_sync_is_free", lambda _: False)
-    slow_out, slow_grads = loss_and_grads(case)
+    with detloss.execution_strategy("gathered"):
+        fast_out, fast_grads = loss_and_grads(case)
+    with detloss.execution_strategy("dense"):
+        slow_out, slow_grads = loss_and_grads(case)
     for key, value in fast_out.items():
         torch.testing.assert_close(value, slow_out[key], rtol=1e-5, atol=1e-6, msg=key)
     for a, b in zip(fast_grads, slow_grads):

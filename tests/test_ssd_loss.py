@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from detloss import SSDLoss, pad_ground_truth
 from oracles import ssd as O
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 SETTINGS = settings(max_examples=200, deadline=None)
 CASES = O.SSD_GOLDEN_CASES
 

@@ -12,6 +12,8 @@ from detloss.matching.yolo import assign_yolo_anchors
 from detloss.priors import yolov3_anchors
 from oracles import yolov3 as oracle
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 CASES = ["yolo_typical_c80", "yolo_span_scales_c20", "yolo_crowded_c80"]
 STRIDES = (8, 16, 32)
 ANCHORS = yolov3_anchors(grid_units=True, dtype=torch.float64)

@@ -7,10 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import detloss
 from detloss import YOLOv3Loss
 from detloss.detectors.yolov3 import yolo_max_iou
 from detloss.priors import yolov3_anchors
 from oracles import yolov3 as oracle
+
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 CASES = oracle.GOLDEN_CASES
 STRIDES = (8, 16, 32)
@@ -243,20 +246,19 @@ def test_max_iou_chunking_is_exact():
 
 
 @pytest.mark.parametrize("compact", [True, False])
-def test_max_iou_of_several_scales_equals_one_call_per_scale(compact, monkeypatch):
+def test_max_iou_of_several_scales_equals_one_call_per_scale(compact):
     # each cell is compared with its own scale's true boxes only; a scale whose boxes are all
     # invalid (or that has no cells) gives 0; with and without the CPU row compaction
     from detloss.detectors import yolov3
 
-    if not compact:
-        monkeypatch.setattr(yolov3, "host_sync_is_free", lambda _: False)
     rng = np.random.default_rng(8)
     sizes = [70, 0, 23, 9]
     pred = torch.tensor(rng.uniform(5, 60, (3, sum(sizes), 4)))
     true = torch.tensor(rng.uniform(5, 60, (3, 6, 4)))
     valid = torch.tensor(rng.random((3, len(sizes), 6)) < 0.5)
     valid[:, 3] = False
-    got = yolo_max_iou(pred, true, valid, scale_sizes=sizes, chunk_elements=50)
+    with detloss.execution_strategy("gathered" if compact else "dense"):
+        got = yolo_max_iou(pred, true, valid, scale_sizes=sizes, chunk_elements=50)
     parts = [yolo_max_iou(p, true, valid[:, s]) for s, p in enumerate(pred.split(sizes, dim=1))]
     torch.testing.assert_close(got, torch.cat(parts, dim=1), rtol=0, atol=0)
     assert (got[:, -9:] == 0).all() and (got > 0).any()

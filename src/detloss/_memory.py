@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validate import host_sync_is_free
+from .strategy import host_sync_is_free
 
 FRESH_MAPPING_BYTES = 32 << 20
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

@@ -46,15 +46,6 @@ def value_checks_active() -> bool:
     return True
 
 
-def host_sync_is_free(x: Tensor) -> bool:
-    """True where reading a value of ``x`` on the host costs nothing: CPU tensors, eager mode.
-
-    Fast paths that read a count or a range (gathering rows, sizing a ``topk``) are taken only
-    then; accelerators and ``torch.compile`` run their synchronisation-free forms.
-    """
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def require_tensor(x: Any, name: str) -> Tensor:
     """Return ``x`` if it is a tensor, else raise ``TypeError`` naming ``name``."""
     if not isinstance(x, Tensor):

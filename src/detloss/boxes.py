@@ -29,7 +29,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from ._validate import host_sync_is_free, require_boxes, require_choice, require_positive, require_tensor
+from ._validate import require_boxes, require_choice, require_positive, require_tensor
+from .strategy import host_sync_is_free
 
 BoxFormat = Literal["xyxy", "cxcywh", "xywh"]
 IoUKind = Literal["iou", "giou", "diou", "ciou"]

@@ -13,6 +13,8 @@ import torch
 
 from .cases import FAMILIES, loss_and_grads, make_case, scalar_items
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 torch.set_num_threads(1)
 
 # (rtol, atol) per prediction dtype, the same for every family: rounding the predictions to

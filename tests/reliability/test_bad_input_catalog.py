@@ -16,6 +16,8 @@ from detloss.detectors.faster_rcnn import proposal_targets
 
 from .cases import make_case
 
+pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+
 torch.set_num_threads(1)
 
 

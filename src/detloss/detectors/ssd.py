@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from .._validate import (
     as_bool_mask,
-    host_sync_is_free,
     require_choice,
     require_finite,
     require_floating,
@@ -45,6 +44,7 @@ from .._validate import (
     require_shape,
     value_checks_active,
 )
+from ..strategy import host_sync_is_free
 from ..coders import DEFAULT_VARIANCES, encode_boxes
 from ..functional import cross_entropy, positive_normalizer, smooth_l1_loss, weighted_reduce
 from ..functional.classification import class_cross_entropy_no_grad

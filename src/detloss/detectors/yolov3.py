@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from .._memory import new_like, one_channel_like
-from .._validate import host_sync_is_free, require_choice, require_floating, require_positive, require_tensor
+from .._validate import require_choice, require_floating, require_positive, require_tensor
+from ..strategy import host_sync_is_free
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce

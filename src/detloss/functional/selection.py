@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import host_sync_is_free
+from ..strategy import host_sync_is_free
 
 
 def gather_matched(values: Tensor, matched_gt: Tensor) -> Tensor:

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from .._grouping import group_by_count
-from .._validate import as_bool_mask, host_sync_is_free, require_boxes, require_shape
+from .._validate import as_bool_mask, require_boxes, require_shape
+from ..strategy import host_sync_is_free
 from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0

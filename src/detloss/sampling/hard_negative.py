@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .._grouping import group_by_count
-from .._validate import as_bool_mask, host_sync_is_free, require_choice, require_floating, require_shape
+from .._validate import as_bool_mask, require_choice, require_floating, require_shape
+from ..strategy import host_sync_is_free
 
 # (digit width, shift) of each radix pass, most significant digit first.
 _PASSES = {
