@@ -1,0 +1,376 @@
+"""Task-aligned assignment (TOOD, Feng et al. 2021, arXiv:2108.07755), as YOLOv8 / YOLO11 use it.
+
+Each ground-truth box picks the ``topk`` anchors whose centres lie inside it and whose
+*alignment metric* ``t = s ** alpha * u ** beta`` is largest, where ``s`` is the predicted
+probability of the box's class at the anchor and ``u = max(CIoU(gt, predicted box), 0)``.
+
+Steps (the code carries the same numbers):
+
+1. **Candidates**: anchor centres strictly inside the box (margin ``1e-9`` on all four sides).
+   A box side shorter than ``min_box_side`` is widened to it about the box centre for this test
+   only (ultralytics 8.4 floors at ``stride[1]``); targets keep the true box.
+2. **Metric** ``t = s ** alpha * u ** beta`` on the candidates, 0 elsewhere.
+3. **Top-k**: each GT keeps its ``topk`` largest metrics (ties: lowest anchor index first).
+   Only candidates with ``t > 0`` become positive: an anchor whose metric is 0 is never
+   foreground. (ultralytics takes the top-k over the whole row, so when a box has fewer than
+   ``topk`` positive metrics, zero-metric anchors chosen by ``torch.topk``'s tie order become
+   foreground with a zero target score; that changes no loss.)
+4. **Conflicts**: an anchor positive for several GTs goes to the GT with the largest ``u``
+   over *all* GTs (first index on exact ties), as ultralytics' ``argmax`` over the GT axis.
+5. **One-to-one** (``topk2 < topk``, YOLO26's one-to-one branch): after step 4 each GT keeps
+   only its ``topk2`` positives with the largest metric (ties: lowest anchor index).
+6. **Soft scores**: a foreground anchor assigned to GT ``g`` gets
+   ``t * max_u(g) / (max_t(g) + eps)`` in its class column, where ``max_t`` and ``max_u`` are
+   the largest metric and the largest ``u`` among ``g``'s positives.
+
+Conventions: ``gt_boxes`` and ``pred_boxes`` are ``xyxy`` pixels, ``anchor_points`` pixel
+centres; labels are ``0 .. C-1`` with no background column; ``pred_scores`` are
+probabilities (already through the sigmoid).
+
+Memory: the ``(B, M, A)`` pair space is never held whole. The GTs are processed in chunks
+whose pair tensors hold at most about ``chunk_elements`` elements; what crosses chunks are
+running per-anchor reductions (positive count, a positive GT, the best ``u`` so far and its
+GT), so the peak extra memory is the outputs plus one chunk, whatever ``M``. The result is
+independent of the chunk size bit for bit: per-box terms (areas, aspect angles) are computed
+once for all boxes and every pairwise value is built from them with exactly rounded
+operations (``+ - * /``, ``min``/``max``); integer ``beta`` is applied by multiplication.
+
+The assigner's CIoU follows ultralytics' placement of the epsilons (``1e-7`` added to the
+union and the squared diagonal, heights clamped at ``1e-7``), so metrics equal its own to
+the last bits and the top-k orders agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import (
+    as_bool_mask,
+    require_boxes,
+    require_finite,
+    require_floating,
+    require_integer,
+    require_positive,
+    require_range,
+    require_shape,
+)
+
+#: elements of one chunk of the (B, G, A) pair space (about 4 MiB per float32 tensor)
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+INSIDE_EPS = 1e-9
+CIOU_EPS = 1e-7
+
+
+@dataclass
+class TaskAlignedAssignment:
+    """What :func:`match_task_aligned` decided, per anchor.
+
+    * ``foreground (B, A)`` bool.
+    * ``matched_gt (B, A)`` int64: the GT slot of a foreground anchor; 0 on background (or
+      the slot's index is meaningless there: read it with ``foreground``).
+    * ``labels (B, A)`` int64: the GT class on foreground, ``background_label`` elsewhere
+      (slot 0's class with ``background_from_slot0``).
+    * ``boxes (B, A, 4)``: the matched GT box (xyxy pixels, ``gt_boxes``' dtype); zeros on
+      background (slot 0's box with ``background_from_slot0``).
+    * ``scores (B, A, C)``: the soft target, normalised metric in the label's column, 0 elsewhere.
+    * ``metric (B, A)``: the alignment metric ``t`` of the matched pair (0 on background).
+    * ``overlap (B, A)``: ``u = max(CIoU, 0)`` of the matched pair (0 on background).
+    """
+
+    foreground: Tensor
+    matched_gt: Tensor
+    labels: Tensor
+    boxes: Tensor
+    scores: Tensor
+    metric: Tensor
+    overlap: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# CIoU from per-box terms (each pairwise value from the same exactly rounded operations)
+
+
+def _box_terms(boxes: Tensor) -> tuple[Tensor, ...]:
+    """``(x1, y1, x2, y2, x1 + x2, y1 + y2, area, aspect angle)`` of ``(..., 4)`` xyxy boxes."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    w, h = x2 - x1, (y2 - y1).clamp(min=CIOU_EPS)
+    return x1, y1, x2, y2, x1 + x2, y1 + y2, w * h, torch.atan(w / h)
+
+
+def _ciou_from_terms(gt: tuple[Tensor, ...], pred: tuple[Tensor, ...]) -> Tensor:
+    """CIoU of broadcastable per-box terms (see :func:`_box_terms`), ultralytics' epsilons."""
+    gx1, gy1, gx2, gy2, gsx, gsy, garea, gangle = gt
+    px1, py1, px2, py2, psx, psy, parea, pangle = pred
+    inter = (torch.minimum(gx2, px2) - torch.maximum(gx1, px1)).clamp(min=0) * (
+        torch.minimum(gy2, py2) - torch.maximum(gy1, py1)
+    ).clamp(min=0)
+    iou = inter / (garea + parea - inter + CIOU_EPS)
+    cw = torch.maximum(gx2, px2) - torch.minimum(gx1, px1)
+    ch = torch.maximum(gy2, py2) - torch.minimum(gy1, py1)
+    diag = cw * cw + ch * ch + CIOU_EPS
+    dx, dy = psx - gsx, psy - gsy
+    rho = (dx * dx + dy * dy) / 4
+    dangle = pangle - gangle
+    v = dangle * dangle * (4 / math.pi**2)
+    alpha = v / (v - iou + (1 + CIOU_EPS))
+    return iou - (rho / diag + v * alpha)
+
+
+def _power(x: Tensor, p: float) -> Tensor:
+    """``x ** p`` for ``x >= 0``; integer ``p`` by multiplication (exactly reproducible)."""
+    if p == int(p) and 0 <= p <= 16:
+        out, base, n = torch.ones_like(x), x, int(p)
+        if n == 0:
+            return out
+        first = True
+        while n:
+            if n & 1:
+                out = base if first else out * base
+                first = False
+            n >>= 1
+            if n:
+                base = base * base
+        return out
+    return x.pow(p)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def match_task_aligned(
+    pred_scores: Tensor,
+    pred_boxes: Tensor,
+    anchor_points: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    *,
+    topk: int = 13,
+    alpha: float = 1.0,
+    beta: float = 6.0,
+    topk2: Optional[int] = None,
+    min_box_side: Optional[float] = None,
+    eps: float = 1e-9,
+    background_label: int = -1,
+    background_from_slot0: bool = False,
+    chunk_size: Optional[int] = None,
+) -> TaskAlignedAssignment:
+    """Task-aligned assignment of anchors to padded ground truth (see the module doc).
+
+    Args:
+        pred_scores: ``(B, A, C)`` class probabilities (float).
+        pred_boxes: ``(B, A, 4)`` predicted boxes, xyxy pixels (float).
+        anchor_points: ``(A, 2)`` anchor centres ``(x, y)`` in pixels.
+        gt_boxes: ``(B, M, 4)`` xyxy pixels; ``gt_labels (B, M)`` integers in ``[0, C-1]``;
+            ``gt_valid (B, M)`` bool (padding is False). ``M = 0`` is fine.
+        topk: anchors per GT (TOOD: 13; YOLOv8's loss: 10). ``alpha``, ``beta``: metric exponents.
+        topk2: one-to-one filter (keep each GT's ``topk2`` best positives); None or ``topk``: off.
+        min_box_side: widen shorter box sides to this for the inside test (None: no floor).
+        eps: added to the largest metric of a GT in the normalisation (step 6).
+        background_label: label of background anchors (-1).
+        background_from_slot0: label / box background anchors with GT slot 0's (ultralytics).
+        chunk_size: GTs per chunk of the pair space (None: about 1M pair elements per chunk).
+
+    Returns:
+        :class:`TaskAlignedAssignment`; no gradient flows through it.
+
+    >>> scores = torch.full((1, 4, 2), 0.5)
+    >>> anchors = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]])
+    >>> preds = torch.tensor([[[0.0, 0.0, 8.0, 8.0]]]).expand(1, 4, 4)
+    >>> gt = torch.tensor([[[0.0, 0.0, 8.0, 8.0]]])
+    >>> a = match_task_aligned(scores, preds, anchors, gt, torch.tensor([[1]]),
+    ...                        torch.tensor([[True]]), topk=1)
+    >>> a.foreground.tolist(), a.labels.tolist(), a.scores[0, 0].tolist()
+    ([[True, False, False, False]], [[1, -1, -1, -1]], [0.0, 1.0])
+    """
+    require_floating(pred_scores, "pred_scores")
+    dims = require_shape(pred_scores, "pred_scores", ("B", "A", "C"))
+    require_boxes(pred_boxes, "pred_boxes", ndim=3)
+    require_shape(pred_boxes, "pred_boxes", ("B", "A", 4), dims)
+    require_floating(anchor_points, "anchor_points")
+    require_shape(anchor_points, "anchor_points", ("A", 2), dims)
+    require_finite(anchor_points, "anchor_points")
+    require_finite(pred_scores, "pred_scores")
+    require_boxes(gt_boxes, "gt_boxes", ndim=3)
+    require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
+    gt_valid = as_bool_mask(gt_valid, "gt_valid")
+    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+    require_integer(gt_labels, "gt_labels")
+    require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
+    require_range(gt_labels, "gt_labels", 0, dims["C"] - 1, where=gt_valid)
+    check_task_aligned_options(topk, alpha, beta, topk2, min_box_side, eps, chunk_size)
+    return match_task_aligned_unchecked(
+        pred_scores, pred_boxes, anchor_points, gt_boxes, gt_labels, gt_valid, topk=topk, alpha=alpha,
+        beta=beta, topk2=topk2, min_box_side=min_box_side, eps=eps, background_label=background_label,
+        background_from_slot0=background_from_slot0, chunk_size=chunk_size,
+    )
+
+
+def check_task_aligned_options(
+    topk: int, alpha: float, beta: float, topk2: Optional[int], min_box_side: Optional[float],
+    eps: float, chunk_size: Optional[int] = None,
+) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming the first bad option of the assigner."""
+    for value, name in ((topk, "topk"), (topk2, "topk2"), (chunk_size, "chunk_size")):
+        if value is None and name != "topk":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    require_positive(alpha, "alpha", allow_zero=True)
+    require_positive(beta, "beta", allow_zero=True)
+    require_positive(eps, "eps", allow_zero=True)
+    if min_box_side is not None:
+        require_positive(min_box_side, "min_box_side", allow_zero=True)
+
+
+@torch.no_grad()
+def match_task_aligned_unchecked(
+    pred_scores: Tensor,
+    pred_boxes: Tensor,
+    anchor_points: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    *,
+    topk: int = 13,
+    alpha: float = 1.0,
+    beta: float = 6.0,
+    topk2: Optional[int] = None,
+    min_box_side: Optional[float] = None,
+    eps: float = 1e-9,
+    background_label: int = -1,
+    background_from_slot0: bool = False,
+    chunk_size: Optional[int] = None,
+) -> TaskAlignedAssignment:
+    """:func:`match_task_aligned` without the input checks (for callers that checked them)."""
+    b, a, c = pred_scores.shape
+    m = gt_boxes.shape[1]
+    dtype = torch.promote_types(pred_boxes.dtype, gt_boxes.dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    device = pred_scores.device
+    gt_xyxy, pred_xyxy = gt_boxes.to(dtype), pred_boxes.to(dtype)
+    labels = gt_labels.long().clamp(0, c - 1)
+    k = min(topk, a)
+
+    # per-box terms, once for all boxes (chunks slice them)
+    gt_t = _box_terms(gt_xyxy)  # each (B, M)
+    pred_t = tuple(t.unsqueeze(1) for t in _box_terms(pred_xyxy))  # each (B, 1, A)
+    inside_box = _floored(gt_xyxy, gt_valid, min_box_side)  # (B, M, 4)
+    ax, ay = anchor_points.to(dtype).unbind(-1)  # (A,)
+    # s ** alpha per anchor and class, class-major so a GT's row is one contiguous gather
+    score_pow = _power(pred_scores.to(dtype).clamp(min=0), alpha).transpose(1, 2).contiguous()  # (B, C, A)
+
+    count = torch.zeros(b, a, dtype=torch.int32, device=device)
+    some_gt = torch.zeros(b, a, dtype=torch.long, device=device)
+    best_u = torch.full((b, a), -1.0, dtype=dtype, device=device)
+    best_gt = torch.zeros(b, a, dtype=torch.long, device=device)
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, b * a))
+    gt_index = torch.arange(m, device=device)
+    for start in range(0, m, chunk_size):
+        stop = min(m, start + chunk_size)
+        sl = slice(start, stop)
+        # 1. candidates: anchor centres strictly inside the (floored) box
+        x1, y1, x2, y2 = (t.unsqueeze(-1) for t in inside_box[:, sl].unbind(-1))  # (B, G, 1)
+        inside = ((ax - x1) > INSIDE_EPS) & ((ay - y1) > INSIDE_EPS)
+        inside &= ((x2 - ax) > INSIDE_EPS) & ((y2 - ay) > INSIDE_EPS)
+        inside &= gt_valid[:, sl].unsqueeze(-1)  # (B, G, A)
+        # 2. metric t = s^alpha * u^beta on the candidates
+        u = _ciou_from_terms(tuple(t[:, sl].unsqueeze(-1) for t in gt_t), pred_t).clamp_(min=0)
+        u = torch.where(inside, u, 0.0)  # (B, G, A)
+        s = score_pow.gather(1, labels[:, sl].unsqueeze(-1).expand(-1, -1, a))  # (B, G, A)
+        metric = torch.where(inside, s * _power(u, beta), 0.0)
+        # 3. top-k per GT; positives are selected candidates with a positive metric
+        top_metric, top_idx = metric.topk(k, dim=-1)  # (B, G, k)
+        selected = (top_metric > 0) & inside.gather(-1, top_idx)
+        count.scatter_add_(1, top_idx.flatten(1), selected.flatten(1).to(torch.int32))
+        gt_of = torch.where(selected, gt_index[sl].view(1, -1, 1), -1).flatten(1)
+        some_gt.scatter_reduce_(1, top_idx.flatten(1), gt_of, reduce="amax")
+        # 4. running argmax of u over all GTs (strictly larger wins: first index on ties)
+        chunk_best, chunk_arg = u.max(dim=1)  # (B, A)
+        better = chunk_best > best_u
+        best_u = torch.where(better, chunk_best, best_u)
+        best_gt = torch.where(better, chunk_arg + start, best_gt)
+
+    # 4. conflicts: several positive GTs -> the GT of the largest u
+    matched = torch.where(count > 1, best_gt, some_gt.clamp(min=0))  # (B, A)
+    foreground = count > 0
+    # metric and u of the matched pair, from the same per-box terms as the chunks
+    if m:
+        pair_gt = tuple(t.gather(1, matched) for t in gt_t)
+        u_a = _ciou_from_terms(pair_gt, tuple(t.squeeze(1) for t in pred_t)).clamp_(min=0)
+        s_a = score_pow.gather(1, labels.gather(1, matched).unsqueeze(1)).squeeze(1)
+        metric_a = s_a * _power(u_a, beta)
+    else:
+        u_a = metric_a = torch.zeros(b, a, dtype=dtype, device=device)
+    foreground &= metric_a > 0  # the native rule (only a zero score can empty a conflict winner)
+    # 5. one-to-one: each GT keeps its topk2 best positives
+    if topk2 is not None and topk2 < topk:
+        foreground &= _segment_rank(matched, metric_a, foreground) < topk2
+    metric_a = torch.where(foreground, metric_a, 0.0)
+    u_a = torch.where(foreground, u_a, 0.0)
+    # 6. soft scores: t * max u / (max t + eps) over each GT's positives
+    max_t = metric_a.new_zeros(b, max(m, 1)).scatter_reduce_(1, matched, metric_a, reduce="amax")
+    max_u = u_a.new_zeros(b, max(m, 1)).scatter_reduce_(1, matched, u_a, reduce="amax")
+    norm = metric_a * max_u.gather(1, matched) / (max_t.gather(1, matched) + eps)
+    return _targets(
+        foreground, matched, norm, metric_a, u_a, gt_boxes, labels, c, background_label, background_from_slot0
+    )
+
+
+def _floored(boxes: Tensor, valid: Tensor, side: Optional[float]) -> Tensor:
+    """Boxes for the inside test: sides shorter than ``side`` widened to it about the centre
+    (through centre / size and back, as ultralytics does it, so the corners round alike)."""
+    if side is None:
+        return boxes
+    low, high = boxes[..., :2], boxes[..., 2:]
+    centre, size = (low + high) / 2, high - low
+    size = torch.where((size < side) & valid.unsqueeze(-1), torch.full_like(size, side), size)
+    return torch.cat((centre - size / 2, centre + size / 2), dim=-1)
+
+
+def _segment_rank(segment: Tensor, value: Tensor, member: Tensor) -> Tensor:
+    """Rank of each member ``(B, A)`` within its segment by descending ``value`` (ties: lower
+    anchor index first); non-members get a large rank. Two stable sorts, no pair space."""
+    b, a = value.shape
+    big = torch.iinfo(torch.long).max
+    key_value = torch.where(member, value, -1.0)
+    order = key_value.argsort(dim=1, descending=True, stable=True)
+    seg = torch.where(member, segment, big).gather(1, order)
+    order2 = seg.argsort(dim=1, stable=True)
+    order = order.gather(1, order2)
+    seg = seg.gather(1, order2)
+    pos = torch.arange(a, device=value.device).expand(b, a)
+    is_start = torch.ones_like(seg, dtype=torch.bool)
+    is_start[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    start = torch.where(is_start, pos, 0).cummax(dim=1).values
+    rank_sorted = pos - start
+    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
+    return torch.where(member, rank, big)
+
+
+def _targets(
+    foreground: Tensor, matched: Tensor, norm: Tensor, metric: Tensor, overlap: Tensor, gt_boxes: Tensor,
+    labels: Tensor, num_classes: int, background_label: int, background_from_slot0: bool,
+) -> TaskAlignedAssignment:
+    """Labels, boxes and the ``(B, A, C)`` soft scores of an assignment."""
+    b, a = foreground.shape
+    m = gt_boxes.shape[1]
+    matched = torch.where(foreground, matched, 0)
+    if m:
+        label = labels.gather(1, matched)
+        box = gt_boxes.gather(1, matched.unsqueeze(-1).expand(-1, -1, 4))
+    else:
+        label = torch.full_like(matched, background_label)
+        box = gt_boxes.new_zeros(b, a, 4)
+    if not background_from_slot0 or not m:
+        label = torch.where(foreground, label, background_label)
+        box = torch.where(foreground.unsqueeze(-1), box, 0.0)
+    scores = norm.new_zeros(b, a, num_classes)
+    scores.scatter_(2, label.clamp(0, num_classes - 1).unsqueeze(-1), torch.where(foreground, norm, 0.0).unsqueeze(-1))
+    return TaskAlignedAssignment(foreground, matched, label, box, scores, metric, overlap)
