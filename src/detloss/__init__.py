@@ -44,20 +44,25 @@ from . import functional
 
 from .matching import (
     GreedyMatch,
+    HungarianMatch,
     MaxIoUAssignment,
     PriorMatch,
     YoloAssignment,
     YoloTargets,
     assign_yolo_anchors,
     build_yolo_targets,
+    detr_matching_cost,
     greedy_bipartite_match,
     match_greedy,
     match_greedy_boxes,
+    match_hungarian,
     match_priors,
     max_iou_match,
 )
 from .sampling import mine_hard_negatives, mine_hard_negatives_batchwide, sample_balanced, top_k_mask
 from .detectors import (
+    DETRAssignment,
+    DETRLoss,
     FasterRCNNLoss,
     MultiBoxAssignment,
     ProposalTargets,

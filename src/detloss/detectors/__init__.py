@@ -1,4 +1,5 @@
 """Composite losses, one module per detector family (assignment, terms, normalisation)."""
+from .detr import DETRAssignment, DETRLoss
 from .faster_rcnn import FasterRCNNLoss, ProposalTargets, RCNNLoss, RPNLoss, RPNTargets, proposal_targets, rpn_targets
 from .retinaface import RetinaFaceLoss
 from .retinanet import RetinaNetAssignment, RetinaNetLoss

@@ -1,5 +1,6 @@
 """Who is positive: one module per matcher (see each module's docstring for its rules)."""
 from .bipartite import PriorMatch, match_priors
+from .hungarian import HungarianMatch, detr_matching_cost, match_hungarian
 from .greedy import GreedyMatch, greedy_bipartite_match, match_greedy, match_greedy_boxes
 from .max_iou import MaxIoUAssignment, max_iou_match
 from .yolo import YoloAssignment, YoloTargets, assign_yolo_anchors, build_yolo_targets
