@@ -29,6 +29,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from ._ties import at_least, tf_maximum, tf_minimum
 from ._validate import require_boxes, require_choice, require_positive, require_tensor
 from .strategy import host_sync_is_free
 
@@ -119,17 +120,7 @@ def box_area(boxes: Tensor) -> Tensor:
     require_boxes(boxes, "boxes")
     boxes = boxes.to(compute_dtype(boxes))
     x1, y1, x2, y2 = boxes.unbind(-1)
-    return (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
-
-
-def _tf_minimum(x: Tensor, y: Tensor) -> Tensor:
-    """``minimum`` whose gradient goes to ``x`` on ties (TensorFlow's rule)."""
-    return torch.where(x <= y, x, y)
-
-
-def _tf_maximum(x: Tensor, y: Tensor) -> Tensor:
-    """``maximum`` whose gradient goes to ``x`` on ties (TensorFlow's rule)."""
-    return torch.where(x >= y, x, y)
+    return at_least(x2 - x1, 0.0) * at_least(y2 - y1, 0.0)
 
 
 def _ordered(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,14 +161,14 @@ def _iou_family(a: Tensor, b: Tensor, kind: str, eps: float, ties: str = "split"
     to it wherever the union exceeds ``eps``. Each ratio whose denominator is at most
     ``eps`` (both boxes degenerate) is 0 with zero gradient: see :func:`_ratio`.
     """
-    minimum, maximum = (torch.minimum, torch.maximum) if ties == "split" else (_tf_minimum, _tf_maximum)
+    minimum, maximum = (torch.minimum, torch.maximum) if ties == "split" else (tf_minimum, tf_maximum)
     ax1, ay1, ax2, ay2 = a.unbind(-1)
     bx1, by1, bx2, by2 = b.unbind(-1)
-    inter_w = (minimum(ax2, bx2) - maximum(ax1, bx1)).clamp(min=0)
-    inter_h = (minimum(ay2, by2) - maximum(ay1, by1)).clamp(min=0)
+    inter_w = at_least(minimum(ax2, bx2) - maximum(ax1, bx1), 0.0)
+    inter_h = at_least(minimum(ay2, by2) - maximum(ay1, by1), 0.0)
     inter = inter_w * inter_h
-    aw, ah = (ax2 - ax1).clamp(min=0), (ay2 - ay1).clamp(min=0)
-    bw, bh = (bx2 - bx1).clamp(min=0), (by2 - by1).clamp(min=0)
+    aw, ah = at_least(ax2 - ax1, 0.0), at_least(ay2 - ay1, 0.0)
+    bw, bh = at_least(bx2 - bx1, 0.0), at_least(by2 - by1, 0.0)
     union = aw * ah + bw * bh - inter
     iou = _ratio(inter, union, eps)
     if kind == "iou":

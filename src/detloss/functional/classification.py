@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .._ties import at_least
 from .._validate import require_floating, require_integer, require_positive, require_tensor
 from .reduce import Reduction, require_weight_shape, weighted_reduce
 
@@ -285,5 +286,5 @@ def probability_cross_entropy(
     _check_pair(probs, target, ("probs", "target"))
     require_positive(eps, "eps")
     p, t = _acc(probs), _acc(target)
-    loss = -(t * torch.log(p.clamp(min=eps))).sum(dim=-1)
+    loss = -(t * torch.log(at_least(p, eps))).sum(dim=-1)
     return weighted_reduce(loss, weight, reduction, normalizer)
