@@ -47,6 +47,7 @@ from .matching import (
     HungarianMatch,
     MaxIoUAssignment,
     PriorMatch,
+    TaskAlignedAssignment,
     YoloAssignment,
     YoloTargets,
     assign_yolo_anchors,
@@ -57,6 +58,7 @@ from .matching import (
     match_greedy_boxes,
     match_hungarian,
     match_priors,
+    match_task_aligned,
     max_iou_match,
 )
 from .sampling import mine_hard_negatives, mine_hard_negatives_batchwide, sample_balanced, top_k_mask
@@ -75,6 +77,7 @@ from .detectors import (
     SSDLoss,
     YOLOv3Loss,
     YOLOv3LossAssignment,
+    YOLOv8Loss,
     proposal_targets,
     rpn_targets,
 )

@@ -2,8 +2,8 @@
 
 Import the module of the original you are replacing, e.g.
 ``from detloss.compat.ssd_pytorch import MultiBoxLoss``:
-``detr``, ``ssd_pytorch``, ``retinaface``, ``ssd_keras``, ``tensorflow_yolov3``, ``tf_faster_rcnn``.
+``detr``, ``ssd_pytorch``, ``retinaface``, ``ssd_keras``, ``tensorflow_yolov3``, ``tf_faster_rcnn``, ``ultralytics``.
 """
-from . import detr, retinaface, ssd_keras, ssd_pytorch, tensorflow_yolov3, tf_faster_rcnn
+from . import detr, retinaface, ssd_keras, ssd_pytorch, tensorflow_yolov3, tf_faster_rcnn, ultralytics
 
-__all__ = ["detr", "retinaface", "ssd_keras", "ssd_pytorch", "tensorflow_yolov3", "tf_faster_rcnn"]
+__all__ = ["detr", "retinaface", "ssd_keras", "ssd_pytorch", "tensorflow_yolov3", "tf_faster_rcnn", "ultralytics"]

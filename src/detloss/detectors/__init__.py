@@ -5,3 +5,4 @@ from .retinaface import RetinaFaceLoss
 from .retinanet import RetinaNetAssignment, RetinaNetLoss
 from .ssd import MultiBoxAssignment, SSDLoss
 from .yolov3 import YOLOv3Loss, YOLOv3LossAssignment
+from .yolov8 import YOLOv8Loss

@@ -12,6 +12,7 @@ from .classification import (
     softmax_focal_loss,
 )
 from .dice import dice_loss
+from .distribution import distribution_focal_loss, quality_focal_loss, varifocal_loss
 from .iou import iou_loss
 from .reduce import positive_normalizer, weighted_reduce
 from .regression import l1_loss, smooth_l1_loss
@@ -20,12 +21,15 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "dice_loss",
+    "distribution_focal_loss",
     "iou_loss",
     "l1_loss",
     "positive_normalizer",
     "probability_cross_entropy",
+    "quality_focal_loss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
     "softmax_focal_loss",
+    "varifocal_loss",
     "weighted_reduce",
 ]

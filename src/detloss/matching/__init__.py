@@ -3,4 +3,5 @@ from .bipartite import PriorMatch, match_priors
 from .hungarian import HungarianMatch, detr_matching_cost, match_hungarian
 from .greedy import GreedyMatch, greedy_bipartite_match, match_greedy, match_greedy_boxes
 from .max_iou import MaxIoUAssignment, max_iou_match
+from .task_aligned import TaskAlignedAssignment, match_task_aligned
 from .yolo import YoloAssignment, YoloTargets, assign_yolo_anchors, build_yolo_targets
