@@ -40,12 +40,11 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .._validate import require_choice, require_finite, require_floating, require_positive, require_shape
+from .._validate import require_choice, require_finite, require_floating, require_normalised, require_positive, require_shape
 from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 from ..functional import cross_entropy, positive_normalizer, sigmoid_focal_loss
 from ..matching.hungarian import Solver, match_hungarian_unchecked, matching_cost_unchecked
 from ..matching.max_iou import require_padded_gt
-from .ssd import require_normalised
 
 ClassLoss = Literal["ce", "focal"]
 
@@ -112,7 +111,7 @@ def detr_set_loss(
     # 2. class term
     if class_loss == "ce":
         ce = cross_entropy(pred_logits, target_class, reduction="none")  # (L, B, Q)
-        weight = torch.where(matched, 1.0, eos_coef).to(ce.dtype)
+        weight = torch.where(matched, ce.new_ones(()), ce.new_full((), eos_coef))
         if cls_normalizer is None:
             cls_normalizer = weight.sum((1, 2)).clamp(min=1e-12)
         loss_cls = (ce * weight).sum((1, 2)) / cls_normalizer
@@ -220,7 +219,7 @@ class DETRLoss(nn.Module):
         dims, gt_valid = require_padded_gt(
             gt_boxes, gt_valid, gt_labels, dims=dims, label_range=(0, self.num_classes - 1)
         )
-        require_normalised(gt_boxes, "gt_boxes", where=gt_valid)
+        require_normalised(gt_boxes, "gt_boxes", box_format="cxcywh", where=gt_valid)
         require_finite(pred_logits, "pred_logits")
         require_finite(pred_boxes, "pred_boxes")
         num_layers, batch, queries, _ = pred_logits.shape
@@ -236,15 +235,16 @@ class DETRLoss(nn.Module):
         match = match_hungarian_unchecked(cost, stacked["gt_valid"], solver=self.solver)
         query_to_gt = match.query_to_gt.view(num_layers, batch, queries)
         # 2. normalisers: the objects of the batch; with "ce" and DDP the weight sum too
+        dtype = torch.promote_types(compute_dtype(pred_logits), compute_dtype(pred_boxes))
         num_boxes = positive_normalizer(gt_valid.sum(), distributed=self.distributed)
         cls_normalizer = None
         if self.class_loss == "ce" and self.distributed:
             matched = gt_valid.sum(1).clamp(max=queries).sum()  # the same in every layer
-            weight_sum = matched * (1 - self.eos_coef) + self.eos_coef * batch * queries
-            cls_normalizer = positive_normalizer(weight_sum, distributed=True, min_value=1e-12)
+            weight_sum = matched.double() * (1 - self.eos_coef) + self.eos_coef * batch * queries
+            cls_normalizer = positive_normalizer(weight_sum, distributed=True, min_value=1e-12).to(dtype)
         # 3. the terms of every layer, then the weighted total
         loss_cls, loss_l1, loss_giou, target_class = detr_set_loss(
-            pred_logits, pred_boxes, gt_boxes, gt_labels, query_to_gt, num_boxes.to(compute_dtype(pred_boxes)),
+            pred_logits, pred_boxes, gt_boxes, gt_labels, query_to_gt, num_boxes.to(dtype),
             class_loss=self.class_loss, eos_coef=self.eos_coef, alpha=self.alpha, gamma=self.gamma,
             cls_normalizer=cls_normalizer,
         )
