@@ -145,7 +145,7 @@ def test_bad_targets_are_errors():
     anchors = np.ones((3, 3, 2))
     with pytest.raises(ValueError, match="gt_labels"):
         preprocess_true_boxes(np.array([[0, 0, 10, 10, 5]]), 64, [8, 16, 32], anchors, 3)
-    with pytest.raises(ValueError, match="gt_boxes x"):
-        preprocess_true_boxes(np.array([[0, 0, 70, 10, 0]]), 64, [8, 16, 32], anchors, 3)
+    with pytest.raises(ValueError, match="gt_boxes centre x"):
+        preprocess_true_boxes(np.array([[60, 0, 70, 10, 0]]), 64, [8, 16, 32], anchors, 3)
     with pytest.raises(ValueError, match="divisible"):
         preprocess_true_boxes(np.array([[0, 0, 10, 10, 0]]), 100, [8, 16, 32], anchors, 3)

@@ -186,8 +186,8 @@ def test_assignment_is_deterministic_and_exposes_winner():
     "boxes, labels, valid, kw, match",
     [
         ([[[0.0, 0, 10, 10]]], [[5]], [[True]], {}, "gt_labels"),
-        ([[[0.0, 0, 70, 10]]], [[0]], [[True]], {}, "gt_boxes x"),
-        ([[[0.0, -1, 10, 10]]], [[0]], [[True]], {}, "gt_boxes y"),
+        ([[[60.0, 0, 70, 10]]], [[0]], [[True]], {}, "gt_boxes centre x"),
+        ([[[0.0, -12, 10, -1]]], [[0]], [[True]], {}, "gt_boxes centre y"),
         ([[[10.0, 0, 5, 10]]], [[0]], [[True]], {}, "width/height"),
         ([[[0.0, 0, 10, 10]]], [[0]], [[True]], {"input_size": 72}, "divisible"),
         ([[[0.0, 0, 10, 10]]], [[0], [0]], [[True], [True]], {}, "gt_labels: expected shape"),

@@ -287,7 +287,7 @@ def test_compiles_fullgraph():
         ("scales", "outputs: expected a sequence of 3"),
         ("spatial", "outputs\\[1\\]: expected spatial size"),
         ("label", "gt_labels"),
-        ("outside", "gt_boxes x"),
+        ("outside", "gt_boxes centre x"),
     ],
 )
 def test_bad_input_errors(change, match):
@@ -305,7 +305,7 @@ def test_bad_input_errors(change, match):
     elif change == "label":
         labels[0, 0] = 2
     elif change == "outside":
-        boxes[0, 0, 2] = 65
+        boxes[0, 0, 0::2] = torch.tensor([66.0, 90.0])  # centre x 78 > 64
     with pytest.raises(ValueError, match=match):
         YOLOv3Loss(2)(convs, boxes, labels, valid)
 

@@ -198,3 +198,46 @@ def require_boxes(x: Any, name: str, *, ndim: Optional[int] = None) -> Tensor:
     require_floating(x, name)
     require_finite(x, name)
     return x
+
+
+NORMALISED_CENTRE_SLACK = 0.5
+
+
+def require_normalised(
+    boxes: Tensor,
+    name: str,
+    *,
+    box_format: str = "xyxy",
+    where: Optional[Tensor] = None,
+    positive_size: bool = False,
+) -> Tensor:
+    """Raise ``ValueError`` unless ``boxes (..., 4)`` look normalised (a value check).
+
+    What tells normalised boxes from pixel boxes is where they are, not how large: every
+    centre must lie within ``[-0.5, 1.5]`` (a box may stick out of the image after
+    augmentation, and a prior or an anchor may be several times the image: RetinaFace's
+    512 px priors are 1.6 image widths at 320 px). Pixel boxes, with centres in the tens or
+    hundreds, get a message that suggests normalising them. ``box_format`` is ``"xyxy"`` or
+    ``"cxcywh"``; ``where`` an optional bool mask over ``boxes.shape[:-1]``; with
+    ``positive_size`` widths and heights must be ``> 0`` (priors: the coder divides by them).
+    """
+    if not value_checks_active() or boxes.numel() == 0:
+        return boxes
+    values = boxes if where is None else boxes[where]
+    if values.numel() == 0:
+        return boxes
+    if box_format == "xyxy":
+        centres, sizes = (values[..., :2] + values[..., 2:]) / 2, values[..., 2:] - values[..., :2]
+    else:
+        centres, sizes = values[..., :2], values[..., 2:]
+    lo, hi = float(centres.min()), float(centres.max())
+    if lo < -NORMALISED_CENTRE_SLACK or hi > 1 + NORMALISED_CENTRE_SLACK:
+        raise ValueError(
+            f"{name}: expected normalised coordinates (box centres about [0, 1]), got centres from {lo:g} "
+            f"to {hi:g}; divide pixel boxes by the image width and height"
+        )
+    if positive_size and not bool((sizes > 0).all()):
+        raise ValueError(
+            f"{name}: expected widths and heights > 0 ({box_format}), got a smallest one of {float(sizes.min()):g}"
+        )
+    return boxes

@@ -40,9 +40,9 @@ from .._validate import (
     require_floating,
     require_integer,
     require_positive,
+    require_normalised,
     require_range,
     require_shape,
-    value_checks_active,
 )
 from ..strategy import host_sync_is_free
 from ..coders import DEFAULT_VARIANCES, encode_boxes
@@ -53,8 +53,6 @@ from ..matching.bipartite import PriorMatch, match_priors
 from ..sampling.hard_negative import mine_hard_negatives
 
 NORMALIZERS = ("num_pos", "none")
-# Normalised coordinates further than this outside [0, 1] are taken for pixels.
-_NORMALISED_SLACK = 0.5
 
 
 @dataclass
@@ -83,26 +81,6 @@ class MultiBoxAssignment:
     landmark_targets: Optional[Tensor] = None
 
 
-def require_normalised(boxes: Tensor, name: str, where: Optional[Tensor] = None) -> Tensor:
-    """Raise ``ValueError`` if coordinates lie far outside [0, 1] (a value check).
-
-    ``boxes (..., 4)``; ``where`` an optional bool mask over ``boxes.shape[:-1]``. Pixel
-    boxes are the usual cause, so the message suggests normalising them.
-    """
-    if not value_checks_active() or boxes.numel() == 0:
-        return boxes
-    values = boxes if where is None else boxes[where]
-    if values.numel() == 0:
-        return boxes
-    lo, hi = float(values.min()), float(values.max())
-    if lo < -_NORMALISED_SLACK or hi > 1 + _NORMALISED_SLACK:
-        raise ValueError(
-            f"{name}: expected normalised coordinates (about [0, 1]), got min {lo:g} and max {hi:g}; "
-            f"divide pixel boxes by the image width and height"
-        )
-    return boxes
-
-
 def validate_multibox_inputs(
     loc_pred: Tensor,
     cls_logits: Tensor,
@@ -126,8 +104,8 @@ def validate_multibox_inputs(
     require_finite(loc_pred, "loc_pred")
     require_finite(priors, "priors")
     require_finite(gt_boxes, "gt_boxes")
-    require_normalised(priors, "priors")
-    require_normalised(gt_boxes, "gt_boxes", gt_valid)
+    require_normalised(priors, "priors", box_format="cxcywh", positive_size=True)
+    require_normalised(gt_boxes, "gt_boxes", where=gt_valid)
     return dims, gt_valid
 
 

@@ -112,10 +112,13 @@ def _check_inputs(
 
 
 def _values_usable(gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, num_classes: int, hw: tuple[int, int]) -> bool:
-    """Every box finite, and every valid row with a class id in ``[0, C)`` and ``0 <= x1 <= x2 <= W``,
-    ``0 <= y1 <= y2 <= H``, in one host read (:func:`_require_usable_values` names a failure)."""
+    """Every box finite, and every valid row with a class id in ``[0, C)``, ``x1 <= x2``, ``y1 <= y2``
+    and its centre inside the input (``0 <= cx <= W``, ``0 <= cy <= H``; a box may stick out of the
+    image after augmentation, the original takes it), in one host read
+    (:func:`_require_usable_values` names a failure)."""
     h, w = hw
-    inside = (gt_boxes >= 0) & (gt_boxes <= gt_boxes.new_tensor([w, h, w, h]))
+    centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
+    inside = (centre >= 0) & (centre <= centre.new_tensor([w, h]))
     ordered = gt_boxes[..., 2:] >= gt_boxes[..., :2]
     row_ok = (gt_labels >= 0) & (gt_labels < num_classes) & inside.all(-1) & ordered.all(-1)
     return bool((row_ok | ~valid).all() & torch.isfinite(gt_boxes).all())
@@ -128,8 +131,9 @@ def _require_usable_values(
     require_boxes(gt_boxes, "gt_boxes")
     require_range(gt_labels, "gt_labels (class ids of valid boxes)", 0, num_classes - 1, where=valid)
     h, w = hw
-    require_range(gt_boxes[..., 0::2], f"gt_boxes x (valid boxes, input width {w})", 0, w, where=valid)
-    require_range(gt_boxes[..., 1::2], f"gt_boxes y (valid boxes, input height {h})", 0, h, where=valid)
+    centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
+    require_range(centre[..., 0], f"gt_boxes centre x (valid boxes, input width {w})", 0, w, where=valid)
+    require_range(centre[..., 1], f"gt_boxes centre y (valid boxes, input height {h})", 0, h, where=valid)
     size = gt_boxes[..., 2:] - gt_boxes[..., :2]
     require_range(size, "gt_boxes width/height (x2 - x1, y2 - y1 of valid boxes)", 0, None, where=valid)
 
