@@ -16,6 +16,8 @@ Families and their conventions (see each module's docstring):
 * ``rpn``: anchors xyxy pixels, objectness logits ``(B, A, 2)``.
 * ``rcnn``: ROI head on :func:`detloss.proposal_targets` (labels ``[1, C-1]``, 0 background).
 * ``faster_rcnn``: RPN + R-CNN.
+* ``detr``: ``DETR_LAYERS`` decoder layers x ``DETR_QUERIES`` queries, predictions
+  ``(L, B, Q, ...)`` (batch dimension 1), GT normalised cxcywh, labels ``[0, C-1]``.
 """
 from __future__ import annotations
 
@@ -29,14 +31,16 @@ from torch import Tensor, nn
 import detloss
 from detloss.detectors.faster_rcnn import ProposalTargets, proposal_targets
 
-FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_rcnn")
+FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_rcnn", "detr")
 # Families whose positional arguments are normalised boxes.
-NORMALISED = ("ssd", "retinaface")
+NORMALISED = ("ssd", "retinaface", "detr")
 IMAGE = 64  # pixel side of the synthetic images
-NUM_CLASSES = {"ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4}
+NUM_CLASSES = {"ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4, "detr": 3}
 YOLO_STRIDES = (8, 16, 32)
 RCNN_SAMPLES = 8
 RCNN_PROPOSALS = 12
+DETR_LAYERS = 3
+DETR_QUERIES = 6
 
 
 def small_priors() -> Tensor:
@@ -104,12 +108,21 @@ class Case:
     batch: int
     generator_seed: Optional[int] = None
     kwargs: dict = field(default_factory=dict)
+    batch_dims: Optional[list] = None  # per argument, the batch dimension (default 0)
 
     def pred_tensors(self) -> list[Tensor]:
         out: list[Tensor] = []
         for i in self.preds:
             a = self.args[i]
             out.extend(a if isinstance(a, (list, tuple)) else [a])
+        return out
+
+    def pred_batch_dims(self) -> list[int]:
+        """The batch dimension of each tensor of :meth:`pred_tensors`."""
+        out: list[int] = []
+        for i in self.preds:
+            a, d = self.args[i], (self.batch_dims or [0] * len(self.args))[i]
+            out.extend([d] * len(a) if isinstance(a, (list, tuple)) else [d])
         return out
 
     def map_preds(self, fn: Callable[[Tensor], Tensor]) -> "Case":
@@ -132,16 +145,17 @@ class Case:
 
     def slice(self, start: int, stop: int) -> "Case":
         """The images ``start:stop`` of the batch (shared priors / anchors unchanged)."""
-        def cut(a: Any) -> Any:
+        def cut(a: Any, dim: int = 0) -> Any:
             if isinstance(a, Tensor):
-                return a[start:stop]
+                return a.narrow(dim, start, stop - start)
             if isinstance(a, (list, tuple)):
                 return [cut(t) for t in a]
             if isinstance(a, ProposalTargets):
                 return ProposalTargets(**{f.name: cut(getattr(a, f.name)) for f in dataclasses.fields(a)})
             raise TypeError(type(a))
 
-        args = [cut(a) if b else a for a, b in zip(self.args, self.batched)]
+        dims = self.batch_dims or [0] * len(self.args)
+        args = [cut(a, d) if b else a for a, b, d in zip(self.args, self.batched, dims)]
         return dataclasses.replace(self, args=args, batch=stop - start)
 
 
@@ -180,6 +194,17 @@ def make_case(
     def labels(low: int, high: int) -> Tensor:
         m = max(counts, default=0)
         return torch.randint(low, high + 1, (batch, m), generator=gen)
+
+    if family == "detr":
+        boxes, valid = random_gt(gen, counts, 1.0, degenerate=degenerate)
+        gt = torch.where(valid.unsqueeze(-1), detloss.xyxy_to_cxcywh(boxes), torch.zeros(()))
+        shape = (DETR_LAYERS, batch, DETR_QUERIES)
+        centres = torch.rand(*shape, 2, generator=gen) * 0.8 + 0.1  # sigmoid outputs of a head
+        sizes = torch.rand(*shape, 2, generator=gen) * 0.4 + 0.05
+        pred_boxes = torch.cat((centres, sizes), -1).to(dtype).requires_grad_(True)
+        module = detloss.DETRLoss(c, **options)
+        args = [pred(*shape, c + 1), pred_boxes, gt, labels(0, c - 1), valid]
+        return Case(family, module, args, [True] * 5, [0, 1], batch, batch_dims=[1, 1, 0, 0, 0])
 
     if family in ("ssd", "retinaface"):
         priors = small_priors()

@@ -91,6 +91,15 @@ KINDS = [
     ("proposal-label-range",
      lambda: proposal_targets(_boxes()[None] * 64, _boxes(1)[None] * 64, torch.tensor([[0]]), torch.ones(1, 1, dtype=torch.bool),
                               num_classes=4), ValueError, r"gt_labels: expected values in \[1, 3\]"),
+    # --- DETR (normalised cxcywh boxes, predictions (L, B, Q, ...))
+    ("detr-label-range", _call("detr", 3, lambda t: t + 3), ValueError, r"gt_labels: expected values in \[0, 2\]"),
+    ("detr-pixel-gt-boxes", _call("detr", 2, lambda t: t * 640), ValueError, r"gt_boxes: expected normalised coordinates"),
+    ("detr-nan-boxes", _call("detr", 1, lambda t: t.detach().index_fill(2, torch.tensor([0]), float("nan"))), ValueError,
+     r"pred_boxes: expected finite values"),
+    ("detr-logits-class-count", _call("detr", 0, lambda t: t[..., :3]), ValueError, r"pred_logits: expected shape \(L, B, Q, 4\)"),
+    ("detr-unstacked-layers", _call("detr", 1, lambda t: t[0]), ValueError, r"pred_boxes: expected shape \(L=3, B=2, Q=6, 4\)"),
+    ("detr-matching-cost-shape", lambda: detloss.match_hungarian(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool)), ValueError,
+     r"cost: expected shape \(N, Q, M\)"),
     # --- building blocks
     ("pad-label-count", lambda: detloss.pad_ground_truth([_boxes(2)], [torch.tensor([1])]), ValueError,
      r"labels\[0\]: expected 2 labels"),

@@ -78,9 +78,9 @@ def _ddp_equals_single(rank_grads, family, options, label, scenario) -> bool:
     half = 4 // WORLD
     equal = True
     for rank in range(WORLD):
-        for g_rank, g_all in zip(rank_grads[f"{label}-{scenario}-{rank}"], grads):
+        for g_rank, g_all, dim in zip(rank_grads[f"{label}-{scenario}-{rank}"], grads, single.pred_batch_dims()):
             ddp = g_rank / WORLD  # DDP averages: this rank's contribution, the other adds 0 here
-            equal &= torch.allclose(ddp, g_all[rank * half:(rank + 1) * half], rtol=1e-5, atol=1e-7)
+            equal &= torch.allclose(ddp, g_all.narrow(dim, rank * half, half), rtol=1e-5, atol=1e-7)
     return bool(equal)
 
 
