@@ -67,12 +67,13 @@ def test_golden_native_chunked(golden, case):
 
 
 @st.composite
-def problems(draw):
-    """A small random problem (float64): 84 anchors of a 64 px image, 0 / 1 / few / 300+ GTs."""
+def problems(draw, crowded=False):
+    """A small random problem (float64): 84 anchors of a 64 px image, 0 / 1 / few GTs per image
+    (``crowded``: 320)."""
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     b = draw(st.integers(1, 2))
-    m = draw(st.sampled_from([0, 1, 2, 5, 9, 320]))
+    m = 320 if crowded else draw(st.sampled_from([0, 1, 2, 5, 9]))
     tiny = draw(st.booleans())
     duplicate = draw(st.booleans())
     num_classes = draw(st.sampled_from([1, 3]))
@@ -104,6 +105,17 @@ def problems(draw):
 @settings(max_examples=200, deadline=None)
 @given(problems())
 def test_matches_oracle(problem):
+    check_against_oracle(problem)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None)
+@given(problems(crowded=True))
+def test_matches_oracle_crowded(problem):
+    check_against_oracle(problem)
+
+
+def check_against_oracle(problem):
     args, options = problem
     scores, pred, points, gt, labels, valid = args
     np_args = [x.numpy() for x in args]
@@ -131,6 +143,17 @@ def test_matches_oracle(problem):
 @settings(max_examples=200, deadline=None)
 @given(problems(), st.sampled_from([1, 7]))
 def test_chunk_size_does_not_change_a_bit(problem, chunk):
+    check_chunks(problem, chunk)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None)
+@given(problems(crowded=True), st.sampled_from([1, 7]))
+def test_chunk_size_does_not_change_a_bit_crowded(problem, chunk):
+    check_chunks(problem, chunk)
+
+
+def check_chunks(problem, chunk):
     args, options = problem
     whole = match_task_aligned(*[x.float() if x.is_floating_point() else x for x in args], **options)
     part = match_task_aligned(*[x.float() if x.is_floating_point() else x for x in args], chunk_size=chunk, **options)

@@ -292,10 +292,11 @@ def match_task_aligned_unchecked(
         gt_of = torch.where(selected, gt_index[sl].view(1, -1, 1), -1).flatten(1)
         some_gt.scatter_reduce_(1, top_idx.flatten(1), gt_of, reduce="amax")
         # 4. running argmax of u over all GTs (strictly larger wins: first index on ties)
-        chunk_best, chunk_arg = u.max(dim=1)  # (B, A)
+        chunk_best = u.amax(dim=1)  # (B, A); max-with-index over a middle dim is ~100x slower on CPU
+        chunk_arg = torch.where(u == chunk_best.unsqueeze(1), gt_index[sl].view(1, -1, 1), m).amin(dim=1)
         better = chunk_best > best_u
         best_u = torch.where(better, chunk_best, best_u)
-        best_gt = torch.where(better, chunk_arg + start, best_gt)
+        best_gt = torch.where(better, chunk_arg, best_gt)
 
     # 4. conflicts: several positive GTs -> the GT of the largest u
     matched = torch.where(count > 1, best_gt, some_gt.clamp(min=0))  # (B, A)
