@@ -172,8 +172,8 @@ def test_cost_chunks_give_the_same_cost():
     boxes, gt = random_boxes(rng, 4, 37).float(), random_boxes(rng, 4, 9).float()
     labels, valid = torch.from_numpy(rng.integers(0, 5, (4, 9))), torch.ones(4, 9, dtype=torch.bool)
     whole = detr_matching_cost(logits, boxes, gt, labels, valid)
-    for chunk in (1, 5, 36):
-        assert torch.equal(detr_matching_cost(logits, boxes, gt, labels, valid, chunk_size=chunk), whole)
+    for chunk in (1, 9, 50, 37 * 9, 37 * 9 * 3 - 1):  # query rows of one problem, whole problems
+        assert torch.equal(detr_matching_cost(logits, boxes, gt, labels, valid, chunk_elements=chunk), whole)
 
 
 def test_cost_temporaries_are_bounded(monkeypatch):
@@ -185,7 +185,11 @@ def test_cost_temporaries_are_bounded(monkeypatch):
     rng = np.random.default_rng(5)
     cost = detr_matching_cost(torch.randn(2, 300, 3), random_boxes(rng, 2, 300).float(), random_boxes(rng, 2, 100).float(),
                               torch.zeros(2, 100, dtype=torch.int64), torch.ones(2, 100, dtype=torch.bool))
-    assert cost.shape == (2, 300, 100) and len(seen) == 15 and max(seen) <= 4096
+    assert cost.shape == (2, 300, 100) and len(seen) == 2 * 8 and max(seen) <= 4096
+    seen.clear()
+    detr_matching_cost(torch.randn(60, 8, 3), random_boxes(rng, 60, 8).float(), random_boxes(rng, 60, 10).float(),
+                       torch.zeros(60, 10, dtype=torch.int64), torch.ones(60, 10, dtype=torch.bool))
+    assert len(seen) == 2 and max(seen) <= 4096  # whole problems per block while they fit
 
 
 def test_cost_half_predictions_computed_in_float32():
@@ -205,7 +209,8 @@ def test_cost_compiles_fullgraph():
             torch.from_numpy(rng.integers(0, 4, (3, 4))), torch.from_numpy(rng.random((3, 4)) < 0.7))
     torch._dynamo.reset()
     compiled = torch.compile(H.matching_cost_unchecked, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(*args, chunk_size=3), H.matching_cost_unchecked(*args, chunk_size=3))
+    for chunk in (None, 12, 50):
+        torch.testing.assert_close(compiled(*args, chunk_elements=chunk), H.matching_cost_unchecked(*args, chunk_elements=chunk))
 
 
 def test_solve_compiles_fullgraph_as_one_opaque_op():

@@ -149,7 +149,7 @@ class DETRLoss(nn.Module):
         solver: the linear assignment solver (default SciPy's; see
             :func:`detloss.match_hungarian`).
         distributed: all-reduce the normalisers (DDP).
-        chunk_size: queries per matching-cost block.
+        chunk_elements: entries per matching-cost block (see :func:`detloss.detr_matching_cost`).
 
     ``forward(pred_logits (L, B, Q, K), pred_boxes (L, B, Q, 4) normalised cxcywh, gt_boxes
     (B, M, 4) normalised cxcywh, gt_labels (B, M) in [0, C-1], gt_valid (B, M) bool, *,
@@ -172,7 +172,7 @@ class DETRLoss(nn.Module):
         alpha: float = 0.25, gamma: float = 2.0,
         cls_weight: float = 1.0, l1_weight: float = 5.0, giou_weight: float = 2.0,
         match_cls_weight: float = 1.0, match_l1_weight: float = 5.0, match_giou_weight: float = 2.0,
-        solver: Optional[Solver] = None, distributed: bool = False, chunk_size: Optional[int] = None,
+        solver: Optional[Solver] = None, distributed: bool = False, chunk_elements: Optional[int] = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -186,8 +186,8 @@ class DETRLoss(nn.Module):
             require_positive(value, name, allow_zero=True)
         if solver is not None and not callable(solver):
             raise TypeError(f"solver: expected a callable like scipy's linear_sum_assignment, got {type(solver).__name__}")
-        if chunk_size is not None:
-            require_positive(chunk_size, "chunk_size")
+        if chunk_elements is not None:
+            require_positive(chunk_elements, "chunk_elements")
         self.num_classes = num_classes
         self.class_loss = class_loss
         self.eos_coef, self.alpha, self.gamma = float(eos_coef), float(alpha), float(gamma)
@@ -195,7 +195,7 @@ class DETRLoss(nn.Module):
         self.cost_options = dict(
             class_cost="softmax" if class_loss == "ce" else "focal", cls_weight=float(match_cls_weight),
             l1_weight=float(match_l1_weight), giou_weight=float(match_giou_weight),
-            alpha=self.alpha, gamma=self.gamma, chunk_size=chunk_size,
+            alpha=self.alpha, gamma=self.gamma, chunk_elements=chunk_elements,
         )
         self.solver = solver
         self.distributed = distributed

@@ -64,6 +64,8 @@ Solver = Callable[[np.ndarray], tuple]
 # (problem, query, GT) cost entries computed at once: about 20 float32 temporaries of this size
 # stay in a 2-core machine's cache while the per-chunk Python overhead stays small.
 COST_CHUNK_ELEMENTS = 1 << 18
+# The same under torch.compile.
+COMPILED_CHUNK_ELEMENTS = 1 << 22
 FOCAL_EPS = 1e-8
 
 
@@ -95,7 +97,7 @@ def detr_matching_cost(
     giou_weight: float = 2.0,
     alpha: float = 0.25,
     gamma: float = 2.0,
-    chunk_size: Optional[int] = None,
+    chunk_elements: Optional[int] = None,
 ) -> Tensor:
     """The DETR matching cost of ``N`` problems (e.g. decoder layers x images) at once.
 
@@ -110,7 +112,8 @@ def detr_matching_cost(
         cls_weight, l1_weight, giou_weight: weights of the three costs (DETR trains with 1, 5
             and 2; Deformable DETR with 2, 5, 2).
         alpha, gamma: the focal cost's parameters.
-        chunk_size: queries per block (default: about 256k cost entries per block).
+        chunk_elements: cost entries per block (default 2**18; at least one query row), so
+            the temporaries stay bounded whatever ``N x Q x M``.
 
     Returns:
         ``(N, Q, M)`` cost, float32 (float64 for float64 input); no gradient. Columns of
@@ -142,12 +145,12 @@ def detr_matching_cost(
     for value, name in ((cls_weight, "cls_weight"), (l1_weight, "l1_weight"), (giou_weight, "giou_weight")):
         require_positive(value, name, allow_zero=True)
     require_positive(gamma, "gamma", allow_zero=True)
-    if chunk_size is not None:
-        require_positive(chunk_size, "chunk_size")
+    if chunk_elements is not None:
+        require_positive(chunk_elements, "chunk_elements")
     return matching_cost_unchecked(
         pred_logits, pred_boxes, gt_boxes, gt_labels, gt_valid, class_cost=class_cost,
         cls_weight=cls_weight, l1_weight=l1_weight, giou_weight=giou_weight, alpha=alpha,
-        gamma=gamma, chunk_size=chunk_size,
+        gamma=gamma, chunk_elements=chunk_elements,
     )
 
 
@@ -164,7 +167,7 @@ def matching_cost_unchecked(
     giou_weight: float = 2.0,
     alpha: float = 0.25,
     gamma: float = 2.0,
-    chunk_size: Optional[int] = None,
+    chunk_elements: Optional[int] = None,
 ) -> Tensor:
     """:func:`detr_matching_cost` without its checks (for callers that validated the inputs).
     Synchronisation-free and ``torch.compile``-able."""
@@ -175,24 +178,44 @@ def matching_cost_unchecked(
         # 1. class cost of every (query, class), then of every (query, GT) by the GT's class
         per_class = _class_cost(pred_logits.detach().to(dtype), class_cost, alpha, gamma)  # (N, Q, K)
         labels = torch.where(gt_valid, gt_labels, 0).clamp(0, k - 1)
-        # 2. boxes in both formats: cxcywh for L1, xyxy for GIoU
-        pred = pred_boxes.detach().to(dtype)
-        gt = gt_boxes.detach().to(dtype)
+        # 2. boxes coordinate-major (four contiguous planes: the pairwise passes below then
+        #    broadcast contiguous rows against contiguous columns), cxcywh for L1, xyxy for GIoU
+        pred, gt = _planar(pred_boxes.detach().to(dtype)), _planar(gt_boxes.detach().to(dtype))
         pred_xyxy, gt_xyxy = cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)
         gt_planes = [c.unsqueeze(1) for c in gt.unbind(-1)]  # 4 x (N, 1, M)
-        # 3. the weighted sum, Q rows at a time (bounded temporaries)
+        # 3. the weighted sum block by block (bounded temporaries), each block written in place
         out = torch.empty((n, q, m), dtype=dtype, device=pred.device)
-        if n * q * m == 0:
-            return out
-        step = chunk_size or max(1, COST_CHUNK_ELEMENTS // (n * m))
-        for s in range(0, q, step):
-            e = min(s + step, q)
-            rows = pred[:, s:e].unsqueeze(2)  # (N, q', 1, 4)
-            l1 = sum((rows[..., i] - gt_planes[i]).abs() for i in range(4))  # (N, q', M)
-            cls = per_class[:, s:e].gather(2, labels.unsqueeze(1).expand(n, e - s, m))
-            giou = aligned_box_iou_unchecked(pred_xyxy[:, s:e].unsqueeze(2), gt_xyxy.unsqueeze(1), "giou")
-            out[:, s:e] = l1_weight * l1 + cls_weight * cls - giou_weight * giou
+        for (a, b), (s, e) in _blocks(n, q, m, chunk_elements):
+            rows = [c.unsqueeze(2) for c in pred[a:b, s:e].unbind(-1)]  # 4 x (n', q', 1)
+            columns = [c[a:b] for c in gt_planes]  # 4 x (n', 1, M)
+            block = torch.sub(rows[0], columns[0], out=out[a:b, s:e]).abs_()  # L1, (n', q', M)
+            for i in range(1, 4):
+                block.add_((rows[i] - columns[i]).abs_())
+            cls = per_class[a:b, s:e].gather(2, labels[a:b].unsqueeze(1).expand(b - a, e - s, m))
+            giou = aligned_box_iou_unchecked(pred_xyxy[a:b, s:e].unsqueeze(2), gt_xyxy[a:b].unsqueeze(1), "giou")
+            block.mul_(l1_weight).add_(cls, alpha=cls_weight).sub_(giou, alpha=giou_weight)
         return out
+
+
+def _blocks(n: int, q: int, m: int, chunk_elements: Optional[int]) -> list:
+    """``[((a, b), (s, e))]``: problems ``a:b`` x queries ``s:e`` per block, each block a contiguous
+    part of the ``(N, Q, M)`` output of at most ``chunk_elements`` entries (or one query row):
+    whole problems while they fit, else query ranges of one problem."""
+    if chunk_elements is None:
+        # traced, the loop is unrolled and the compiler fuses each block: fewer, larger blocks
+        chunk_elements = COMPILED_CHUNK_ELEMENTS if torch.compiler.is_compiling() else COST_CHUNK_ELEMENTS
+    if n * q * m == 0:
+        return []
+    if q * m <= chunk_elements:
+        step = chunk_elements // (q * m)
+        return [((a, min(a + step, n)), (0, q)) for a in range(0, n, step)]
+    step = max(1, chunk_elements // m)
+    return [((a, a + 1), (s, min(s + step, q))) for a in range(n) for s in range(0, q, step)]
+
+
+def _planar(boxes: Tensor) -> Tensor:
+    """``(..., 4)`` boxes laid out coordinate-major: ``unbind(-1)`` gives contiguous planes."""
+    return boxes.movedim(-1, 0).contiguous().movedim(0, -1)
 
 
 def _class_cost(logits: Tensor, class_cost: str, alpha: float, gamma: float) -> Tensor:
