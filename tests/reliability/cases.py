@@ -16,6 +16,8 @@ Families and their conventions (see each module's docstring):
 * ``rpn``: anchors xyxy pixels, objectness logits ``(B, A, 2)``.
 * ``rcnn``: ROI head on :func:`detloss.proposal_targets` (labels ``[1, C-1]``, 0 background).
 * ``faster_rcnn``: RPN + R-CNN.
+* ``yolov8``: anchor points of three levels of a 64x64 input (84 anchors), box distributions
+  ``(B, A, 4 * YOLOV8_REG_MAX)``, GT xyxy pixels, labels ``[0, C-1]`` (sigmoid column k).
 * ``detr``: ``DETR_LAYERS`` decoder layers x ``DETR_QUERIES`` queries, predictions
   ``(L, B, Q, ...)`` (batch dimension 1), GT normalised cxcywh, labels ``[0, C-1]``.
 """
@@ -31,11 +33,12 @@ from torch import Tensor, nn
 import detloss
 from detloss.detectors.faster_rcnn import ProposalTargets, proposal_targets
 
-FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_rcnn", "detr")
+FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_rcnn", "detr", "yolov8")
 # Families whose positional arguments are normalised boxes.
 NORMALISED = ("ssd", "retinaface", "detr")
 IMAGE = 64  # pixel side of the synthetic images
-NUM_CLASSES = {"ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4, "detr": 3}
+NUM_CLASSES = {"ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4, "detr": 3, "yolov8": 3}
+YOLOV8_REG_MAX = 8
 YOLO_STRIDES = (8, 16, 32)
 RCNN_SAMPLES = 8
 RCNN_PROPOSALS = 12
@@ -205,6 +208,18 @@ def make_case(
         module = detloss.DETRLoss(c, **options)
         args = [pred(*shape, c + 1), pred_boxes, gt, labels(0, c - 1), valid]
         return Case(family, module, args, [True] * 5, [0, 1], batch, batch_dims=[1, 1, 0, 0, 0])
+
+    if family == "yolov8":
+        from detloss.compat.ultralytics import make_anchors
+
+        points, strides = make_anchors([(IMAGE // s, IMAGE // s) for s in YOLO_STRIDES], YOLO_STRIDES)
+        a = points.shape[0]
+        boxes, valid = random_gt(gen, counts, float(IMAGE), degenerate=degenerate, min_size=0.2)
+        reg_max = options.setdefault("reg_max", YOLOV8_REG_MAX)
+        module = detloss.YOLOv8Loss(c, **options)
+        args = [pred(batch, a, 4 * reg_max), pred(batch, a, c), points, strides, boxes, labels(0, c - 1), valid]
+        kwargs = {"image_size": (IMAGE, IMAGE)} if reg_max == 1 else {}
+        return Case(family, module, args, [True, True, False, False, True, True, True], [0, 1], batch, kwargs=kwargs)
 
     if family in ("ssd", "retinaface"):
         priors = small_priors()

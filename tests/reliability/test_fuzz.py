@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 EXAMPLES = 300
 SLOW_EXAMPLES = 1430
-GT_INDEX = {"ssd": 3, "retinaface": 4, "yolov3": 1, "retinanet": 3, "rpn": 3, "faster_rcnn": 3}
+GT_INDEX = {"ssd": 3, "retinaface": 4, "yolov3": 1, "retinanet": 3, "rpn": 3, "faster_rcnn": 3, "yolov8": 4}
 
 coordinate = st.one_of(
     st.floats(-0.25, 1.25, allow_nan=False, width=32),
