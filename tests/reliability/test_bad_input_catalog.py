@@ -6,12 +6,15 @@ expectation text. The count of kinds is reported in the README.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import detloss
 from detloss.compat import retinaface as compat_rf
 from detloss.compat import ssd_pytorch as compat_ssd
+from detloss.compat import ultralytics as compat_ul
 from detloss.detectors.faster_rcnn import proposal_targets
 
 from .cases import make_case
@@ -36,6 +39,20 @@ def _ssd_labels_float():
 
 def _yolo_heads(fn):
     return _call("yolov3", 0, fn)
+
+
+def _ultralytics(key, value):
+    """Call the ultralytics drop-in on a one-image 64 px batch with ``preds`` / ``batch`` entry ``key`` replaced."""
+    def run():
+        head = SimpleNamespace(stride=torch.tensor([8.0, 16.0, 32.0]), nc=3, reg_max=16)
+        model = SimpleNamespace(args=SimpleNamespace(box=7.5, cls=0.5, dfl=1.5), model=[head],
+                                parameters=lambda: iter([torch.zeros(1)]))
+        feats = [torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2)]
+        preds = {"boxes": torch.zeros(1, 64, 84), "scores": torch.zeros(1, 3, 84), "feats": feats}
+        batch = {"batch_idx": torch.zeros(1), "cls": torch.zeros(1, 1), "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+        (preds if key in preds else batch)[key] = value
+        compat_ul.v8DetectionLoss(model)(preds, batch)
+    return run
 
 
 def _boxes(n=3):
@@ -100,6 +117,26 @@ KINDS = [
     ("detr-unstacked-layers", _call("detr", 1, lambda t: t[0]), ValueError, r"pred_boxes: expected shape \(L=3, B=2, Q=6, 4\)"),
     ("detr-matching-cost-shape", lambda: detloss.match_hungarian(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool)), ValueError,
      r"cost: expected shape \(N, Q, M\)"),
+    # --- YOLOv8 (pixel boxes, anchor points) and its ultralytics drop-in
+    ("yolov8-label-range", _call("yolov8", 5, lambda t: t + 3), ValueError, r"gt_labels: expected values in \[0, 2\]"),
+    ("yolov8-box-channels", _call("yolov8", 0, lambda t: t[..., :-1]), ValueError, r"box_pred: expected shape \(B, A, 32\)"),
+    ("yolov8-anchor-count", _call("yolov8", 2, lambda t: t[:-1]), ValueError, r"anchor_points: expected shape \(A=84, 2\)"),
+    ("yolov8-nan-logits", _call("yolov8", 1, lambda t: t.detach().index_fill(2, torch.tensor([0]), float("nan"))),
+     ValueError, r"cls_logits: expected finite values"),
+    ("yolov8-gt-outside-image", lambda: make_case("yolov8").call(image_size=(32, 32)), ValueError,
+     r"gt_boxes \(x\): expected values in \[0, 32\]"),
+    ("yolov8-matcher-topk", lambda: detloss.match_task_aligned(torch.rand(1, 4, 2), torch.rand(1, 4, 4), torch.rand(4, 2),
+                                                               torch.rand(1, 1, 4), torch.zeros(1, 1, dtype=torch.long),
+                                                               torch.ones(1, 1, dtype=torch.bool), topk=0),
+     ValueError, r"topk: expected a positive integer"),
+    ("ultralytics-cls-range", _ultralytics("cls", torch.full((1, 1), 3.0)), ValueError,
+     r"batch\['cls'\]: expected values in \[0, 2\]"),
+    ("ultralytics-bboxes-outside", _ultralytics("bboxes", torch.tensor([[0.5, 1.5, 0.2, 0.2]])), ValueError,
+     r"batch\['bboxes'\]: expected values in \[0, 1\]"),
+    ("ultralytics-box-channels", _ultralytics("boxes", torch.zeros(1, 60, 84)), ValueError,
+     r"preds\['boxes'\]: expected shape \(B, 64, 84\)"),
+    ("ultralytics-nan-scores", _ultralytics("scores", torch.full((1, 3, 84), float("nan"))), ValueError,
+     r"preds\['scores'\]: expected finite values"),
     # --- building blocks
     ("pad-label-count", lambda: detloss.pad_ground_truth([_boxes(2)], [torch.tensor([1])]), ValueError,
      r"labels\[0\]: expected 2 labels"),

@@ -36,6 +36,7 @@ BOX_TERMS = {
     "rcnn": ("loss_box",),
     "faster_rcnn": ("loss_rpn_box", "loss_box"),
     "detr": ("loss_l1", "loss_giou", "loss_l1_0", "loss_giou_0", "loss_l1_1", "loss_giou_1"),
+    "yolov8": ("loss_box", "loss_dfl"),
 }
 DISTRIBUTED_FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_rcnn")
 
