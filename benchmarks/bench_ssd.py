@@ -60,7 +60,7 @@ def make_inputs(config: str, seed: int = 0) -> dict:
     x = dict(
         config=config,
         num_classes=num_classes,
-        loc_pred=torch.randn(BATCH, p, 4, generator=gen),
+        box_pred=torch.randn(BATCH, p, 4, generator=gen),
         cls_logits=torch.randn(BATCH, p, num_classes, generator=gen),
         priors=priors,
         gt_boxes=gt_boxes,
@@ -76,7 +76,7 @@ def make_inputs(config: str, seed: int = 0) -> dict:
 
 def predictions(x: dict) -> list[torch.Tensor]:
     """The prediction leaves (created once, gradients cleared), so no copy is timed."""
-    names = ["loc_pred", "cls_logits"] + (["landmark_pred"] if x["config"] == "retinaface" else [])
+    names = ["box_pred", "cls_logits"] + (["landmark_pred"] if x["config"] == "retinaface" else [])
     for n in names:
         x[n].requires_grad_()
         x[n].grad = None
@@ -215,9 +215,9 @@ def copy_bandwidth_gbs(fresh: bool = False) -> float:
 def traffic_floor_bytes(x: dict) -> int:
     """Bytes that must move: predictions read + gradients written, priors and GT read, one float32
     per-prior loss and one label byte per prior written and read back."""
-    preds = sum(x[n].numel() for n in ("loc_pred", "cls_logits", "landmark_pred") if n in x) * 4
+    preds = sum(x[n].numel() for n in ("box_pred", "cls_logits", "landmark_pred") if n in x) * 4
     fixed = x["priors"].numel() * 4 + x["gt_boxes"].numel() * 4
-    per_prior = x["loc_pred"].shape[0] * x["loc_pred"].shape[1] * (4 + 1) * 2
+    per_prior = x["box_pred"].shape[0] * x["box_pred"].shape[1] * (4 + 1) * 2
     return 2 * preds + fixed + per_prior
 
 

@@ -99,7 +99,7 @@ def _roi_problem(n_fg: int, n_bg: int, n_mid: int):
 def test_roi_sampling_rules(n_fg, n_bg, n_mid):
     props, gt, labels, valid = _roi_problem(n_fg, n_bg, n_mid)
     lo = 0.5 if n_mid == 4 else 0.0  # the (0, 0, 4) case: the IoU 0.45 ROIs are neither fg nor bg
-    t = proposal_targets(props, gt, labels, valid, bg_iou_lo=lo, generator=torch.Generator().manual_seed(0))
+    t = proposal_targets(props, gt, labels, valid, neg_iou_min=lo, generator=torch.Generator().manual_seed(0))
     n_bg_cand = n_bg + (n_mid if lo == 0.0 else 0)
     if n_fg and n_bg_cand:
         want_fg = min(32, n_fg)

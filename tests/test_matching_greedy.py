@@ -50,7 +50,7 @@ def test_match_greedy_equals_oracle(seed, shape, levels, density, dup, matching_
     p = m + extra + 1  # the original needs M <= P
     sim, valid = _similarity(seed, b, m, p, levels, density, dup)
     got = match_greedy(
-        torch.tensor(sim), torch.tensor(valid), matching_type=matching_type, pos_iou_threshold=pos, neg_iou_limit=neg
+        torch.tensor(sim), torch.tensor(valid), matching_type=matching_type, pos_iou=pos, neg_iou=neg
     )
     want = O.match_batch(sim, valid, matching_type, pos, neg)
     for name, g, w in zip(got._fields, got, want):
@@ -81,7 +81,7 @@ def test_match_greedy_boxes_equals_oracle(seed, b, m, p):
     gts = anchors[rng.integers(0, p, size=(b, m))] + rng.normal(0, 0.05, size=(b, m, 4)) * (rng.random((b, m, 1)) < 0.7)
     gts[..., 2:] = np.maximum(gts[..., 2:], gts[..., :2] + 0.01)
     valid = rng.random((b, m)) < 0.8
-    got = match_greedy_boxes(torch.tensor(gts), torch.tensor(anchors), torch.tensor(valid), neg_iou_limit=0.3)
+    got = match_greedy_boxes(torch.tensor(gts), torch.tensor(anchors), torch.tensor(valid), neg_iou=0.3)
     sim = np.stack([O.iou_xyxy(gts[i], anchors) for i in range(b)]) if m else np.zeros((b, 0, p))
     want = O.match_batch(sim, valid, "multi", 0.5, 0.3)
     for name, g, w in zip(got._fields, got, want):

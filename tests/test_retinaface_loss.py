@@ -24,7 +24,7 @@ def golden_batch(g, dtype=torch.float32):
     tg = t["in_targets"].to(dtype)
     valid = torch.arange(tg.shape[1])[None] < t["in_num_gt"][:, None]
     return dict(
-        loc_pred=t["in_loc_data"].to(dtype).requires_grad_(),
+        box_pred=t["in_loc_data"].to(dtype).requires_grad_(),
         cls_logits=t["in_conf_data"].to(dtype).requires_grad_(),
         landmark_pred=t["in_landm_data"].to(dtype).requires_grad_(),
         priors=t["in_priors"].to(dtype),
@@ -64,7 +64,7 @@ def test_golden_native_with_quirk_option(golden, case):
     )
     assert (a.landmark_targets[~a.landmark_positive] == 0).all()
     (out["loss_box"] + out["loss_cls"] + out["loss_landmark"]).backward()
-    for name, ref in (("loc_pred", "out_grad_loc"), ("cls_logits", "out_grad_conf"), ("landmark_pred", "out_grad_landm")):
+    for name, ref in (("box_pred", "out_grad_loc"), ("cls_logits", "out_grad_conf"), ("landmark_pred", "out_grad_landm")):
         np.testing.assert_allclose(x[name].grad.numpy(), g[ref], rtol=1e-5, atol=1e-7)
 
 
@@ -75,7 +75,7 @@ def test_golden_default_weights_train_py(golden):
     out = RetinaFaceLoss(drop_degenerate_gt=False, ignored_gt_claims_prior=True)(**x)
     np.testing.assert_allclose(out["loss"].item(), 2 * g["out_loss_l"] + g["out_loss_c"] + g["out_loss_landm"], rtol=1e-5)
     out["loss"].backward()
-    np.testing.assert_allclose(x["loc_pred"].grad.numpy(), 2 * g["out_grad_loc"], rtol=1e-5, atol=2e-7)
+    np.testing.assert_allclose(x["box_pred"].grad.numpy(), 2 * g["out_grad_loc"], rtol=1e-5, atol=2e-7)
 
 
 def test_native_default_differs_only_by_the_quirk(golden):
@@ -178,7 +178,7 @@ def _batch(n_faces=2, has=(True, False), seed=0):
     p = priors.shape[0]
     gt_boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8]][:n_faces]])
     return dict(
-        loc_pred=torch.randn(1, p, 4, generator=gen, requires_grad=True),
+        box_pred=torch.randn(1, p, 4, generator=gen, requires_grad=True),
         cls_logits=torch.randn(1, p, 2, generator=gen, requires_grad=True),
         landmark_pred=torch.randn(1, p, 10, generator=gen, requires_grad=True),
         priors=priors.float(),

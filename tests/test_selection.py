@@ -31,7 +31,7 @@ def ssd_batch(seed: int, batch: int, num_gt: int, num_priors: int = 300, num_cla
     xy = torch.rand(batch, num_gt, 2, generator=g, dtype=torch.float64) * 0.7
     wh = torch.rand(batch, num_gt, 2, generator=g, dtype=torch.float64) * 0.3 + 0.02
     return dict(
-        loc_pred=torch.randn(batch, num_priors, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_(),
+        box_pred=torch.randn(batch, num_priors, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_(),
         cls_logits=(3 * torch.randn(batch, num_priors, num_classes, generator=g, dtype=torch.float64))
         .to(dtype).requires_grad_(),
         priors=torch.cat((centre, size), -1).to(dtype),
@@ -77,7 +77,7 @@ def test_retinaface_gathered_equals_masked():
     xy = torch.rand(batch, m, 2, generator=g) * 0.6
     wh = torch.rand(batch, m, 2, generator=g) * 0.3 + 0.05
     x = dict(
-        loc_pred=torch.randn(batch, p, 4, generator=g).requires_grad_(),
+        box_pred=torch.randn(batch, p, 4, generator=g).requires_grad_(),
         cls_logits=torch.randn(batch, p, 2, generator=g).requires_grad_(),
         landmark_pred=torch.randn(batch, p, 10, generator=g).requires_grad_(),
         priors=priors,

@@ -23,7 +23,7 @@ def golden_batch(g, dtype=torch.float32):
     tg = t["in_targets"].to(dtype)
     valid = torch.arange(tg.shape[1])[None] < torch.from_numpy(n)[:, None]
     return dict(
-        loc_pred=t["in_loc_data"].to(dtype).requires_grad_(),
+        box_pred=t["in_loc_data"].to(dtype).requires_grad_(),
         cls_logits=t["in_conf_data"].to(dtype).requires_grad_(),
         priors=t["in_priors"].to(dtype),
         gt_boxes=tg[..., :4].contiguous(),
@@ -53,7 +53,7 @@ def test_golden_native(golden, case):
     pos = g["mid_pos"]
     np.testing.assert_allclose(a.box_targets.detach().numpy()[pos], g["mid_loc_t"][pos], rtol=1e-5, atol=1e-6)
     (out["loss_box"] + out["loss_cls"]).backward()
-    np.testing.assert_allclose(x["loc_pred"].grad.numpy(), g["out_grad_loc"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(x["box_pred"].grad.numpy(), g["out_grad_loc"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(x["cls_logits"].grad.numpy(), g["out_grad_conf"], rtol=1e-5, atol=1e-7)
     # weighted sum
     torch.testing.assert_close(out["loss"], out["loss_box"] + out["loss_cls"])
@@ -172,7 +172,7 @@ def test_zero_positives_finite_and_exact_zero():
 def test_normaliser_is_float_positive_count():
     """Pain point: integer N (LongTensor) -> integer division. N is the float count of positives."""
     x = _one_image(torch.tensor([[[0.1, 0.1, 0.6, 0.5], [0.5, 0.5, 0.9, 0.8]]]), torch.tensor([[2, 0]]))
-    out = SSDLoss(6, normalizer="none")(*x, return_assignment=True)
+    out = SSDLoss(6, normalize_by="none")(*x, return_assignment=True)
     per_n = SSDLoss(6)(*x)
     n = out["assignment"].positive.sum().item()
     assert n >= 2  # a non-trivial divisor
@@ -249,14 +249,14 @@ def test_half_precision_runs_in_float32():
         (lambda x: x.update(gt_labels=x["gt_labels"].float()), TypeError, "gt_labels: expected an integer"),
         (lambda x: x.update(cls_logits=x["cls_logits"][:, :-1]), ValueError, r"cls_logits: expected shape \(B=4, P=8732"),
         (lambda x: x.update(priors=x["priors"][:-1]), ValueError, r"priors: expected shape \(P=8732, 4\)"),
-        (lambda x: x.update(loc_pred=x["loc_pred"][0]), ValueError, r"loc_pred: expected shape \(B, P, 4\)"),
+        (lambda x: x.update(box_pred=x["box_pred"][0]), ValueError, r"box_pred: expected shape \(B, P, 4\)"),
         (lambda x: x.update(cls_logits=x["cls_logits"][..., :5]), ValueError, r"cls_logits: expected shape .*C=21"),
         (lambda x: x.update(gt_boxes=x["gt_boxes"] * 300), ValueError, "gt_boxes: expected normalised.*divide pixel boxes"),
-        (lambda x: x.update(loc_pred=x["loc_pred"].detach().index_fill(1, torch.tensor([5]), float("nan"))), ValueError, "loc_pred: expected finite"),
+        (lambda x: x.update(box_pred=x["box_pred"].detach().index_fill(1, torch.tensor([5]), float("nan"))), ValueError, "box_pred: expected finite"),
         (lambda x: x.update(cls_logits=x["cls_logits"].detach().index_fill(1, torch.tensor([5]), float("inf"))), ValueError, "cls_logits.*finite"),
         (lambda x: x.update(gt_boxes=x["gt_boxes"].index_fill(1, torch.tensor([0]), float("inf"))), ValueError, "gt_boxes: expected finite"),
         (lambda x: x.update(gt_valid=x["gt_valid"][:, :1]), ValueError, r"gt_valid: expected shape \(B=4, M=4\)"),
-        (lambda x: x.update(loc_pred=x["loc_pred"].long()), TypeError, "loc_pred: expected a floating"),
+        (lambda x: x.update(box_pred=x["box_pred"].long()), TypeError, "box_pred: expected a floating"),
     ],
 )
 def test_bad_input_named(golden, change, error, pattern):
@@ -269,8 +269,8 @@ def test_bad_input_named(golden, change, error, pattern):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         SSDLoss(1)
-    with pytest.raises(ValueError, match="normalizer"):
-        SSDLoss(21, normalizer="batch")
+    with pytest.raises(ValueError, match="normalize_by"):
+        SSDLoss(21, normalize_by="batch")
     with pytest.raises(ValueError, match="pos_iou"):
         SSDLoss(21, pos_iou=-0.5)
 

@@ -92,7 +92,7 @@ def random_problem(rng, size, batch, num_classes, counts, dtype=torch.float64, s
 def test_matches_oracle(seed, size, num_classes, counts, box_loss, normalizer, smoothing):
     rng = np.random.default_rng(seed)
     convs, arr, valid = random_problem(rng, size, len(counts), num_classes, counts)
-    loss = YOLOv3Loss(num_classes, anchors=ANCHORS, box_loss=box_loss, normalizer=normalizer,
+    loss = YOLOv3Loss(num_classes, anchors=ANCHORS, box_loss=box_loss, normalize_by=normalizer,
                       label_smoothing=smoothing)
     got = loss(convs, torch.as_tensor(arr[..., :4]), torch.as_tensor(arr[..., 4]).long(), valid)
     want = oracle.yolov3_loss([c.numpy() for c in convs], arr[..., :4], arr[..., 4].astype(int), counts,
@@ -225,7 +225,7 @@ def test_weights_and_num_pos_normalizer():
     weighted = YOLOv3Loss(2, box_weight=2.0, obj_weight=0.5, cls_weight=0.0)(convs, *args)
     torch.testing.assert_close(weighted["loss"], 2 * base["loss_box"] + 0.5 * base["loss_obj"])
     n_pos = sum(int(r.sum()) for r in base["assignment"].respond)
-    per_pos = YOLOv3Loss(2, normalizer="num_pos")(convs, *args)
+    per_pos = YOLOv3Loss(2, normalize_by="num_pos")(convs, *args)
     torch.testing.assert_close(per_pos["loss"], base["loss"] * 2 / n_pos)
 
 

@@ -62,7 +62,7 @@ def _boxes(n=3):
 KINDS = [
     # --- SSD / RetinaFace (normalised boxes)
     ("ssd-loc-pred-last-dim", _call("ssd", 0, lambda t: torch.cat((t, t[..., :1]), -1)), ValueError,
-     r"loc_pred: expected shape \(B, P, 4\), got \(2, 48, 5\)"),
+     r"box_pred: expected shape \(B, P, 4\), got \(2, 48, 5\)"),
     ("ssd-cls-logits-class-count", _call("ssd", 1, lambda t: torch.cat((t, t[..., :1]), -1)), ValueError,
      r"cls_logits: expected shape \(B=2, P=48, C=4\)"),
     ("ssd-priors-count", _call("ssd", 2, lambda t: t[:-1]), ValueError, r"priors: expected shape \(P=48, 4\)"),
@@ -73,11 +73,11 @@ KINDS = [
     ("ssd-pixel-gt-boxes", _call("ssd", 3, lambda t: t * 300), ValueError,
      r"gt_boxes: expected normalised coordinates"),
     ("ssd-nan-predictions", _call("ssd", 0, lambda t: t.detach().clone().index_fill_(1, torch.tensor([3]), float("nan"))),
-     ValueError, r"loc_pred: expected finite values"),
+     ValueError, r"box_pred: expected finite values"),
     ("ssd-float-valid-mask", _call("ssd", 5, lambda t: t.float()), TypeError, r"gt_valid: expected a bool"),
     ("ssd-num-classes", lambda: detloss.SSDLoss(1), ValueError, r"num_classes: expected an integer >= 2"),
-    ("ssd-normalizer-choice", lambda: detloss.SSDLoss(4, normalizer="mean"), ValueError,
-     r"normalizer: expected one of \('num_pos', 'none'\)"),
+    ("ssd-normalize-by-choice", lambda: detloss.SSDLoss(4, normalize_by="mean"), ValueError,
+     r"normalize_by: expected one of \('num_pos', 'none'\)"),
     ("ssd-negative-ratio", lambda: detloss.SSDLoss(4, neg_pos_ratio=-1), ValueError, r"neg_pos_ratio: expected a number >= 0"),
     ("retinaface-landmark-pred-dim", _call("retinaface", 2, lambda t: t[..., :8]), ValueError,
      r"landmark_pred: expected shape \(B=2, P=48, 10\)"),

@@ -6,11 +6,11 @@ respect to its half of the predictions. DDP averages parameter gradients over ra
 gradient that reaches the network through image ``i`` (on rank ``r``) is ``grad_r[i] / 2``;
 the promise is that this equals the single-process gradient on the global batch.
 
-* Positive-count normalisers (SSD, RetinaFace, RetinaNet, YOLOv3 ``normalizer="num_pos"``)
+* Positive-count normalisers (SSD, RetinaFace, RetinaNet, YOLOv3 ``normalize_by="num_pos"``)
   and the R-CNN sample-count normalisers (RPN, R-CNN, Faster R-CNN) hold it with
   ``distributed=True`` for any split, including a step where one rank's half has no GT at
   all (``one-empty``).
-* YOLOv3's default ``normalizer="batch"`` (sum over cells, mean over images) needs no
+* YOLOv3's default ``normalize_by="batch"`` (sum over cells, mean over images) needs no
   communication: it holds because both ranks have the same number of images.
 * Without ``distributed`` a positive-count loss differs as soon as the ranks' counts differ
   (checked for SSD, so the comparison can fail).
@@ -32,7 +32,7 @@ WORLD = 2
 SCENARIOS = {"both": [3, 1, 2, 4], "one-empty": [2, 3, 0, 0]}
 # (family, options, label); every entry is run in every scenario
 CONFIGS = [(f, {"distributed": True}, f) for f in FAMILIES if f != "yolov3"] + [
-    ("yolov3", {"distributed": True, "normalizer": "num_pos"}, "yolov3-num_pos"),
+    ("yolov3", {"distributed": True, "normalize_by": "num_pos"}, "yolov3-num_pos"),
     ("yolov3", {}, "yolov3-batch"),
     ("ssd", {}, "ssd-not-distributed"),
 ]

@@ -92,7 +92,7 @@ def test_fm02_integer_count_normaliser_is_float_and_at_least_one():
 @pytest.mark.parametrize("family", ["ssd", "retinaface", "retinanet", "yolov3"])
 def test_fm02_loss_is_sum_over_float_positive_count(family, monkeypatch):
     """Normalised loss x N equals the unnormalised loss, N = number of positives (not floor-divided)."""
-    options = {"normalizer": "num_pos"} if family == "yolov3" else {}
+    options = {"normalize_by": "num_pos"} if family == "yolov3" else {}
     case = make_case(family, batch=2, num_gt=[3, 2], seed=3, options=options)
     out = case.call(return_assignment=True)
     a = out["assignment"]
@@ -506,7 +506,7 @@ def _fake_world(monkeypatch, other_rank_count: str):
 def _distributed_case(family: str, distributed: bool) -> Case:
     options = {"distributed": distributed}
     if family == "yolov3":
-        options["normalizer"] = "num_pos"
+        options["normalize_by"] = "num_pos"
     return make_case(family, num_gt=3, seed=15, sample_all=True, options=options)
 
 

@@ -248,8 +248,8 @@ class SSDInputEncoder:
             self._anchors_xyxy,
             valid,
             matching_type=self.matching_type,
-            pos_iou_threshold=self.pos_iou_threshold,
-            neg_iou_limit=self.neg_iou_limit,
+            pos_iou=self.pos_iou_threshold,
+            neg_iou=self.neg_iou_limit,
             chunk_size=max(1, 2**17 // self.anchors.shape[0]),  # cache-sized IoU blocks
         )
         gt_index = match.gt_index.clamp(min=0)

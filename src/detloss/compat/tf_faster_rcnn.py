@@ -213,8 +213,8 @@ def proposal_target_layer(
     labels_in = gt[:, 4].round().to(torch.int64)
     sampled = proposal_targets(
         rois_in[None, :, 1:], gt[None, :, :4], labels_in[None], torch.ones((1, gt.shape[0]), dtype=torch.bool),
-        num_samples=int(train.BATCH_SIZE), fg_fraction=train.FG_FRACTION, fg_iou=train.FG_THRESH,
-        bg_iou_hi=train.BG_THRESH_HI, bg_iou_lo=train.BG_THRESH_LO, append_gt=bool(train.USE_GT),
+        num_samples=int(train.BATCH_SIZE), fg_fraction=train.FG_FRACTION, pos_iou=train.FG_THRESH,
+        neg_iou=train.BG_THRESH_HI, neg_iou_min=train.BG_THRESH_LO, append_gt=bool(train.USE_GT),
         means=tuple(train.BBOX_NORMALIZE_MEANS) if normalize else None,
         stds=tuple(train.BBOX_NORMALIZE_STDS) if normalize else None,
         pixel_offset=1.0, num_classes=int(_num_classes), generator=generator,

@@ -40,7 +40,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._validate import as_bool_mask, require_boxes, require_floating, require_range, require_shape
+from .._validate import as_bool_mask, require_boxes, require_floating, require_positive, require_range, require_shape
 from ..boxes import compute_dtype
 from ..coders import encode_deltas
 from ..functional import binary_cross_entropy_with_logits, cross_entropy, positive_normalizer, smooth_l1_loss
@@ -213,15 +213,16 @@ def proposal_targets(
     proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
     proposals_valid: Optional[Tensor] = None, *,
     # sampler
-    num_samples: int = 128, fg_fraction: float = 0.25, fg_iou: float = 0.5, bg_iou_hi: float = 0.5,
-    bg_iou_lo: float = 0.0, append_gt: bool = False, generator: Optional[torch.Generator] = None,
+    num_samples: int = 128, fg_fraction: float = 0.25, pos_iou: float = 0.5, neg_iou: float = 0.5,
+    neg_iou_min: float = 0.0, append_gt: bool = False, generator: Optional[torch.Generator] = None,
     # delta coder and label check
     means: Optional[Sequence[float]] = None, stds: Optional[Sequence[float]] = RCNN_STDS,
     pixel_offset: float = 0.0, num_classes: Optional[int] = None,
 ) -> ProposalTargets:
     """Sample ``num_samples`` ROIs per image and build their targets (proposal_target_layer).
 
-    Foreground: best IoU ``>= fg_iou``; background: ``bg_iou_lo <= IoU < bg_iou_hi``. With
+    Foreground: best IoU ``>= pos_iou``; background: ``neg_iou_min <= IoU < neg_iou`` (the
+    originals' ``FG_THRESH``, ``BG_THRESH_LO``, ``BG_THRESH_HI``). With
     both kinds present, ``min(round(num_samples * fg_fraction), #fg)`` foreground ROIs are
     drawn without replacement and background fills the rest (with replacement if there are
     too few); with only one kind, all ``num_samples`` slots are drawn from it (with
@@ -259,11 +260,11 @@ def proposal_targets(
         proposals_valid = proposals_valid.new_zeros(batch, 1)
 
     match = max_iou_match(
-        candidates, gt_boxes, gt_valid, pos_iou=fg_iou, neg_iou=bg_iou_hi,
+        candidates, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou,
         allow_low_quality=False, anchor_valid=proposals_valid, pixel_offset=pixel_offset,
     )
-    fg = proposals_valid & (match.max_iou >= fg_iou)
-    bg = proposals_valid & (match.max_iou < bg_iou_hi) & (match.max_iou >= bg_iou_lo) & ~fg
+    fg = proposals_valid & (match.max_iou >= pos_iou)
+    bg = proposals_valid & (match.max_iou < neg_iou) & (match.max_iou >= neg_iou_min) & ~fg
     roi_index, num_fg, filled = _sample_rois(fg, bg, num_samples, fg_fraction, generator)
 
     is_fg = torch.arange(num_samples, device=fg.device) < num_fg.unsqueeze(1)
@@ -417,29 +418,26 @@ def rcnn_loss(
     return {"loss_cls": loss_cls, "loss_box": box.sum() / num_rois}
 
 
-def _with_total(parts: dict[str, Tensor], weights: dict[str, float]) -> dict[str, Tensor]:
-    parts["loss"] = sum(weights.get(k, 1.0) * v for k, v in parts.items())
-    return parts
-
-
 class RPNLoss(nn.Module):
     """RPN loss: anchor targets (:func:`rpn_targets`), then :func:`rpn_loss`.
 
     ``forward(cls_logits (B, A, 2) or (B, A), box_pred (B, A, 4), anchors (A, 4), gt_boxes
     (B, M, 4), gt_valid (B, M), image_size, *, generator=None, return_assignment=False)``
-    returns ``loss_rpn_cls``, ``loss_rpn_box`` and ``loss`` (their sum), plus
-    ``"assignment"`` (the :class:`RPNTargets`) when asked. Keyword options are those of
-    :func:`rpn_targets`; ``sigma`` (3) or ``beta`` sets the smooth L1; ``distributed`` all-reduces
-    the normalisers (see :func:`rpn_loss`).
+    returns ``loss_rpn_cls``, ``loss_rpn_box`` and ``loss`` (``box_weight * loss_rpn_box +
+    cls_weight * loss_rpn_cls``), plus ``"assignment"`` (the :class:`RPNTargets`) when asked.
+    Keyword options are those of :func:`rpn_targets`; ``sigma`` (3) or ``beta`` sets the smooth
+    L1; ``distributed`` all-reduces the normalisers (see :func:`rpn_loss`).
     """
 
     def __init__(
-        self, *, sigma: Optional[float] = 3.0, beta: Optional[float] = None, distributed: bool = False,
-        **target_options,
+        self, *, sigma: Optional[float] = 3.0, beta: Optional[float] = None, box_weight: float = 1.0,
+        cls_weight: float = 1.0, distributed: bool = False, **target_options,
     ) -> None:
         super().__init__()
         self.sigma, self.beta, self.target_options = sigma, beta, target_options
         self.distributed = bool(distributed)
+        self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
+        self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
 
     def forward(
         self, cls_logits: Tensor, box_pred: Tensor, anchors: Tensor, gt_boxes: Tensor,
@@ -447,8 +445,8 @@ class RPNLoss(nn.Module):
         return_assignment: bool = False,
     ) -> dict:
         targets = rpn_targets(anchors, gt_boxes, gt_valid, image_size, generator=generator, **self.target_options)
-        parts = rpn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta, distributed=self.distributed)
-        out = _with_total(parts, {})
+        out = rpn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta, distributed=self.distributed)
+        out["loss"] = self.box_weight * out["loss_rpn_box"] + self.cls_weight * out["loss_rpn_cls"]
         if return_assignment:
             out["assignment"] = targets
         return out
@@ -458,16 +456,23 @@ class RCNNLoss(nn.Module):
     """R-CNN head loss on ROIs sampled by :func:`proposal_targets` (computed before the head).
 
     ``forward(cls_logits (B, S, C), box_pred (B, S, 4C) or (B, S, 4), targets)`` returns
-    ``loss_cls``, ``loss_box`` and ``loss``; ``distributed`` all-reduces the ROI count.
+    ``loss_cls``, ``loss_box`` and ``loss`` (``box_weight * loss_box + cls_weight * loss_cls``);
+    ``distributed`` all-reduces the ROI count.
     """
 
-    def __init__(self, *, sigma: Optional[float] = 1.0, beta: Optional[float] = None, distributed: bool = False) -> None:
+    def __init__(
+        self, *, sigma: Optional[float] = 1.0, beta: Optional[float] = None, box_weight: float = 1.0,
+        cls_weight: float = 1.0, distributed: bool = False,
+    ) -> None:
         super().__init__()
         self.sigma, self.beta, self.distributed = sigma, beta, bool(distributed)
 
+        self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
+        self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
     def forward(self, cls_logits: Tensor, box_pred: Tensor, targets: ProposalTargets) -> dict:
-        parts = rcnn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta, distributed=self.distributed)
-        return _with_total(parts, {})
+        out = rcnn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta, distributed=self.distributed)
+        out["loss"] = self.box_weight * out["loss_box"] + self.cls_weight * out["loss_cls"]
+        return out
 
 
 class FasterRCNNLoss(nn.Module):
@@ -476,18 +481,21 @@ class FasterRCNNLoss(nn.Module):
     ``forward(rpn_cls_logits, rpn_box_pred, anchors, gt_boxes, gt_valid, image_size,
     cls_logits, box_pred, proposal_targets, *, generator=None, return_assignment=False)``:
     the RPN part as :class:`RPNLoss`, the head part as :class:`RCNNLoss` on the
-    :class:`ProposalTargets` the ROI sampler produced. ``loss_weights`` maps component names
-    to weights of the total (1 each by default, as the original).
+    :class:`ProposalTargets` the ROI sampler produced. ``rpn_box_weight``, ``rpn_cls_weight``,
+    ``box_weight`` and ``cls_weight`` weight the four terms in ``loss`` (1 each, as the original).
     """
 
     def __init__(
         self, *, rpn_sigma: Optional[float] = 3.0, rcnn_sigma: Optional[float] = 1.0,
-        loss_weights: Optional[dict[str, float]] = None, distributed: bool = False, **rpn_target_options,
+        rpn_box_weight: float = 1.0, rpn_cls_weight: float = 1.0, box_weight: float = 1.0,
+        cls_weight: float = 1.0, distributed: bool = False, **rpn_target_options,
     ) -> None:
         super().__init__()
-        self.rpn = RPNLoss(sigma=rpn_sigma, distributed=distributed, **rpn_target_options)
-        self.rcnn = RCNNLoss(sigma=rcnn_sigma, distributed=distributed)
-        self.loss_weights = dict(loss_weights or {})
+        self.rpn = RPNLoss(
+            sigma=rpn_sigma, box_weight=rpn_box_weight, cls_weight=rpn_cls_weight, distributed=distributed,
+            **rpn_target_options,
+        )
+        self.rcnn = RCNNLoss(sigma=rcnn_sigma, box_weight=box_weight, cls_weight=cls_weight, distributed=distributed)
 
     def forward(
         self, rpn_cls_logits: Tensor, rpn_box_pred: Tensor, anchors: Tensor, gt_boxes: Tensor,
@@ -497,12 +505,13 @@ class FasterRCNNLoss(nn.Module):
     ) -> dict:
         rpn = self.rpn(rpn_cls_logits, rpn_box_pred, anchors, gt_boxes, gt_valid, image_size,
                        generator=generator, return_assignment=return_assignment)
-        head = rcnn_loss(
-            cls_logits, box_pred, proposal_targets,
-            sigma=self.rcnn.sigma, beta=self.rcnn.beta, distributed=self.rcnn.distributed,
+        head = self.rcnn(cls_logits, box_pred, proposal_targets)
+        out = {"loss_rpn_cls": rpn["loss_rpn_cls"], "loss_rpn_box": rpn["loss_rpn_box"],
+               "loss_cls": head["loss_cls"], "loss_box": head["loss_box"]}
+        out["loss"] = (
+            self.rpn.cls_weight * out["loss_rpn_cls"] + self.rpn.box_weight * out["loss_rpn_box"]
+            + self.rcnn.cls_weight * out["loss_cls"] + self.rcnn.box_weight * out["loss_box"]
         )
-        parts = {"loss_rpn_cls": rpn["loss_rpn_cls"], "loss_rpn_box": rpn["loss_rpn_box"], **head}
-        out = _with_total(parts, self.loss_weights)
         if return_assignment:
             out["assignment"] = rpn["assignment"]
         return out

@@ -53,14 +53,14 @@ class RetinaFaceLoss(MultiBoxLossBase):
         neg_pos_ratio: mined negatives per positive, per image (7).
         min_best_iou: GTs whose best prior IoU is below it are ignored (0.2).
         box_weight, cls_weight, landmark_weight: weights in ``loss`` (2, 1, 1 as in train.py).
-        normalizer: ``"num_pos"`` or ``"none"`` for the box and class terms (the landmark term
+        normalize_by: ``"num_pos"`` or ``"none"`` for the box and class terms (the landmark term
             always divides by the landmark-positive count, clamped at 1).
         distributed: all-reduce both positive counts over processes.
         drop_degenerate_gt: treat zero-area GTs as invalid.
         ignored_gt_claims_prior: reproduce the original's "ignored GT still claims a prior"
             quirk (see :func:`detloss.match_priors`); off by default.
 
-    ``forward(loc_pred (B, P, 4), cls_logits (B, P, C), landmark_pred (B, P, 10), priors (P, 4)
+    ``forward(box_pred (B, P, 4), cls_logits (B, P, C), landmark_pred (B, P, 10), priors (P, 4)
     cxcywh normalised, gt_boxes (B, M, 4) xyxy normalised, gt_landmarks (B, M, 10),
     gt_has_landmarks (B, M) bool, gt_valid (B, M) bool, *, return_assignment=False)`` returns
     ``{"loss_box", "loss_cls", "loss_landmark", "loss"}`` (0-d float32, float64 for float64
@@ -79,14 +79,14 @@ class RetinaFaceLoss(MultiBoxLossBase):
         box_weight: float = 2.0,
         cls_weight: float = 1.0,
         landmark_weight: float = 1.0,
-        normalizer: str = "num_pos",
+        normalize_by: str = "num_pos",
         distributed: bool = False,
         drop_degenerate_gt: bool = True,
         ignored_gt_claims_prior: bool = False,
     ) -> None:
         super().__init__(
             num_classes, variances=variances, pos_iou=pos_iou, neg_pos_ratio=neg_pos_ratio,
-            box_weight=box_weight, cls_weight=cls_weight, normalizer=normalizer,
+            box_weight=box_weight, cls_weight=cls_weight, normalize_by=normalize_by,
             distributed=distributed, drop_degenerate_gt=drop_degenerate_gt,
         )
         self.min_best_iou = min_best_iou
@@ -95,7 +95,7 @@ class RetinaFaceLoss(MultiBoxLossBase):
 
     def forward(
         self,
-        loc_pred: Tensor,
+        box_pred: Tensor,
         cls_logits: Tensor,
         landmark_pred: Tensor,
         priors: Tensor,
@@ -106,7 +106,7 @@ class RetinaFaceLoss(MultiBoxLossBase):
         *,
         return_assignment: bool = False,
     ) -> dict:
-        dims, gt_valid = validate_multibox_inputs(loc_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
+        dims, gt_valid = validate_multibox_inputs(box_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
         require_floating(landmark_pred, "landmark_pred")
         require_floating(gt_landmarks, "gt_landmarks")
         require_shape(landmark_pred, "landmark_pred", ("B", "P", NUM_LANDMARK_COORDS), dims)
@@ -132,11 +132,11 @@ class RetinaFaceLoss(MultiBoxLossBase):
         )
         labels = positive.long()
 
-        n = multibox_normalizer(positive, self.normalizer, self.distributed)
+        n = multibox_normalizer(positive, self.normalize_by, self.distributed)
         n_landmark = positive_normalizer(landmark_positive.sum(), distributed=self.distributed)
         positives = RowSelection(positive)
         box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
-            loc_pred, cls_logits, priors, gt_boxes, match, labels, n, positives
+            box_pred, cls_logits, priors, gt_boxes, match, labels, n, positives
         )
         loss_landmark = smooth_l1_loss(
             with_landmarks.take(landmark_pred), landmark_targets, 1.0,

@@ -31,7 +31,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import require_boxes, require_choice, require_floating, require_shape
+from .._validate import require_boxes, require_choice, require_floating, require_positive, require_shape
 from ..boxes import compute_dtype
 from ..coders import decode_deltas, encode_deltas
 from ..functional import iou_loss, positive_normalizer, smooth_l1_loss
@@ -61,6 +61,7 @@ class RetinaNetLoss(nn.Module):
         pos_iou, neg_iou, allow_low_quality, low_quality_zero_iou: the matcher.
         alpha, gamma: focal loss (0.25, 2); ``alpha < 0`` disables the alpha weighting.
         box_loss: ``"smooth_l1"`` (with ``beta``), ``"l1"`` or ``"giou"``.
+        box_weight, cls_weight: weights of the two terms in ``loss`` (1 each, as the paper).
         weights / means / stds: the delta coder (``weights`` are torchvision-style, ``stds =
             1 / weights``; give one of ``weights`` and ``stds``).
         pixel_offset: 0 (continuous pixels) or 1 (inclusive), for the IoU and the coder.
@@ -80,7 +81,8 @@ class RetinaNetLoss(nn.Module):
         low_quality_zero_iou: bool = False, chunk_size: Optional[int] = None,
         # classification and box losses
         alpha: float = 0.25, gamma: float = 2.0, cls_chunk_size: Optional[int] = None,
-        box_loss: BoxLoss = "smooth_l1", beta: float = 0.1, distributed: bool = False,
+        box_loss: BoxLoss = "smooth_l1", beta: float = 0.1, box_weight: float = 1.0, cls_weight: float = 1.0,
+        distributed: bool = False,
         # delta coder
         weights: Optional[Sequence[float]] = None, means: Optional[Sequence[float]] = None,
         stds: Optional[Sequence[float]] = None, pixel_offset: float = 0.0,
@@ -100,6 +102,8 @@ class RetinaNetLoss(nn.Module):
         )
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.box_loss, self.beta = box_loss, float(beta)
+        self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
+        self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
         self.coder = dict(means=means, stds=stds, pixel_offset=pixel_offset)
         self.distributed = distributed
         self.cls_chunk_size = cls_chunk_size
@@ -138,7 +142,7 @@ class RetinaNetLoss(nn.Module):
         )
         loss_cls = cls_sum / normalizer.to(cls_sum.dtype)
         loss_box = self._box_loss(box_pred, anchors, gt_boxes, match.matched_gt, positive, normalizer)
-        out = {"loss_cls": loss_cls, "loss_box": loss_box, "loss": loss_cls + loss_box}
+        out = {"loss_cls": loss_cls, "loss_box": loss_box, "loss": self.cls_weight * loss_cls + self.box_weight * loss_box}
         if return_assignment:
             out["assignment"] = RetinaNetAssignment(
                 labels=match.labels, matched_gt=match.matched_gt, max_iou=match.max_iou,

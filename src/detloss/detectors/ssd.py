@@ -52,7 +52,7 @@ from ..functional.selection import RowSelection
 from ..matching.bipartite import PriorMatch, match_priors
 from ..sampling.hard_negative import mine_hard_negatives
 
-NORMALIZERS = ("num_pos", "none")
+NORMALIZE_BY = ("num_pos", "none")
 
 
 @dataclass
@@ -82,7 +82,7 @@ class MultiBoxAssignment:
 
 
 def validate_multibox_inputs(
-    loc_pred: Tensor,
+    box_pred: Tensor,
     cls_logits: Tensor,
     priors: Tensor,
     gt_boxes: Tensor,
@@ -90,18 +90,18 @@ def validate_multibox_inputs(
     num_classes: int,
 ) -> tuple[dict[str, int], Tensor]:
     """Shared input checks of the SSD and RetinaFace losses; returns ``(dims, gt_valid as bool)``."""
-    require_floating(loc_pred, "loc_pred")
+    require_floating(box_pred, "box_pred")
     require_floating(cls_logits, "cls_logits")
     require_floating(priors, "priors")
     require_floating(gt_boxes, "gt_boxes")
     dims = {"C": num_classes}
-    require_shape(loc_pred, "loc_pred", ("B", "P", 4), dims)
+    require_shape(box_pred, "box_pred", ("B", "P", 4), dims)
     require_shape(cls_logits, "cls_logits", ("B", "P", "C"), dims)
     require_shape(priors, "priors", ("P", 4), dims)
     require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
     require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
     gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_finite(loc_pred, "loc_pred")
+    require_finite(box_pred, "box_pred")
     require_finite(priors, "priors")
     require_finite(gt_boxes, "gt_boxes")
     require_normalised(priors, "priors", box_format="cxcywh", positive_size=True)
@@ -170,7 +170,7 @@ class MultiBoxLossBase(nn.Module):
         neg_pos_ratio: float,
         box_weight: float,
         cls_weight: float,
-        normalizer: str,
+        normalize_by: str,
         distributed: bool,
         drop_degenerate_gt: bool,
     ) -> None:
@@ -183,13 +183,13 @@ class MultiBoxLossBase(nn.Module):
         self.neg_pos_ratio = require_positive(neg_pos_ratio, "neg_pos_ratio", allow_zero=True)
         self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
         self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
-        self.normalizer = require_choice(normalizer, "normalizer", NORMALIZERS)
+        self.normalize_by = require_choice(normalize_by, "normalize_by", NORMALIZE_BY)
         self.distributed = bool(distributed)
         self.drop_degenerate_gt = bool(drop_degenerate_gt)
 
     def box_and_class_terms(
         self,
-        loc_pred: Tensor,
+        box_pred: Tensor,
         cls_logits: Tensor,
         priors: Tensor,
         gt_boxes: Tensor,
@@ -201,7 +201,7 @@ class MultiBoxLossBase(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Smooth L1 (beta 1) of the positives' encoded boxes and the mined cross-entropy.
 
-        ``loc_pred (B, P, 4)``, ``cls_logits (B, P, C)``, ``priors (P, 4)`` cxcywh,
+        ``box_pred (B, P, 4)``, ``cls_logits (B, P, C)``, ``priors (P, 4)`` cxcywh,
         ``gt_boxes (B, M, 4)`` xyxy, ``labels (B, P)`` int64 classification targets, both
         terms divided by ``normalizer``; ``positives`` the selection of ``match.positive``.
         Returns ``(box_targets, loss_box, loss_cls, negative (B, P) bool)``; ``box_targets`` are
@@ -212,7 +212,7 @@ class MultiBoxLossBase(nn.Module):
             positives.take_matched(gt_boxes, match.matched_gt), positives.take_priors(priors), self.variances
         )
         loss_box = smooth_l1_loss(
-            positives.take(loc_pred), targets, 1.0, weight=positives.weight(1), reduction="sum", normalizer=normalizer
+            positives.take(box_pred), targets, 1.0, weight=positives.weight(1), reduction="sum", normalizer=normalizer
         )
         loss_cls, negative = mined_cross_entropy(
             cls_logits, labels, match.positive,
@@ -232,12 +232,12 @@ class SSDLoss(MultiBoxLossBase):
             are never mined as negatives (ssd.pytorch has no such band).
         neg_pos_ratio: mined negatives per positive, per image.
         box_weight, cls_weight: weights of the two terms in ``loss``.
-        normalizer: ``"num_pos"`` (divide both terms by ``max(positives, 1)``) or ``"none"``.
+        normalize_by: ``"num_pos"`` (divide both terms by ``max(positives, 1)``) or ``"none"``.
         distributed: all-reduce the positive count over processes (see
             :func:`detloss.functional.positive_normalizer`).
         drop_degenerate_gt: treat zero-area GTs as invalid (see :func:`detloss.match_priors`).
 
-    ``forward(loc_pred (B, P, 4), cls_logits (B, P, C), priors (P, 4) cxcywh normalised,
+    ``forward(box_pred (B, P, 4), cls_logits (B, P, C), priors (P, 4) cxcywh normalised,
     gt_boxes (B, M, 4) xyxy normalised, gt_labels (B, M) int64 in [0, C-2], gt_valid (B, M)
     bool, *, return_assignment=False)`` returns ``{"loss_box", "loss_cls", "loss"}`` (0-d
     float32, float64 for float64 inputs) and, with ``return_assignment``, ``"assignment"``:
@@ -254,20 +254,20 @@ class SSDLoss(MultiBoxLossBase):
         neg_pos_ratio: float = 3,
         box_weight: float = 1.0,
         cls_weight: float = 1.0,
-        normalizer: str = "num_pos",
+        normalize_by: str = "num_pos",
         distributed: bool = False,
         drop_degenerate_gt: bool = True,
     ) -> None:
         super().__init__(
             num_classes, variances=variances, pos_iou=pos_iou, neg_pos_ratio=neg_pos_ratio,
-            box_weight=box_weight, cls_weight=cls_weight, normalizer=normalizer,
+            box_weight=box_weight, cls_weight=cls_weight, normalize_by=normalize_by,
             distributed=distributed, drop_degenerate_gt=drop_degenerate_gt,
         )
         self.neg_iou = neg_iou
 
     def forward(
         self,
-        loc_pred: Tensor,
+        box_pred: Tensor,
         cls_logits: Tensor,
         priors: Tensor,
         gt_boxes: Tensor,
@@ -276,7 +276,7 @@ class SSDLoss(MultiBoxLossBase):
         *,
         return_assignment: bool = False,
     ) -> dict:
-        dims, gt_valid = validate_multibox_inputs(loc_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
+        dims, gt_valid = validate_multibox_inputs(box_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
         require_integer(gt_labels, "gt_labels")
         require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
         require_range(gt_labels, "gt_labels", 0, self.num_classes - 2, where=gt_valid)
@@ -288,9 +288,9 @@ class SSDLoss(MultiBoxLossBase):
         positive = match.positive
         positives = RowSelection(positive)
         labels = positives.scatter(positives.take_matched(gt_labels.unsqueeze(-1), match.matched_gt) + 1).squeeze(-1)
-        n = multibox_normalizer(positive, self.normalizer, self.distributed)
+        n = multibox_normalizer(positive, self.normalize_by, self.distributed)
         box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
-            loc_pred, cls_logits, priors, gt_boxes, match, labels, n, positives, candidates=~match.ignore
+            box_pred, cls_logits, priors, gt_boxes, match, labels, n, positives, candidates=~match.ignore
         )
         out = {
             "loss_box": loss_box,

@@ -11,8 +11,8 @@ Per scale, with the assignment of :mod:`detloss.matching.yolo`:
 * class: ``sum_resp sum_c BCE(class logit, smoothed one-hot)``.
 
 Each term is summed over cells, anchors and channels, then divided by the batch size
-(``normalizer="batch"``, the original) or by the number of responsible slots
-(``normalizer="num_pos"``, through :func:`detloss.functional.positive_normalizer`).
+(``normalize_by="batch"``, the original) or by the number of responsible slots
+(``normalize_by="num_pos"``, through :func:`detloss.functional.positive_normalizer`).
 Images without boxes contribute background objectness only.
 
 Head layout: per scale ``(B, H, W, A * (5 + C))`` (``layout="nhwc"``, TensorFlow) or
@@ -377,11 +377,11 @@ class YOLOv3Loss(nn.Module):
         box_loss: ``"giou"`` (original), ``"diou"`` or ``"ciou"``.
         label_smoothing: ``eps`` of the class targets ``onehot * (1 - eps) + eps / C``.
         layout: ``"nhwc"`` ``(B, H, W, A*(5+C))`` or ``"nchw"`` ``(B, A*(5+C), H, W)``.
-        normalizer: ``"batch"`` (sum over cells, mean over images: the original) or
+        normalize_by: ``"batch"`` (sum over cells, mean over images: the original) or
             ``"num_pos"`` (divide by the number of responsible slots, at least 1).
         distributed: all-reduce the ``"num_pos"`` count over processes.
         box_weight, obj_weight, cls_weight: weights of the three terms in ``loss``.
-        assign_iou: anchor-responsibility threshold of the target builder (0.3).
+        pos_iou: anchor-responsibility threshold of the target builder (0.3).
         max_boxes_per_scale: rows of each scale's true-box list (150; it wraps).
         faithful_fallback_clip: reproduce the original's fallback-cell clipping bug.
         box_eps: denominator clamp of the box IoU (None: 1e-7).
@@ -402,13 +402,13 @@ class YOLOv3Loss(nn.Module):
         box_loss: Literal["giou", "diou", "ciou"] = "giou",
         label_smoothing: float = 0.01,
         layout: Literal["nhwc", "nchw"] = "nhwc",
-        normalizer: Literal["batch", "num_pos"] = "batch",
+        normalize_by: Literal["batch", "num_pos"] = "batch",
         distributed: bool = False,
         box_weight: float = 1.0,
         obj_weight: float = 1.0,
         cls_weight: float = 1.0,
         *,
-        assign_iou: float = 0.3,
+        pos_iou: float = 0.3,
         max_boxes_per_scale: int = 150,
         faithful_fallback_clip: bool = False,
         box_eps: Optional[float] = None,
@@ -418,7 +418,7 @@ class YOLOv3Loss(nn.Module):
         require_positive(num_classes, "num_classes")
         require_choice(box_loss, "box_loss", ("giou", "diou", "ciou"))
         require_choice(layout, "layout", ("nhwc", "nchw"))
-        require_choice(normalizer, "normalizer", ("batch", "num_pos"))
+        require_choice(normalize_by, "normalize_by", ("batch", "num_pos"))
         require_positive(label_smoothing, "label_smoothing", allow_zero=True)
         for name, value in (("box_weight", box_weight), ("obj_weight", obj_weight), ("cls_weight", cls_weight)):
             require_positive(value, name, allow_zero=True)
@@ -431,9 +431,9 @@ class YOLOv3Loss(nn.Module):
         self.register_buffer("anchors", anchors.detach().clone().float(), persistent=False)
         self.num_classes, self.strides = int(num_classes), strides
         self.ignore_iou, self.box_loss, self.label_smoothing = float(ignore_iou), box_loss, float(label_smoothing)
-        self.layout, self.normalizer, self.distributed = layout, normalizer, distributed
+        self.layout, self.normalize_by, self.distributed = layout, normalize_by, distributed
         self.weights = (float(box_weight), float(obj_weight), float(cls_weight))
-        self.assign_iou, self.max_boxes_per_scale = float(assign_iou), int(max_boxes_per_scale)
+        self.pos_iou, self.max_boxes_per_scale = float(pos_iou), int(max_boxes_per_scale)
         self.faithful_fallback_clip, self.box_eps, self.max_log_scale = faithful_fallback_clip, box_eps, max_log_scale
         self._cell_table_key: Optional[tuple] = None
         self._cell_table: tuple[Tensor, ...] = ()
@@ -515,7 +515,7 @@ class YOLOv3Loss(nn.Module):
         anchors = self.anchors.to(device=heads[0].device)
         match = assign_yolo_anchors(
             gt_boxes, gt_labels, gt_valid, num_classes=self.num_classes, anchors=anchors,
-            strides=self.strides, input_size=input_hw, iou_threshold=self.assign_iou,
+            strides=self.strides, input_size=input_hw, pos_iou=self.pos_iou,
             max_boxes_per_scale=self.max_boxes_per_scale, faithful_fallback_clip=self.faithful_fallback_clip,
         )
         dtype = compute_dtype(heads[0])
@@ -562,7 +562,7 @@ class YOLOv3Loss(nn.Module):
             torch.cat([p.flatten(1) for p in match.positive], dim=1),
             image_area=float(input_hw[0] * input_hw[1]), box_loss=self.box_loss, box_eps=self.box_eps,
         )
-        if self.normalizer == "batch":
+        if self.normalize_by == "batch":
             norm = float(max(batch, 1))
         else:
             norm = positive_normalizer(responsible.sum(), distributed=self.distributed)

@@ -9,8 +9,8 @@ The matcher of pierluigiferrari/ssd_keras (``SSDInputEncoder`` with
    gets one anchor, however low its IoU. Ties go to the lowest anchor index, then the lowest GT
    index (``np.argmax``).
 2. **Multi** (``matching_type="multi"``): every anchor not taken in step 1 whose best IoU with a
-   GT is ``>= pos_iou_threshold`` takes that GT (lowest GT index on ties).
-3. **Neutral band**: an unmatched anchor whose best IoU with any GT is ``>= neg_iou_limit`` is
+   GT is ``>= pos_iou`` takes that GT (lowest GT index on ties).
+3. **Neutral band**: an unmatched anchor whose best IoU with any GT is ``>= neg_iou`` is
    neutral (ignored by the loss); the others are negatives (background).
 
 Quirks of the original kept on purpose (they only show in degenerate inputs):
@@ -19,7 +19,7 @@ Quirks of the original kept on purpose (they only show in degenerate inputs):
   remaining similarity is 0 (a GT that overlaps no free anchor), the zeroed row of the first GT
   wins again and is re-matched to anchor 0, and the GT that never won keeps the initial match,
   anchor 0. When two GTs end on the same anchor, the later GT (higher index) owns it.
-* With ``pos_iou_threshold <= 0`` step 2 also re-assigns the anchors of step 1 (their column is
+* With ``pos_iou <= 0`` step 2 also re-assigns the anchors of step 1 (their column is
   zeroed, so 0 >= threshold) to the first valid GT.
 
 Background label: ssd_keras's class 0 (the encoder writes a one-hot row with column 0 set for
@@ -45,8 +45,8 @@ class GreedyMatch(NamedTuple):
     Attributes:
         gt_index: int64 index of the GT each anchor is matched to, ``-1`` where unmatched.
         positive: bool, ``gt_index >= 0``.
-        negative: bool, unmatched and best IoU ``< neg_iou_limit`` (background).
-        neutral: bool, unmatched and best IoU ``>= neg_iou_limit`` (ignored).
+        negative: bool, unmatched and best IoU ``< neg_iou`` (background).
+        neutral: bool, unmatched and best IoU ``>= neg_iou`` (ignored).
     """
 
     gt_index: Tensor
@@ -183,8 +183,8 @@ def match_greedy(
     gt_valid: Optional[Tensor] = None,
     *,
     matching_type: str = "multi",
-    pos_iou_threshold: float = 0.5,
-    neg_iou_limit: float = 0.3,
+    pos_iou: float = 0.5,
+    neg_iou: float = 0.3,
 ) -> GreedyMatch:
     """ssd_keras matching (greedy bipartite, then 'multi', then the neutral band), batched.
 
@@ -192,20 +192,20 @@ def match_greedy(
         similarity: ``(B, M, P)`` floating GT x anchor IoU, values ``>= 0``.
         gt_valid: ``(B, M)`` bool mask of real GT rows (default: all).
         matching_type: ``"multi"`` (bipartite, then every anchor with IoU ``>=
-            pos_iou_threshold`` to its best GT) or ``"bipartite"`` (one anchor per GT only).
-        pos_iou_threshold: IoU a 'multi' match needs.
-        neg_iou_limit: unmatched anchors with best IoU ``>=`` this are neutral.
+            pos_iou`` to its best GT) or ``"bipartite"`` (one anchor per GT only).
+        pos_iou: IoU a 'multi' match needs.
+        neg_iou: unmatched anchors with best IoU ``>=`` this are neutral.
 
     Returns:
         :class:`GreedyMatch` of ``(B, P)`` tensors. Images without valid GT are all negative.
     """
     require_choice(matching_type, "matching_type", MATCHING_TYPES)
     similarity, gt_valid = _check_similarity(similarity, gt_valid)
-    return _match_greedy(similarity, gt_valid, matching_type, pos_iou_threshold, neg_iou_limit)
+    return _match_greedy(similarity, gt_valid, matching_type, pos_iou, neg_iou)
 
 
 def _match_greedy(
-    similarity: Tensor, gt_valid: Tensor, matching_type: str, pos_iou_threshold: float, neg_iou_limit: float
+    similarity: Tensor, gt_valid: Tensor, matching_type: str, pos_iou: float, neg_iou: float
 ) -> GreedyMatch:
     """:func:`match_greedy` on checked input."""
     b, m, p = similarity.shape
@@ -222,10 +222,10 @@ def _match_greedy(
     best_val, best_gt = _max_over_gts(rest)
     gt_index = owner
     if matching_type == "multi":
-        gt_index = torch.where(best_val >= pos_iou_threshold, best_gt, owner)
+        gt_index = torch.where(best_val >= pos_iou, best_gt, owner)
     positive = gt_index >= 0
     # unmatched anchors keep their column, so their remaining best IoU is best_val
-    neutral = ~positive & (best_val >= neg_iou_limit)
+    neutral = ~positive & (best_val >= neg_iou)
     return GreedyMatch(gt_index, positive, ~positive & ~neutral, neutral)
 
 
@@ -235,8 +235,8 @@ def match_greedy_boxes(
     gt_valid: Optional[Tensor] = None,
     *,
     matching_type: str = "multi",
-    pos_iou_threshold: float = 0.5,
-    neg_iou_limit: float = 0.3,
+    pos_iou: float = 0.5,
+    neg_iou: float = 0.3,
     chunk_size: Optional[int] = None,
 ) -> GreedyMatch:
     """:func:`match_greedy` on boxes: IoU of ``gt_boxes (B, M, 4)`` and ``anchors (P, 4)``.
@@ -263,4 +263,4 @@ def match_greedy_boxes(
         require_shape(anchors, "anchors", ("B", "P", 4), dims)
         similarity = box_iou(anchors, gt_boxes, chunk_size=chunk_size).transpose(1, 2)
     # IoU of validated boxes is finite and in [0, 1]: no value checks needed on it
-    return _match_greedy(similarity, gt_valid, matching_type, pos_iou_threshold, neg_iou_limit)
+    return _match_greedy(similarity, gt_valid, matching_type, pos_iou, neg_iou)

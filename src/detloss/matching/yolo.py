@@ -5,7 +5,7 @@ The rule of tensorflow-yolov3 (``core/dataset.py``, ``preprocess_true_boxes``), 
 * Per GT and per scale ``s`` the GT centre falls in cell ``floor(centre / stride_s)``. The
   ``A`` anchors of that scale, centred in that cell (centre ``cell + 0.5``, size the anchor,
   all in grid units of ``s``) are compared with the GT by IoU; every anchor with
-  IoU > ``iou_threshold`` is responsible, so a GT can be responsible on several anchors of
+  IoU > ``pos_iou`` is responsible, so a GT can be responsible on several anchors of
   several scales.
 * A GT that no anchor on any scale passes takes the single best of all ``S * A`` anchors
   (first on ties, scale-major order).
@@ -147,7 +147,7 @@ def assign_yolo_anchors(
     anchors: Optional[Tensor] = None,
     strides: Sequence[int] = YOLOV3_STRIDES,
     input_size: Union[int, Sequence[int]] = 416,
-    iou_threshold: float = 0.3,
+    pos_iou: float = 0.3,
     max_boxes_per_scale: int = 150,
     faithful_fallback_clip: bool = False,
 ) -> YoloAssignment:
@@ -162,7 +162,7 @@ def assign_yolo_anchors(
             tensorflow-yolov3's anchor file); default the YOLOv3 COCO anchors.
         strides: ``S`` strides, one per scale, small to large.
         input_size: int or ``(H, W)`` pixels, divisible by every stride.
-        iou_threshold: an anchor is responsible when its IoU with the GT exceeds this.
+        pos_iou: an anchor is responsible when its IoU with the GT exceeds this.
         max_boxes_per_scale: ``K``, rows of each scale's true-box list (wraps around).
         faithful_fallback_clip: clip the fallback cell with the last scale's grid size (the
             original's bug) instead of the chosen scale's.
@@ -198,7 +198,7 @@ def assign_yolo_anchors(
         dim=-1,
     )
     iou = aligned_box_iou_unchecked(cxcywh_to_xyxy(scaled[:, :, :, None, :]), cxcywh_to_xyxy(anchor_boxes))
-    passing = (iou > iou_threshold) & valid[:, :, None, None]
+    passing = (iou > pos_iou) & valid[:, :, None, None]
     has_positive = passing.flatten(2).any(-1)  # (B, M)
     best = iou.flatten(2).argmax(-1)  # first maximum, scale-major like np.argmax
     fallback = (best[:, :, None] == torch.arange(n_scales * n_anchors, device=device)).view_as(passing)
@@ -262,7 +262,7 @@ def build_yolo_targets(
     """Dense YOLOv3 targets of a padded batch (tensorflow-yolov3's label tensors, batched).
 
     Args: ``gt_boxes``, ``gt_labels``, ``gt_valid``, ``num_classes`` and the keyword
-    ``assign_options`` (``anchors``, ``strides``, ``input_size``, ``iou_threshold``,
+    ``assign_options`` (``anchors``, ``strides``, ``input_size``, ``pos_iou``,
     ``max_boxes_per_scale``, ``faithful_fallback_clip``) as :func:`assign_yolo_anchors`, plus
     ``label_smoothing`` (``eps`` in ``onehot * (1 - eps) + eps / C``, 0 allowed) and ``dtype`` of
     the outputs (default the dtype of ``gt_boxes``).
