@@ -164,7 +164,7 @@ class DETRLoss(nn.Module):
     >>> gt = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
     >>> out = loss_fn(logits, boxes, gt, torch.tensor([[1]]), torch.tensor([[True]]))
     >>> sorted(out), round(out["loss"].item(), 4)
-    (['loss', 'loss_cls', 'loss_cls_0', 'loss_giou', 'loss_giou_0', 'loss_l1', 'loss_l1_0'], 11.8661)
+    (['loss', 'loss_cls', 'loss_cls_0', 'loss_giou', 'loss_giou_0', 'loss_l1', 'loss_l1_0'], 11.5572)
     """
 
     def __init__(
