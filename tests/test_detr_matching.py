@@ -230,6 +230,16 @@ def test_one_host_round_trip_for_all_problems(monkeypatch):
     assert calls == [(12, 6, 5)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_packed_transfer_gives_the_same_result(dtype):
+    """The accelerator path (cost and mask packed into one host copy), run on the CPU."""
+    cost, valid = torch.randn(5, 6, 4).to(dtype), torch.rand(5, 4) < 0.6
+    packed = H._solve_all(cost, valid, linear_sum_assignment, pack=True)
+    assert torch.equal(packed, H._solve_all(cost, valid, linear_sum_assignment, pack=False))
+    match = match_hungarian(cost, valid)
+    assert torch.equal(packed, torch.cat((match.gt_to_query, match.query_to_gt), 1))
+
+
 def test_custom_solver_is_called_per_problem_without_padding():
     seen = []
 

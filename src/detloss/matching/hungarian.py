@@ -280,13 +280,15 @@ def match_hungarian_unchecked(cost: Tensor, gt_valid: Tensor, *, solver: Optiona
     return HungarianMatch(gt_to_query=packed[:, :m], query_to_gt=packed[:, m:])
 
 
-def _solve_all(cost: Tensor, gt_valid: Tensor, solver: Solver) -> Tensor:
-    """``(N, M + Q)`` int64 on ``cost``'s device: ``gt_to_query`` then ``query_to_gt``."""
+def _solve_all(cost: Tensor, gt_valid: Tensor, solver: Solver, pack: Optional[bool] = None) -> Tensor:
+    """``(N, M + Q)`` int64 on ``cost``'s device: ``gt_to_query`` then ``query_to_gt``.
+
+    ``pack`` (default: off the CPU) sends the cost and the mask to the host as one tensor."""
     n, q, m = cost.shape
     host_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
     # 1. one device -> host copy: the cost and the validity mask packed together (on the CPU
     #    both are only viewed as NumPy arrays)
-    if cost.device.type == "cpu":
+    if not (cost.device.type != "cpu" if pack is None else pack):
         host_cost, host_valid = cost.to(host_dtype).numpy(), gt_valid.numpy()
     else:
         packed = torch.cat((cost.reshape(n, q * m).to(host_dtype), gt_valid.to(host_dtype)), dim=1)
