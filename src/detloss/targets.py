@@ -88,3 +88,14 @@ def pad_ground_truth(
             raise ValueError(f"extras[{i}]: expected {counts[i]} rows (one per box), got {e.shape[0]}")
         out_extras[i, : e.shape[0]] = e
     return out_boxes, out_labels, valid, out_extras
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.int64) -> Tensor:
+    """``labels (...)`` int -> ``(..., num_classes)`` one-hot rows in ``dtype``; a label outside
+    ``[0, num_classes)`` (padding, -1 for background) gives an all-zero row.
+
+    A comparison with ``arange``: unlike ``torch.nn.functional.one_hot`` it reads no value on
+    the host (that one checks the label range, a synchronisation on accelerators).
+    """
+    return (labels.unsqueeze(-1) == torch.arange(num_classes, device=labels.device)).to(dtype)
+

@@ -10,13 +10,13 @@ an all-zero row), the classification term of RetinaNet. The values are those of
   ``-c1 q**g (g (1 - q) softplus(-x) + q)``;
 
 with ``c1 = alpha``, ``c0 = 1 - alpha`` (both 1 for ``alpha < 0``). One pass over the logits,
-``chunk`` rows at a time, computes every entry as background: the loss sum and, when the
-logits need a gradient, the gradient into a preallocated buffer. The one target entry per row
+``chunk`` rows at a time, computes every entry as background: the loss sum in the forward, the
+gradient (times the upstream gradient) in the backward, which recomputes the few element-wise
+terms instead of keeping a logits-sized buffer from the forward. The one target entry per row
 is computed on its own (``(R,)``-sized) and swapped in with a gather and a scatter per chunk,
-so no one-hot tensor is built.
-Backward scales the buffer in place when the graph is freed after it (not with
-``retain_graph``): a forward plus backward holds about one logits-sized gradient on top of
-the logits and a few cache-sized chunk temporaries. Not twice differentiable.
+so no one-hot tensor is built. A forward plus backward holds one logits-sized gradient on
+top of the logits and a few cache-sized chunk temporaries; ``retain_graph`` and repeated
+backward passes are safe. Not twice differentiable.
 """
 from __future__ import annotations
 
@@ -29,11 +29,12 @@ from torch.autograd.function import once_differentiable
 
 from .._memory import new_like
 
-# Logit elements per chunk when ``chunk_size`` is not given (256 KiB of float32: the chunk's
-# few temporaries stay in cache).
+# Logit elements per chunk when ``chunk_size`` is not given: on the CPU in eager mode 256 KiB
+# of float32, so the chunk's few temporaries stay in cache; on accelerators and under
+# torch.compile (the loop unrolled into the graph, each chunk fused) large chunks, so the
+# pass launches few kernels.
 FOCAL_CHUNK_ELEMENTS = 1 << 16
-# The same under torch.compile: the loop is unrolled into the graph and each chunk fused.
-COMPILED_FOCAL_CHUNK_ELEMENTS = 1 << 21
+LARGE_FOCAL_CHUNK_ELEMENTS = 1 << 21
 # softplus(x) = x above this (exp(-40) is below float64 resolution at 40; no overflow below).
 _SOFTPLUS_THRESHOLD = 40.0
 
@@ -63,57 +64,58 @@ def _background_terms(
     return factor, sp, grad
 
 
-class _FocalSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, alpha: float, gamma: float, chunk: int):
-        acc = _acc_dtype(logits.dtype)
-        c1, c0 = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
-        need_grad = ctx.needs_input_grad[0]
-        # target entries, (R,): their loss and gradient, computed once
-        is_target = (target >= 0).unsqueeze(1)  # (R, 1)
-        col = target.clamp(min=0).unsqueeze(1)
-        w = weight.to(acc).unsqueeze(1)
-        factor1, sp1, grad1 = _background_terms(-logits.gather(1, col).to(acc), w * is_target * c1, gamma, need_grad)
-        total = (factor1 * sp1).sum(dtype=torch.float64)  # chunk sums accumulate in float64
-        # every other entry is background: one fused pass, chunk by chunk; the target entry of
-        # each row is left out of the sum and given its own gradient
-        coef = w * c0
-        grad = new_like(logits, zero=False) if need_grad else None
-        for start in range(0, logits.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            c, t = col[rows], is_target[rows]
-            direct = None if grad is None or grad.dtype != acc else grad[rows]  # else copied below
-            factor, sp, g = _background_terms(logits[rows].to(acc), coef[rows], gamma, need_grad, direct)
+def _focal_pass(
+    logits: Tensor, target: Tensor, weight: Tensor, alpha: float, gamma: float, chunk: int,
+    grad_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """One pass over ``logits (R, K)``, ``chunk`` rows at a time: the loss sum (0-d), or, with
+    ``grad_scale`` (the upstream gradient, 0-d), the gradient ``(R, K)`` times ``grad_scale``
+    (folded into the per-row coefficients, so no second pass scales it)."""
+    acc = _acc_dtype(logits.dtype)
+    c1, c0 = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
+    with_grad = grad_scale is not None
+    # 1. the target entries, (R,): their loss or gradient, computed once
+    is_target = (target >= 0).unsqueeze(1)  # (R, 1)
+    col = target.clamp(min=0).unsqueeze(1)
+    w = weight.to(acc).unsqueeze(1)
+    if with_grad:
+        w = w * grad_scale.to(acc)
+    factor1, sp1, grad1 = _background_terms(-logits.gather(1, col).to(acc), w * is_target * c1, gamma, with_grad)
+    total = (factor1 * sp1).sum(dtype=torch.float64)  # chunk sums accumulate in float64
+    # 2. every other entry is background: one fused pass, chunk by chunk; the target entry of
+    #    each row is left out of the sum and given its own gradient
+    coef = w * c0
+    grad = new_like(logits, zero=False) if with_grad else None
+    for start in range(0, logits.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        c, t = col[rows], is_target[rows]
+        direct = None if grad is None or grad.dtype != acc else grad[rows]  # else copied below
+        factor, sp, g = _background_terms(logits[rows].to(acc), coef[rows], gamma, with_grad, direct)
+        if grad is None:
             factor.scatter_(1, c, factor.gather(1, c) * ~t)
             total = total + torch.dot(factor.view(-1), sp.view(-1))
-            if grad is not None:
-                g.scatter_(1, c, torch.where(t, -grad1[rows], g.gather(1, c)))
-                if direct is None:
-                    grad[rows] = g
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return total.to(acc)
+            continue
+        g.scatter_(1, c, torch.where(t, -grad1[rows], g.gather(1, c)))
+        if direct is None:
+            grad[rows] = g
+    return total.to(acc) if grad is None else grad
+
+
+class _FocalSum(torch.autograd.Function):
+    """The loss in the forward; the backward recomputes the gradient straight into the one
+    logits-sized tensor it returns (nothing logits-sized is held between the two)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, alpha: float, gamma: float, chunk: int):
+        ctx.save_for_backward(logits, target, weight)
+        ctx.options = (alpha, gamma, chunk)
+        return _focal_pass(logits, target, weight, alpha, gamma, chunk)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
-        (grad,) = ctx.saved_tensors
-        scale = grad_total.to(grad.dtype)
-        # The buffer belongs to this graph: when the graph is freed after this backward (the
-        # usual case), scale it in place instead of allocating a second logits-sized tensor.
-        grad = grad.mul_(scale) if _graph_is_freed() else grad * scale
-        return grad, None, None, None, None, None
-
-
-def _graph_is_freed() -> bool:
-    """True in an eager backward without ``retain_graph`` (the saved buffer is never read
-    again); False, the safe answer, when that cannot be told (tracing, other engines)."""
-    if torch.compiler.is_compiling():
-        return False
-    try:
-        return not torch._C._autograd._get_current_graph_task_keep_graph()
-    except (AttributeError, RuntimeError):
-        return False
+        logits, target, weight = ctx.saved_tensors
+        return _focal_pass(logits, target, weight, *ctx.options, grad_scale=grad_total), None, None, None, None, None
 
 
 def chunked_sigmoid_focal_sum(
@@ -135,12 +137,13 @@ def chunked_sigmoid_focal_sum(
 
     Returns:
         0-d float32 (float64 for float64 logits) tensor, differentiable w.r.t. ``logits``;
-        value and gradient come from one fused pass (see the module doc).
+        value and gradient each come from one fused pass (see the module doc).
     """
     num_classes = logits.shape[-1]
     flat = logits.reshape(-1, num_classes)
     if chunk_size is None:
-        elements = COMPILED_FOCAL_CHUNK_ELEMENTS if torch.compiler.is_compiling() else FOCAL_CHUNK_ELEMENTS
+        in_cache = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+        elements = FOCAL_CHUNK_ELEMENTS if in_cache else LARGE_FOCAL_CHUNK_ELEMENTS
         chunk_size = max(1, elements // max(1, num_classes))
     if flat.shape[0] == 0 or num_classes == 0:
         return (flat.sum() * 0).to(_acc_dtype(logits.dtype))

@@ -47,6 +47,7 @@ from .._validate import (
 )
 from ..boxes import aligned_box_iou_unchecked, cxcywh_to_xyxy, xyxy_to_cxcywh
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
+from ..targets import one_hot
 
 __all__ = ["YoloAssignment", "YoloTargets", "assign_yolo_anchors", "build_yolo_targets", "yolo_input_hw"]
 
@@ -245,7 +246,7 @@ def smoothed_one_hot(labels: Tensor, num_classes: int, label_smoothing: float) -
 
     The operation order of tensorflow-yolov3, so float32 casts are bit-identical to it.
     """
-    onehot = torch.nn.functional.one_hot(labels.clamp(0, num_classes - 1), num_classes).to(torch.float64)
+    onehot = one_hot(labels.clamp(0, num_classes - 1), num_classes, torch.float64)
     return onehot * (1 - label_smoothing) + label_smoothing * (1.0 / num_classes)
 
 

@@ -1,0 +1,72 @@
+"""Count what one training step dispatches: aten operators (a proxy for GPU kernel launches)
+and host synchronisations (must be 0 on the dense path).
+
+A host synchronisation is an operator whose result the host must wait for: a value read back
+(``_local_scalar_dense``: ``.item()``, ``bool(t)``, ``float(t)``), or an output whose shape
+depends on the data (``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``...).
+
+    from dispatch_count import count_dispatch
+    with detloss.execution_strategy("dense"):
+        counts = count_dispatch(step)           # counts.ops, counts.syncs, counts.sync_ops
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# operators whose result the host waits for (value reads and data-dependent output shapes)
+SYNC_OPS = {
+    "_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+    "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount", "repeat_interleave",
+    "masked_scatter", "_assert_async",
+}
+
+
+@dataclass
+class DispatchCounts:
+    ops: int = 0
+    syncs: int = 0
+    sync_ops: Counter = field(default_factory=Counter)
+    by_op: Counter = field(default_factory=Counter)
+
+
+def _is_sync(func, args) -> bool:
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return not (name == "repeat_interleave" and "output_size" in str(func._schema) and len(args) > 2)
+    if name in ("index", "index_put", "index_put_"):  # boolean-mask indexing: data-dependent size
+        indices = args[1] if len(args) > 1 else ()
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+    return False
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, counts: DispatchCounts) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts.ops += 1
+        self.counts.by_op[name] += 1
+        if _is_sync(func, args):
+            self.counts.syncs += 1
+            self.counts.sync_ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatch(step: Callable[[], None]) -> DispatchCounts:
+    """Run ``step()`` once (forward + backward) and count its dispatched operators and syncs."""
+    counts = DispatchCounts()
+    with _Counter(counts):
+        step()
+    return counts
+
+
+def describe(counts: DispatchCounts) -> str:
+    syncs = ", ".join(f"{k} x{v}" for k, v in counts.sync_ops.most_common()) or "none"
+    return f"{counts.ops} ops/step, {counts.syncs} host syncs ({syncs})"
