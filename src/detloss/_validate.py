@@ -98,6 +98,17 @@ def require_shape(
     return dims
 
 
+def require_same_shape(x: Any, name: str, like: Tensor, like_name: str) -> Tensor:
+    """Raise unless ``x`` is a tensor with the shape of ``like``; returns ``x``.
+
+    The message names both: ``"target: expected the shape of input (2, 4), got (2, 3)"``.
+    """
+    require_tensor(x, name)
+    if x.shape != like.shape:
+        raise ValueError(f"{name}: expected the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}")
+    return x
+
+
 def require_floating(x: Tensor, name: str) -> Tensor:
     """Raise ``TypeError`` unless ``x`` has a floating-point dtype."""
     require_tensor(x, name)
@@ -184,6 +195,15 @@ def require_positive(value: float, name: str, *, allow_zero: bool = False) -> fl
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
     return value
+
+
+def require_int(value: Any, name: str, *, minimum: Optional[int] = None, note: str = "") -> int:
+    """Raise ``ValueError`` unless ``value`` is an integer (not bool) ``>= minimum``; returns it
+    as an ``int``. ``note`` is added to the message (``"(background included)"``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name}: expected an integer{bound}{' ' + note if note else ''}, got {value!r}")
+    return int(value)
 
 
 def require_boxes(x: Any, name: str, *, ndim: Optional[int] = None) -> Tensor:

@@ -24,7 +24,7 @@ import copy
 
 import math
 import numbers
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -41,11 +41,23 @@ IOU_KINDS = ("iou", "giou", "diou", "ciou")
 DEFAULT_EPS = 1e-7
 
 
+def accumulate_dtype(x: Union[Tensor, torch.dtype]) -> torch.dtype:
+    """The dtype losses and sums accumulate in: float64 for float64, else float32.
+
+    The one place of the library's mixed-precision rule: half inputs (and integer counts)
+    compute in float32, float64 stays float64 (oracle tests, gradcheck).
+
+    >>> accumulate_dtype(torch.zeros(2, dtype=torch.bfloat16)), accumulate_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype box maths runs in for ``x``: float32 for half types, else ``x.dtype``."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return x.dtype
+    """The dtype box maths runs in for ``x``: :func:`accumulate_dtype` for floating point,
+    else ``x.dtype`` (integer boxes stay integer until an operation promotes them)."""
+    return accumulate_dtype(x) if x.is_floating_point() else x.dtype
 
 
 def _require_box_shape(boxes: Tensor, name: str = "boxes") -> None:

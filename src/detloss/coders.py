@@ -22,7 +22,7 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._validate import require_boxes, require_floating, require_tensor
+from ._validate import require_boxes, require_choice, require_floating, require_tensor
 from .boxes import compute_dtype, join_halves
 from .priors import yolo_grid
 
@@ -269,8 +269,7 @@ def decode_yolo(
         raise ValueError(
             f"anchors: expected shape (A={raw.shape[3]}, 2), got {tuple(anchors.shape)}"
         )
-    if box_format not in ("cxcywh", "xyxy"):
-        raise ValueError(f"box_format: expected 'cxcywh' or 'xyxy', got {box_format!r}")
+    require_choice(box_format, "box_format", ("cxcywh", "xyxy"))
     raw = raw.to(compute_dtype(raw))
     grid = yolo_grid(raw.shape[1], raw.shape[2], device=raw.device, dtype=raw.dtype)
     # cell offsets and anchor sizes for every (row, col, anchor), laid out like one image of

@@ -40,7 +40,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._validate import as_bool_mask, require_boxes, require_floating, require_positive, require_range, require_shape
+from .._validate import (
+    as_bool_mask, require_boxes, require_floating, require_positive, require_range, require_same_shape, require_shape,
+)
 from ..boxes import compute_dtype
 from ..coders import encode_deltas
 from ..functional import binary_cross_entropy_with_logits, cross_entropy, positive_normalizer, smooth_l1_loss
@@ -330,8 +332,7 @@ def inside_outside_smooth_l1(
     """
     require_floating(pred, "pred")
     for name, t in (("target", target), ("inside_weight", inside_weight), ("outside_weight", outside_weight)):
-        if t.shape != pred.shape:
-            raise ValueError(f"{name}: expected the shape of pred {tuple(pred.shape)}, got {tuple(t.shape)}")
+        require_same_shape(t, name, pred, "pred")
     diff = inside_weight * (pred.to(compute_dtype(pred)) - target)
     return smooth_l1_loss(
         diff, torch.zeros_like(diff), beta, sigma=sigma, weight=outside_weight, reduction="none"
@@ -435,9 +436,9 @@ class RPNLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.sigma, self.beta, self.target_options = sigma, beta, target_options
-        self.distributed = bool(distributed)
         self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
         self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
+        self.distributed = bool(distributed)
 
     def forward(
         self, cls_logits: Tensor, box_pred: Tensor, anchors: Tensor, gt_boxes: Tensor,
@@ -466,9 +467,9 @@ class RCNNLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.sigma, self.beta, self.distributed = sigma, beta, bool(distributed)
-
         self.box_weight = require_positive(box_weight, "box_weight", allow_zero=True)
         self.cls_weight = require_positive(cls_weight, "cls_weight", allow_zero=True)
+
     def forward(self, cls_logits: Tensor, box_pred: Tensor, targets: ProposalTargets) -> dict:
         out = rcnn_loss(cls_logits, box_pred, targets, sigma=self.sigma, beta=self.beta, distributed=self.distributed)
         out["loss"] = self.box_weight * out["loss_box"] + self.cls_weight * out["loss_cls"]

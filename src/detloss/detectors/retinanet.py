@@ -31,7 +31,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import require_boxes, require_choice, require_floating, require_positive, require_shape
+from .._validate import require_boxes, require_choice, require_floating, require_int, require_positive, require_shape
 from ..boxes import compute_dtype
 from ..coders import decode_deltas, encode_deltas
 from ..functional import iou_loss, positive_normalizer, smooth_l1_loss
@@ -88,8 +88,7 @@ class RetinaNetLoss(nn.Module):
         stds: Optional[Sequence[float]] = None, pixel_offset: float = 0.0,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        require_int(num_classes, "num_classes", minimum=1)
         require_choice(box_loss, "box_loss", ("smooth_l1", "l1", "giou"))
         if weights is not None and stds is not None:
             raise ValueError("weights, stds: expected at most one of them, got both")

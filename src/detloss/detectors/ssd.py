@@ -38,6 +38,7 @@ from .._validate import (
     require_choice,
     require_finite,
     require_floating,
+    require_int,
     require_integer,
     require_positive,
     require_normalised,
@@ -175,9 +176,7 @@ class MultiBoxLossBase(nn.Module):
         drop_degenerate_gt: bool,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes: expected an integer >= 2 (background included), got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = require_int(num_classes, "num_classes", minimum=2, note="(background included)")
         self.variances = tuple(float(v) for v in variances)
         self.pos_iou = require_positive(pos_iou, "pos_iou")
         self.neg_pos_ratio = require_positive(neg_pos_ratio, "neg_pos_ratio", allow_zero=True)

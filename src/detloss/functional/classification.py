@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from .._ties import at_least
-from .._validate import require_floating, require_integer, require_positive, require_tensor
+from .._validate import require_floating, require_integer, require_positive, require_same_shape
+from ..boxes import accumulate_dtype
 from .reduce import Reduction, require_weight_shape, weighted_reduce
 
 
@@ -23,12 +24,8 @@ _CE_CHUNK_ELEMENTS = 1 << 17
 _LSE_CHUNK_ELEMENTS = 1 << 19
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _acc(x: Tensor) -> Tensor:
-    return x.to(_acc_dtype(x))
+    return x.to(accumulate_dtype(x))
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
@@ -100,13 +97,8 @@ def class_cross_entropy_no_grad(logits: Tensor, target_class: int) -> Tensor:
 
 
 def _check_pair(logits: Tensor, targets: Tensor, names: tuple[str, str] = ("logits", "targets")) -> None:
-    first, second = names
-    require_floating(logits, first)
-    require_tensor(targets, second)
-    if logits.shape != targets.shape:
-        raise ValueError(
-            f"{second}: expected the shape of {first} {tuple(logits.shape)}, got {tuple(targets.shape)}"
-        )
+    require_floating(logits, names[0])
+    require_same_shape(targets, names[1], logits, names[0])
 
 
 def cross_entropy(

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import require_floating, require_tensor
+from .._validate import require_floating, require_same_shape
+from ..boxes import accumulate_dtype
 from .reduce import Reduction, weighted_reduce
 
 
@@ -24,14 +25,10 @@ def dice_loss(
     dimension, giving one loss per item ``(N,)`` before ``weight``/``reduction``.
     """
     require_floating(logits, "logits")
-    require_tensor(targets, "targets")
     if logits.dim() == 0:
         raise ValueError(f"logits: expected shape (N, ...), got {tuple(logits.shape)}")
-    if logits.shape != targets.shape:
-        raise ValueError(
-            f"targets: expected the shape of logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
-        )
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    require_same_shape(targets, "targets", logits, "logits")
+    dtype = accumulate_dtype(logits)
     if logits.dim() == 1:  # one value per item
         logits, targets = logits[:, None], targets[:, None]
     p = torch.sigmoid(logits.to(dtype)).flatten(1)

@@ -2,7 +2,8 @@
 
 Every loss in :mod:`detloss.functional` computes an element-wise loss tensor and hands it to
 :func:`weighted_reduce`, so ``weight``, ``reduction`` and ``normalizer`` behave the same
-everywhere. Reductions run in float32 (float64 stays float64).
+everywhere. Reductions run in :func:`detloss.boxes.accumulate_dtype` (float32, float64 stays
+float64).
 """
 from __future__ import annotations
 
@@ -13,13 +14,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._validate import require_choice, require_tensor
+from ..boxes import accumulate_dtype
 
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS = ("none", "sum", "mean")
-
-
-def _accumulate_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def require_weight_shape(weight: Optional[Tensor], shape: torch.Size) -> None:
@@ -65,7 +63,7 @@ def weighted_reduce(
     require_weight_shape(weight, loss.shape)
     if reduction == "none" and normalizer is not None:
         raise ValueError("normalizer: expected None with reduction='none'")
-    acc = _accumulate_dtype(loss)
+    acc = accumulate_dtype(loss)
     loss = loss.to(acc)
     if weight is not None and weight.dtype == torch.bool and reduction != "none":
         total = _masked_sum(loss, weight)
@@ -132,7 +130,7 @@ def positive_normalizer(
         A 0-d float32 tensor (float64 if ``num_pos`` is float64) on ``num_pos``'s device.
     """
     require_tensor(num_pos, "num_pos")
-    count = num_pos.detach().to(_accumulate_dtype(num_pos)).sum()
+    count = num_pos.detach().to(accumulate_dtype(num_pos)).sum()
     if distributed and dist.is_available() and dist.is_initialized():
         count = count.clone()
         dist.all_reduce(count, op=dist.ReduceOp.SUM)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import require_floating, require_positive, require_tensor
+from .._validate import require_floating, require_positive, require_same_shape
+from ..boxes import accumulate_dtype
 from .reduce import Reduction, weighted_reduce
 
 
@@ -35,18 +36,14 @@ def smooth_l1_loss(
         weight, reduction, normalizer: see :func:`detloss.functional.weighted_reduce`.
     """
     require_floating(input, "input")
-    require_tensor(target, "target")
-    if input.shape != target.shape:
-        raise ValueError(
-            f"target: expected the shape of input {tuple(input.shape)}, got {tuple(target.shape)}"
-        )
+    require_same_shape(target, "target", input, "input")
     if beta is not None and sigma is not None:
         raise ValueError("beta, sigma: expected at most one of them, got both")
     if sigma is not None:
         require_positive(sigma, "sigma")
         beta = 1.0 / sigma**2
     beta = 1.0 if beta is None else require_positive(beta, "beta", allow_zero=True)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(input)
     if beta > 0 and math.frexp(beta)[0] == 0.5 and input.dtype == target.dtype == acc:
         # torch's fused kernel: for a power-of-two beta its 0.5 * x * x / beta rounds exactly
         # like (0.5 / beta) * x**2 below, so the values are bit-identical.

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validate import require_floating, require_tensor
+from .._validate import require_floating, require_same_shape
+from ..boxes import accumulate_dtype
 from .classification import sigmoid_focal_loss
 
 __all__ = ["yolo_objectness_focal_loss"]
@@ -52,10 +53,8 @@ def yolo_objectness_focal_loss(logits: Tensor, targets: Tensor, weight: Tensor) 
     ``sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2, weight=weight, reduction="sum")``.
     """
     for name, value in (("logits", logits), ("targets", targets), ("weight", weight)):
-        require_floating(require_tensor(value, name), name)
-        if value.shape != logits.shape:
-            raise ValueError(f"{name}: expected the shape of logits {tuple(logits.shape)}, got {tuple(value.shape)}")
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        require_floating(require_same_shape(value, name, logits, "logits"), name)
+    dtype = accumulate_dtype(logits)
     x, t, w = logits.to(dtype), targets.to(dtype), weight.to(dtype)
     if torch.is_grad_enabled() and (t.requires_grad or w.requires_grad):
         return sigmoid_focal_loss(x, t, alpha=-1.0, gamma=2.0, weight=w, reduction="sum")

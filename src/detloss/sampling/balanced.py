@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import require_integer, require_range, require_shape
+from .._validate import require_int, require_integer, require_range, require_shape
 
 
 def random_ranks(keys: Tensor) -> Tensor:
@@ -50,8 +50,7 @@ def sample_balanced(
     require_integer(labels, "labels")
     require_shape(labels, "labels", ("B", "N"))
     require_range(labels, "labels", -1, 1)
-    if batch_size_per_image < 0:
-        raise ValueError(f"batch_size_per_image: expected >= 0, got {batch_size_per_image}")
+    require_int(batch_size_per_image, "batch_size_per_image", minimum=0)
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction: expected a value in [0, 1], got {positive_fraction}")
     positive, negative = labels == 1, labels == 0
