@@ -23,6 +23,9 @@ def dice_loss(
 
     ``logits`` and ``targets`` are ``(N, ...)``; the sums run over all but the first
     dimension, giving one loss per item ``(N,)`` before ``weight``/``reduction``.
+
+    >>> dice_loss(torch.tensor([[4.0, -4.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]]), reduction="none")
+    tensor([0.0120, 0.2500])
     """
     require_floating(logits, "logits")
     if logits.dim() == 0:

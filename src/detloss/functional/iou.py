@@ -24,6 +24,11 @@ def iou_loss(
 
     Finite with finite gradients for identical, disjoint, zero-size and inverted boxes;
     computed in float32 for half inputs. An empty input gives 0 for ``"sum"``/``"mean"``.
+
+    >>> import torch
+    >>> pred, target = torch.tensor([[0.0, 0.0, 2.0, 2.0]]), torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    >>> iou_loss(pred, target, "iou"), iou_loss(pred, target, "giou")
+    (tensor(0.8571), tensor(1.0794))
     """
     pred_xyxy = box_convert(pred, fmt, "xyxy")
     target_xyxy = box_convert(target, fmt, "xyxy")

@@ -58,6 +58,12 @@ def weighted_reduce(
 
     Returns:
         A 0-d tensor (float32 or float64), or the weighted loss for ``"none"``.
+
+    >>> loss = torch.tensor([1.0, 2.0, 3.0])
+    >>> weighted_reduce(loss, torch.tensor([1.0, 0.0, 1.0]), "mean")  # divided by the weight sum
+    tensor(2.)
+    >>> weighted_reduce(loss, torch.tensor([True, False, True]), "sum", normalizer=torch.tensor(4.0))
+    tensor(1.)
     """
     require_choice(reduction, "reduction", REDUCTIONS)
     require_weight_shape(weight, loss.shape)
@@ -128,6 +134,9 @@ def positive_normalizer(
 
     Returns:
         A 0-d float32 tensor (float64 if ``num_pos`` is float64) on ``num_pos``'s device.
+
+    >>> positive_normalizer(torch.tensor(0)), positive_normalizer(torch.tensor([3, 4]))
+    (tensor(1.), tensor(7.))
     """
     require_tensor(num_pos, "num_pos")
     count = num_pos.detach().to(accumulate_dtype(num_pos)).sum()

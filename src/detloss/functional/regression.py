@@ -34,6 +34,12 @@ def smooth_l1_loss(
         input, target: same shape ``(...)``, floating point.
         beta / sigma: the transition point (at most one of them).
         weight, reduction, normalizer: see :func:`detloss.functional.weighted_reduce`.
+
+    >>> x = torch.tensor([0.2, -1.5, 3.0])
+    >>> smooth_l1_loss(x, torch.zeros(3))
+    tensor(1.1733)
+    >>> smooth_l1_loss(x, torch.zeros(3), sigma=3.0, reduction="sum")  # the RPN's beta = 1/9
+    tensor(4.5333)
     """
     require_floating(input, "input")
     require_same_shape(target, "target", input, "input")
@@ -66,7 +72,11 @@ def l1_loss(
     reduction: Reduction = "mean",
     normalizer: Optional[Union[Tensor, float]] = None,
 ) -> Tensor:
-    """``|input - target|`` element-wise, then reduced; shapes ``(...)`` equal."""
+    """``|input - target|`` element-wise, then reduced; shapes ``(...)`` equal.
+
+    >>> l1_loss(torch.tensor([0.2, -1.5, 3.0]), torch.zeros(3), weight=torch.tensor([1.0, 0.0, 1.0]), reduction="sum")
+    tensor(3.2000)
+    """
     return smooth_l1_loss(
         input, target, 0.0, weight=weight, reduction=reduction, normalizer=normalizer
     )

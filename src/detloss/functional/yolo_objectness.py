@@ -51,6 +51,10 @@ def yolo_objectness_focal_loss(logits: Tensor, targets: Tensor, weight: Tensor) 
     ``logits``, ``targets`` (in [0, 1]) and ``weight`` are float tensors of one shape; the sum
     is in float32 for half inputs (float64 stays float64). Equals
     ``sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2, weight=weight, reduction="sum")``.
+
+    >>> loss = yolo_objectness_focal_loss(torch.tensor([0.0, -1.0]), torch.tensor([1.0, 0.0]), torch.ones(2))
+    >>> round(float(loss), 4)
+    0.1959
     """
     for name, value in (("logits", logits), ("targets", targets), ("weight", weight)):
         require_floating(require_same_shape(value, name, logits, "logits"), name)
