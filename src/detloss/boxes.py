@@ -234,6 +234,11 @@ def aligned_box_iou(
     (identical or touching boxes): ``"split"`` (default, ``torch.minimum``/``maximum``) shares
     the gradient between both, ``"first"`` gives it all to ``boxes1``, as TensorFlow's
     ``minimum``/``maximum`` do (for parity with TensorFlow originals).
+
+    >>> a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    >>> b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 3.0, 3.0]])
+    >>> aligned_box_iou(a, b), aligned_box_iou(a, b, "giou")
+    (tensor([0.1429, 0.0000]), tensor([-0.0794, -0.7778]))
     """
     boxes1, boxes2, eps = _prepare_pair(boxes1, boxes2, eps, kind)
     require_choice(ties, "ties", ("split", "first"))

@@ -45,6 +45,14 @@ def pad_ground_truth(
         ``(boxes (B, M, 4), labels (B, M) int64, valid (B, M) bool)`` and, with ``extras``,
         ``extras (B, M, K)`` last. Dtype and device follow the first image's boxes (float32
         on the CPU for an empty batch).
+
+    >>> boxes, labels, valid = pad_ground_truth(
+    ...     [torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.zeros(0, 4)], [torch.tensor([3]), torch.zeros(0, dtype=torch.long)]
+    ... )
+    >>> boxes.shape, labels, valid
+    (torch.Size([2, 1, 4]), tensor([[ 3],
+            [-1]]), tensor([[ True],
+            [False]]))
     """
     if len(boxes) != len(labels):
         raise ValueError(f"labels: expected one tensor per image ({len(boxes)}), got {len(labels)}")

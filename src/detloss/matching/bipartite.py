@@ -214,6 +214,11 @@ def match_priors(
     Returns:
         A :class:`PriorMatch`. Images without usable GT (none valid, or all below the floor)
         have ``matched_gt = -1``, ``matched_iou = 0`` and no positives.
+
+    >>> priors = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    >>> match = match_priors(priors, torch.tensor([[[0.0, 0.0, 0.5, 0.5]]]), torch.tensor([[True]]), pos_iou=0.5)
+    >>> match.positive
+    tensor([[ True, False, False]])
     """
     dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
     require_shape(gt_valid, "gt_valid", ("B", "M"), dims)

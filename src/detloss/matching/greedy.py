@@ -198,6 +198,10 @@ def match_greedy(
 
     Returns:
         :class:`GreedyMatch` of ``(B, P)`` tensors. Images without valid GT are all negative.
+
+    >>> match = match_greedy(torch.tensor([[[0.9, 0.6, 0.1, 0.2]]]), pos_iou=0.5, neg_iou=0.15)
+    >>> match.gt_index, match.neutral
+    (tensor([[ 0,  0, -1, -1]]), tensor([[False, False, False,  True]]))
     """
     require_choice(matching_type, "matching_type", MATCHING_TYPES)
     similarity, gt_valid = _check_similarity(similarity, gt_valid)

@@ -151,6 +151,12 @@ def max_iou_match(
 
     Returns:
         :class:`MaxIoUAssignment` with ``(B, A)`` tensors.
+
+    >>> anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [20.0, 20.0, 30.0, 30.0]])
+    >>> gt = torch.tensor([[[0.0, 0.0, 10.0, 12.0]]])
+    >>> match = max_iou_match(anchors, gt, torch.tensor([[True]]), pos_iou=0.7, neg_iou=0.3)
+    >>> match.labels, match.max_iou
+    (tensor([[1, 0, 0]]), tensor([[0.8333, 0.1892, 0.0000]]))
     """
     require_boxes(anchors, "anchors")
     dims, gt_valid = require_padded_gt(gt_boxes, gt_valid)

@@ -171,6 +171,11 @@ def assign_yolo_anchors(
     Returns:
         A :class:`YoloAssignment`, on ``gt_boxes``'s device. No host synchronisation beyond
         the optional value checks.
+
+    >>> boxes = torch.tensor([[[100.0, 120.0, 180.0, 220.0]]])  # one 80 x 100 px GT at 416 px
+    >>> match = assign_yolo_anchors(boxes, torch.tensor([[2]]), torch.tensor([[True]]), num_classes=3)
+    >>> [int(p.sum()) for p in match.positive]  # responsible anchors per scale (stride 8, 16, 32)
+    [0, 2, 1]
     """
     hw = yolo_input_hw(input_size, strides)
     require_positive(num_classes, "num_classes")
@@ -273,6 +278,13 @@ def build_yolo_targets(
         ``[cx, cy, w, h]`` input pixels, responsibility (0/1), smoothed one-hot; and
         ``true_boxes[s]`` ``(B, max_boxes_per_scale, 4)`` cxcywh input pixels (the original's
         ``xywh``), zero rows where empty.
+
+    >>> boxes = torch.tensor([[[100.0, 120.0, 180.0, 220.0]]])
+    >>> targets = build_yolo_targets(boxes, torch.tensor([[2]]), torch.tensor([[True]]), num_classes=3)
+    >>> [tuple(t.shape) for t in targets.labels]
+    [(1, 52, 52, 3, 8), (1, 26, 26, 3, 8), (1, 13, 13, 3, 8)]
+    >>> [int(t[..., 4].sum()) for t in targets.labels]
+    [0, 2, 1]
     """
     require_positive(label_smoothing, "label_smoothing", allow_zero=True)
     a = assign_yolo_anchors(gt_boxes, gt_labels, gt_valid, num_classes=num_classes, **assign_options)

@@ -46,6 +46,11 @@ def sample_balanced(
 
     Returns:
         ``(B, N)`` tensor of ``labels``' dtype: the kept labels, dropped ones set to -1.
+
+    >>> labels = torch.tensor([[1, 1, 1, 0, 0, 0, 0, -1]])
+    >>> kept = sample_balanced(labels, 4, 0.5, torch.Generator().manual_seed(0))
+    >>> int((kept == 1).sum()), int((kept == 0).sum())
+    (2, 2)
     """
     require_integer(labels, "labels")
     require_shape(labels, "labels", ("B", "N"))

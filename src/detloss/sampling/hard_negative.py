@@ -177,6 +177,10 @@ def mine_hard_negatives(
         ``(B, P)`` bool negative mask, disjoint from ``positive``; an image without positives
         gets no negatives. Ties in ``mining_loss`` go to the lower prior index, as with the
         originals' double argsort.
+
+    >>> loss = torch.tensor([[0.1, 2.0, 0.5, 3.0, 0.2]])
+    >>> mine_hard_negatives(loss, torch.tensor([[True, False, False, False, False]]), neg_pos_ratio=2)
+    tensor([[False,  True, False,  True, False]])
     """
     dims = require_shape(mining_loss, "mining_loss", ("B", "P"))
     require_shape(positive, "positive", ("B", "P"), dims)
