@@ -66,6 +66,15 @@ class RetinaFaceLoss(MultiBoxLossBase):
     ``{"loss_box", "loss_cls", "loss_landmark", "loss"}`` (0-d float32, float64 for float64
     inputs) and, with ``return_assignment``, ``"assignment"``: a
     :class:`detloss.detectors.ssd.MultiBoxAssignment` with the landmark fields set.
+
+    >>> import torch
+    >>> priors = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    >>> gt_boxes, gt_landmarks = torch.tensor([[[0.0, 0.0, 0.5, 0.6]]]), torch.full((1, 1, 10), 0.2)
+    >>> yes = torch.tensor([[True]])
+    >>> out = RetinaFaceLoss()(torch.zeros(1, 3, 4), torch.zeros(1, 3, 2), torch.zeros(1, 3, 10), priors,
+    ...                        gt_boxes, gt_landmarks, yes, yes)
+    >>> {k: round(float(v), 4) for k, v in out.items()}
+    {'loss_box': 0.9155, 'loss_cls': 2.0794, 'loss_landmark': 5.0, 'loss': 8.9105}
     """
 
     def __init__(

@@ -72,6 +72,12 @@ class RetinaNetLoss(nn.Module):
     gt_boxes (B, M, 4) xyxy pixels, gt_labels (B, M) in [0, K-1], gt_valid (B, M) bool, *,
     return_assignment=False)`` returns ``{"loss_cls", "loss_box", "loss"}`` (0-d float32, or
     float64 for float64 input) and ``"assignment"`` (:class:`RetinaNetAssignment`) when asked.
+
+    >>> anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [20.0, 20.0, 30.0, 30.0]])
+    >>> gt_boxes, gt_labels, gt_valid = torch.tensor([[[0.0, 0.0, 10.0, 12.0]]]), torch.tensor([[1]]), torch.tensor([[True]])
+    >>> out = RetinaNetLoss(2)(torch.zeros(1, 3, 2), torch.zeros(1, 3, 4), anchors, gt_boxes, gt_labels, gt_valid)
+    >>> {k: round(float(v), 4) for k, v in out.items()}
+    {'loss_cls': 0.6931, 'loss_box': 0.1823, 'loss': 0.8755}
     """
 
     def __init__(

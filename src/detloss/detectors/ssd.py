@@ -241,6 +241,12 @@ class SSDLoss(MultiBoxLossBase):
     bool, *, return_assignment=False)`` returns ``{"loss_box", "loss_cls", "loss"}`` (0-d
     float32, float64 for float64 inputs) and, with ``return_assignment``, ``"assignment"``:
     a :class:`MultiBoxAssignment`.
+
+    >>> priors = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    >>> gt_boxes, gt_labels, gt_valid = torch.tensor([[[0.0, 0.0, 0.5, 0.6]]]), torch.tensor([[1]]), torch.tensor([[True]])
+    >>> out = SSDLoss(3)(torch.zeros(1, 3, 4), torch.zeros(1, 3, 3), priors, gt_boxes, gt_labels, gt_valid)
+    >>> {k: round(float(v), 4) for k, v in out.items()}
+    {'loss_box': 0.9155, 'loss_cls': 3.2958, 'loss': 4.2114}
     """
 
     def __init__(
