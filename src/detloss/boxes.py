@@ -318,7 +318,7 @@ class ChunkedPairwiseIoU:
     in the same order, the same rule for a union <= ``eps``), but the coordinates are split
     once into contiguous planes, the areas computed once, and each block is built in place
     with the long axis innermost, so every pass is one vector loop against a per-row scalar
-    (3-4x faster than :func:`box_iou` on a chunk). Boxes are xyxy, in the compute
+    (faster than :func:`box_iou` on a chunk: benchmarks/README.md). Boxes are xyxy, in the compute
     dtype of both inputs. Entries of invalid rows (``rows_valid (B, M)``) or columns
     (``columns_valid (B or 1, N)``) are shifted by :attr:`INVALID_SHIFT` (each side, so into
     ``[-4, -1]``), below every real IoU.

@@ -67,8 +67,7 @@ def class_cross_entropy_no_grad(logits: Tensor, target_class: int) -> Tensor:
 
     For ranking (hard negative mining ranks priors by their background cross-entropy) on the
     CPU: ``exp`` and a BLAS matrix-vector sum, chunk by chunk through one cache-sized buffer,
-    about 3x faster than
-    ``torch.logsumexp`` over short rows (21 classes). Without the max shift a row overflows
+    because ``torch.logsumexp`` is slow over short rows (21 classes; benchmarks/README.md). Without the max shift a row overflows
     when a logit exceeds ~88 and loses accuracy when all of its logits are below ~-87
     (float32); both show in the row sums, and then the stable ``torch.logsumexp`` is used
     instead. Reads the sums on the host (free on the CPU). Computed in float32 (float64 stays
@@ -86,7 +85,7 @@ def class_cross_entropy_no_grad(logits: Tensor, target_class: int) -> Tensor:
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         torch.mv(torch.exp(flat[start:stop], out=buffer[: stop - start]), ones, out=total[start:stop])
-    target = flat[:, target_class].contiguous()  # one strided gather: 2x faster than subtracting the view
+    target = flat[:, target_class].contiguous()  # one strided gather: cheaper than subtracting the strided view
     # every term finite and the largest one a normal float: each is exact to an ulp
     smallest_safe = torch.finfo(flat.dtype).tiny * classes
     if bool((total.min() >= smallest_safe) & (total.max() < float("inf"))):

@@ -79,7 +79,7 @@ def weighted_reduce(
             return total
         return total / torch.broadcast_to(weight, loss.shape).sum().to(acc).clamp(min=1e-12)
     if weight is not None and weight.dtype == torch.bool:
-        # a materialised mask selects about 2x faster than one broadcast over a short last dim
+        # a materialised mask selects faster than a broadcast over a short last dim
         loss = torch.where(weight.expand(loss.shape).contiguous(), loss, 0.0)
     elif weight is not None:
         weight = weight.to(acc)

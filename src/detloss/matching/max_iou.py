@@ -38,7 +38,7 @@ from ..boxes import ChunkedPairwiseIoU, compute_dtype
 
 # Elements of one IoU chunk (B x M x chunk) when ``chunk_size`` is not given: the few chunk
 # temporaries (512 KiB each in float32) stay in cache, and the per-operation overhead of the
-# chunk loop stays small (measured fastest on the RetinaNet benchmark among 2**13 .. 2**20).
+# chunk loop stays small (how it was chosen: benchmarks/README.md, "IoU chunk size").
 DEFAULT_CHUNK_ELEMENTS = 1 << 17
 # The same under torch.compile (each chunk is unrolled into the graph).
 COMPILED_CHUNK_ELEMENTS = 1 << 21
