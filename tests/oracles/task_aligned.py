@@ -117,20 +117,3 @@ def match(scores, pred_boxes, anchors, gt_boxes, gt_labels, gt_valid, *, topk=13
                 scores_out[i, j, gt_labels[i, g]] = metric[g, j] * max_u / (max_t + eps)
     return fg_out, matched_out, labels_out, scores_out, metric_out
 
-
-def topk_boundary_tie(scores, pred_boxes, anchors, gt_boxes, gt_labels, gt_valid, *, topk, alpha, beta,
-                      min_box_side=None):
-    """True when some GT's k-th and (k+1)-th positive metrics are exactly equal (then which
-    anchor is taken is ``torch.topk``'s implementation-defined choice)."""
-    b, a, _ = np.shape(scores)
-    for i in range(b):
-        for g in range(np.shape(gt_boxes)[1]):
-            if not gt_valid[i, g]:
-                continue
-            one = match(scores[i:i + 1], pred_boxes[i:i + 1], anchors, gt_boxes[i:i + 1, g:g + 1],
-                        gt_labels[i:i + 1, g:g + 1], np.ones((1, 1), bool), topk=a, alpha=alpha, beta=beta,
-                        min_box_side=min_box_side)
-            values = np.sort(one[4][0][one[0][0]])[::-1]
-            if len(values) > topk and values[topk - 1] == values[topk]:
-                return True
-    return False

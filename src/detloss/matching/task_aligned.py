@@ -10,11 +10,12 @@ Steps (the code carries the same numbers):
    A box side shorter than ``min_box_side`` is widened to it about the box centre for this test
    only (ultralytics 8.4 floors at ``stride[1]``); targets keep the true box.
 2. **Metric** ``t = s ** alpha * u ** beta`` on the candidates, 0 elsewhere.
-3. **Top-k**: each GT keeps its ``topk`` largest metrics (ties: lowest anchor index first).
-   Only candidates with ``t > 0`` become positive: an anchor whose metric is 0 is never
-   foreground. (ultralytics takes the top-k over the whole row, so when a box has fewer than
-   ``topk`` positive metrics, zero-metric anchors chosen by ``torch.topk``'s tie order become
-   foreground with a zero target score; that changes no loss.)
+3. **Top-k**: each GT keeps its ``topk`` largest metrics (exact ties: lower anchor index
+   first, where ultralytics leaves the choice to ``torch.topk``). Only candidates with
+   ``t > 0`` become positive: an anchor whose metric is 0 is never foreground. (ultralytics
+   takes the top-k over the whole row, so when a box has fewer than ``topk`` positive metrics,
+   zero-metric anchors chosen by ``torch.topk``'s tie order become foreground with a zero
+   target score; that changes no loss.)
 4. **Conflicts**: an anchor positive for several GTs goes to the GT with the largest ``u``
    over *all* GTs (first index on exact ties), as ultralytics' ``argmax`` over the GT axis.
 5. **One-to-one** (``topk2 < topk``, YOLO26's one-to-one branch): after step 4 each GT keeps
@@ -35,6 +36,13 @@ independent of the chunk size bit for bit: per-box terms (areas, aspect angles) 
 once for all boxes and every pairwise value is built from them with exactly rounded
 operations (``+ - * /``, ``min``/``max``); integer ``beta`` is applied by multiplication.
 
+Execution strategies (:mod:`detloss.strategy`): the dense form computes each chunk's whole
+``(B, G, A)`` block with fixed shapes (no host read; ``torch.compile(fullgraph=True)`` traces
+it). On CPU tensors in eager mode (``"auto"`` / ``"gathered"``) a chunk computes the inside
+test on the block, then the CIoU and metric of the candidate pairs only (one host read of
+their count): a box covers a few hundred of 8400 anchors, so this skips most of the work
+(measured in ``benchmarks/README.md``). Both forms give the same bits.
+
 The assigner's CIoU follows ultralytics' placement of the epsilons (``1e-7`` added to the
 union and the squared diagonal, heights clamped at ``1e-7``), so metrics equal its own to
 the last bits and the top-k orders agree.
@@ -48,6 +56,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..strategy import host_sync_is_free
 from .._validate import (
     as_bool_mask,
     require_boxes,
@@ -266,12 +275,11 @@ def match_task_aligned_unchecked(
     score_pow = _power(pred_scores.to(dtype).clamp(min=0), alpha).transpose(1, 2).contiguous()  # (B, C, A)
 
     count = torch.zeros(b, a, dtype=torch.int32, device=device)
-    some_gt = torch.zeros(b, a, dtype=torch.long, device=device)
+    some_gt = torch.full((b, a), -1, dtype=torch.long, device=device)
     best_u = torch.full((b, a), -1.0, dtype=dtype, device=device)
     best_gt = torch.zeros(b, a, dtype=torch.long, device=device)
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, b * a))
-    gt_index = torch.arange(m, device=device)
     for start in range(0, m, chunk_size):
         stop = min(m, start + chunk_size)
         sl = slice(start, stop)
@@ -280,20 +288,16 @@ def match_task_aligned_unchecked(
         inside = ((ax - x1) > INSIDE_EPS) & ((ay - y1) > INSIDE_EPS)
         inside &= ((x2 - ax) > INSIDE_EPS) & ((y2 - ay) > INSIDE_EPS)
         inside &= gt_valid[:, sl].unsqueeze(-1)  # (B, G, A)
-        # 2. metric t = s^alpha * u^beta on the candidates
-        u = _ciou_from_terms(tuple(t[:, sl].unsqueeze(-1) for t in gt_t), pred_t).clamp_(min=0)
-        u = torch.where(inside, u, 0.0)  # (B, G, A)
-        s = score_pow.gather(1, labels[:, sl].unsqueeze(-1).expand(-1, -1, a))  # (B, G, A)
-        metric = torch.where(inside, s * _power(u, beta), 0.0)
-        # 3. top-k per GT; positives are selected candidates with a positive metric
-        top_metric, top_idx = metric.topk(k, dim=-1)  # (B, G, k)
-        selected = (top_metric > 0) & inside.gather(-1, top_idx)
-        count.scatter_add_(1, top_idx.flatten(1), selected.flatten(1).to(torch.int32))
-        gt_of = torch.where(selected, gt_index[sl].view(1, -1, 1), -1).flatten(1)
-        some_gt.scatter_reduce_(1, top_idx.flatten(1), gt_of, reduce="amax")
+        gt_chunk = tuple(t[:, sl] for t in gt_t)  # each (B, G)
+        if host_sync_is_free(pred_scores):  # CPU eager: only the candidate pairs (benchmarks/README.md)
+            pick, some, chunk_best, chunk_arg = _chunk_gathered(
+                inside, gt_chunk, pred_t, score_pow, labels[:, sl], beta, k, start)
+        else:
+            pick, some, chunk_best, chunk_arg = _chunk_dense(
+                inside, gt_chunk, pred_t, score_pow, labels[:, sl], beta, k, start)
+        count += pick
+        some_gt = torch.maximum(some_gt, some)
         # 4. running argmax of u over all GTs (strictly larger wins: first index on ties)
-        chunk_best = u.amax(dim=1)  # (B, A); max-with-index over a middle dim is ~100x slower on CPU
-        chunk_arg = torch.where(u == chunk_best.unsqueeze(1), gt_index[sl].view(1, -1, 1), m).amin(dim=1)
         better = chunk_best > best_u
         best_u = torch.where(better, chunk_best, best_u)
         best_gt = torch.where(better, chunk_arg, best_gt)
@@ -322,6 +326,77 @@ def match_task_aligned_unchecked(
     return _targets(
         foreground, matched, norm, metric_a, u_a, gt_boxes, labels, c, background_label, background_from_slot0
     )
+
+
+def _chunk_dense(
+    inside: Tensor, gt: tuple[Tensor, ...], pred: tuple[Tensor, ...], score_pow: Tensor, labels: Tensor, beta: float,
+    k: int, start: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 2-4 for one chunk of ``G`` GTs on the whole ``(B, G, A)`` pair block.
+
+    Returns, per anchor ``(B, A)``: how many of the chunk's GTs select it, the largest such GT
+    index (-1: none), the chunk's largest ``u`` and the first GT index reaching it.
+    """
+    g = inside.shape[1]
+    gt_ids = torch.arange(start, start + g, device=inside.device).view(1, -1, 1)
+    # 2. metric t = s^alpha * u^beta on the candidates
+    u = _ciou_from_terms(tuple(t.unsqueeze(-1) for t in gt), pred).clamp_(min=0)
+    u = torch.where(inside, u, 0.0)  # (B, G, A)
+    s = score_pow.gather(1, labels.unsqueeze(-1).expand(-1, -1, inside.shape[2]))  # (B, G, A)
+    metric = torch.where(inside, s * _power(u, beta), 0.0)
+    # 3. top-k per GT (ties: lower anchor index), positive metric only (hence inside)
+    selected = _top_k_mask(metric, k) & (metric > 0)
+    pick = selected.sum(1, dtype=torch.int32)
+    some = torch.where(selected, gt_ids, -1).amax(1)
+    # 4. the chunk's best u per anchor; max-with-index over a middle dim is ~100x slower on CPU
+    best = u.amax(dim=1)
+    arg = torch.where(u == best.unsqueeze(1), gt_ids, start + g).amin(dim=1)
+    return pick, some, best, arg
+
+
+def _top_k_mask(values: Tensor, k: int) -> Tensor:
+    """``(..., N) -> (..., N)`` bool: the ``k`` largest of each row, lower index first among equal values."""
+    kth = values.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = values > kth
+    tied = values == kth
+    need = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= need))
+
+
+def _chunk_gathered(
+    inside: Tensor, gt: tuple[Tensor, ...], pred: tuple[Tensor, ...], score_pow: Tensor, labels: Tensor, beta: float,
+    k: int, start: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_chunk_dense` on the candidate pairs only (one host read of their count).
+
+    The pairs' ``u`` and metric come from the same per-box terms and operations as the dense
+    block, so every value, and therefore every decision, is the same bit for bit.
+    """
+    b, g, a = inside.shape
+    bi, gi, ai = inside.nonzero(as_tuple=True)  # ordered by (image, GT, anchor)
+    pred_flat = tuple(t.squeeze(1) for t in pred)
+    # 2. metric of the candidate pairs
+    u = _ciou_from_terms(tuple(t[bi, gi] for t in gt), tuple(t[bi, ai] for t in pred_flat)).clamp_(min=0)
+    metric = score_pow[bi, labels[bi, gi], ai] * _power(u, beta)
+    # 3. rank within each GT by metric (descending; stable: lower anchor index first)
+    segment = bi * g + gi
+    order = metric.argsort(descending=True, stable=True)
+    order = order[segment[order].argsort(stable=True)]
+    sorted_segment = segment[order]
+    rank = torch.arange(order.numel(), device=inside.device) - torch.searchsorted(sorted_segment, sorted_segment)
+    chosen = order[(rank < k) & (metric[order] > 0)]
+    cell = bi * a + ai  # (image, anchor) of each pair
+    pick = torch.zeros(b * a, dtype=torch.int32, device=inside.device)
+    pick.index_add_(0, cell[chosen], torch.ones_like(chosen, dtype=torch.int32))
+    some = torch.full((b * a,), -1, dtype=torch.long, device=inside.device)
+    some.scatter_reduce_(0, cell[chosen], gi[chosen] + start, reduce="amax")
+    # 4. the chunk's best u per anchor (0 where no pair, as the dense block's) and its first GT
+    best = u.new_zeros(b * a).scatter_reduce_(0, cell, u, reduce="amax")
+    first = torch.full((b * a,), start + g, dtype=torch.long, device=inside.device)
+    at_best = u == best[cell]
+    first.scatter_reduce_(0, cell[at_best], gi[at_best] + start, reduce="amin")
+    arg = torch.where(best > 0, first, start)
+    return pick.view(b, a), some.view(b, a), best.view(b, a), arg.view(b, a)
 
 
 def _floored(boxes: Tensor, valid: Tensor, side: Optional[float]) -> Tensor:
