@@ -167,6 +167,45 @@ class YOLOv3Head(nn.Module):
         return select_detections(torch.cat(boxes, 1), torch.cat(scores, 1), image_size=self.image_size)
 
 
+class YOLOv8Head(nn.Module):
+    """YOLOv8: anchor-free, one point per cell of the stride 8 / 16 / 32 maps; each box side a
+    distribution over ``REG_MAX`` bins (distances in cells), sigmoid class scores (no
+    objectness); :class:`detloss.YOLOv8Loss` (task-aligned assignment, BCE on soft scores,
+    CIoU, DFL)."""
+
+    loss_module, loss_name = "detloss.detectors.yolov8", "YOLOv8Loss"
+    REG_MAX = 16
+
+    def __init__(self, num_classes: int, image_size: int, width: int = 64, distributed: bool = False) -> None:
+        super().__init__()
+        from ..compat.ultralytics import make_anchors
+
+        self.num_classes, self.image_size = num_classes, image_size
+        points, strides = make_anchors([(image_size // s, image_size // s) for s in STRIDES], STRIDES)
+        self.register_buffer("points", points, persistent=False)
+        self.register_buffer("strides", strides, persistent=False)
+        self.box = LevelPredictor(width, [1] * 3, 4 * self.REG_MAX)
+        self.cls = LevelPredictor(width, [1] * 3, num_classes, bias=-math.log((1 - 0.01) / 0.01))
+        self.criterion = make_loss(YOLOv8Head, distributed, num_classes=num_classes, reg_max=self.REG_MAX)
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        return {"box": self.box(features), "cls": self.cls(features)}
+
+    def loss(self, raw: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        return self.criterion(raw["box"], raw["cls"], self.points, self.strides, batch.boxes,
+                              batch.labels.clamp(min=0), batch.valid)
+
+    def decode(self, box: Tensor) -> Tensor:
+        """``(B, A, 4 * REG_MAX)`` distributions -> ``(B, A, 4)`` xyxy input pixels."""
+        from ..detectors.yolov8 import decode_distances
+
+        dist = decode_distances(box.float(), self.REG_MAX) * self.strides[:, None]
+        return torch.cat((self.points - dist[..., :2], self.points + dist[..., 2:]), -1)
+
+    def predict(self, raw: dict[str, Tensor]) -> list[Detections]:
+        return select_detections(self.decode(raw["box"]), raw["cls"].float().sigmoid(), image_size=self.image_size)
+
+
 class RetinaFaceHead(nn.Module):
     """RetinaFace: background/face softmax, variance-coded boxes and five landmarks on square
     normalised priors (two per cell and level); :class:`detloss.RetinaFaceLoss`."""
@@ -300,6 +339,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "ssd": SSDHead,
     "retinanet": RetinaNetHead,
     "yolov3": YOLOv3Head,
+    "yolov8": YOLOv8Head,
     "fasterrcnn": FasterRCNNHead,
     "retinaface": RetinaFaceHead,
 }
