@@ -203,14 +203,16 @@ def test_cost_half_predictions_computed_in_float32():
         assert detr_matching_cost(logits, boxes, gt, labels, valid).dtype == torch.float32
 
 
-def test_cost_compiles_fullgraph():
+def test_cost_compiles_fullgraph(strategy):
+    if strategy != "dense":
+        pytest.skip("under torch.compile every strategy runs dense")
     rng = np.random.default_rng(7)
     args = (torch.randn(3, 10, 5), random_boxes(rng, 3, 10).float(), random_boxes(rng, 3, 4).float(),
             torch.from_numpy(rng.integers(0, 4, (3, 4))), torch.from_numpy(rng.random((3, 4)) < 0.7))
     torch._dynamo.reset()
     compiled = torch.compile(H.matching_cost_unchecked, backend="aot_eager", fullgraph=True)
-    for chunk in (None, 12, 50):
-        torch.testing.assert_close(compiled(*args, chunk_elements=chunk), H.matching_cost_unchecked(*args, chunk_elements=chunk))
+    # one whole problem (10 x 4 = 40 entries) per block of at most 50: 3 blocks
+    torch.testing.assert_close(compiled(*args, chunk_elements=50), H.matching_cost_unchecked(*args, chunk_elements=50))
 
 
 def test_solve_compiles_fullgraph_as_one_opaque_op():
