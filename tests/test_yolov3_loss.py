@@ -97,7 +97,7 @@ def test_matches_oracle(seed, size, num_classes, counts, box_loss, normalizer, s
     got = loss(convs, torch.as_tensor(arr[..., :4]), torch.as_tensor(arr[..., 4]).long(), valid)
     want = oracle.yolov3_loss([c.numpy() for c in convs], arr[..., :4], arr[..., 4].astype(int), counts,
                               num_classes=num_classes, anchors=ANCHORS.numpy(), strides=STRIDES,
-                              box_loss=box_loss, normalizer=normalizer, label_smoothing=smoothing)
+                              box_loss=box_loss, normalize_by=normalizer, label_smoothing=smoothing)
     for key in ("loss_box", "loss_obj", "loss_cls", "loss"):
         np.testing.assert_allclose(got[key].item(), want[key], rtol=1e-6, atol=1e-9, err_msg=key)
 

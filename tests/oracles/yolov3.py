@@ -50,7 +50,7 @@ def iou_inter(a, b):
     return iw * ih
 
 
-def build_targets(boxes, labels, *, num_classes, anchors, strides, input_hw, iou_threshold=0.3,
+def build_targets(boxes, labels, *, num_classes, anchors, strides, input_hw, pos_iou=0.3,
                   label_smoothing=0.01, max_boxes=150, faithful_fallback_clip=False):
     """One image. ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``, ``anchors (S, A, 2)`` grid units.
 
@@ -87,7 +87,7 @@ def build_targets(boxes, labels, *, num_classes, anchors, strides, input_hw, iou
             all_ious.extend(ious)
             gh, gw = grids[s]
             col, row = min(max(col, 0), gw - 1), min(max(row, 0), gh - 1)
-            hit = [a for a in range(n_anchors) if ious[a] > iou_threshold]
+            hit = [a for a in range(n_anchors) if ious[a] > pos_iou]
             for a in hit:
                 write(s, col, row, a, xywh, label)
             if hit:
@@ -142,7 +142,7 @@ def scale_loss(conv, label, true_list, anchors, stride, *, input_hw, ignore_iou=
 
 
 def yolov3_loss(convs, boxes, labels, counts, *, num_classes, anchors, strides, ignore_iou=0.5,
-                box_loss="giou", label_smoothing=0.01, normalizer="batch", faithful_fallback_clip=False):
+                box_loss="giou", label_smoothing=0.01, normalize_by="batch", faithful_fallback_clip=False):
     """Batch loss: ``convs`` per scale ``(B, H, W, A*(5+C))``, ``boxes (B, M, 4)`` xyxy,
     ``labels (B, M)``, ``counts (B,)``. Returns dict of box/obj/cls/loss floats."""
     batch = convs[0].shape[0]
@@ -159,7 +159,7 @@ def yolov3_loss(convs, boxes, labels, counts, *, num_classes, anchors, strides, 
             trues = [tb for tb in lists[s] if tb[2] > 0 or tb[3] > 0]
             totals += scale_loss(convs[s][b], lab[s], trues, anchors[s], stride, input_hw=input_hw,
                                  ignore_iou=ignore_iou, box_loss=box_loss)
-    norm = batch if normalizer == "batch" else max(n_pos, 1)
+    norm = batch if normalize_by == "batch" else max(n_pos, 1)
     box, obj, cls = totals / norm
     return {"loss_box": box, "loss_obj": obj, "loss_cls": cls, "loss": box + obj + cls}
 
