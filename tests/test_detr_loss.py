@@ -174,6 +174,24 @@ def test_more_objects_than_queries():
     np.testing.assert_allclose(out["loss"].item(), total, rtol=1e-9)
 
 
+def test_padding_rows_anywhere_change_nothing():
+    logits, boxes, gt, labels, valid = _random_case(2, 2, 5, [3, 2], 20, "ce")
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    lg1, bx1, lg2, bx2 = (t(a).requires_grad_() for a in (logits, boxes, logits, boxes))
+    plain = DETRLoss(3)(lg1, bx1, t(gt), t(labels), t(valid))
+    # five junk padding rows (3 .. 7) inserted before, between and after the real ones (0, 1, 2)
+    order = [5, 0, 1, 6, 2, 3, 4, 7]  # position -> row of the extended arrays
+    gt_x = np.concatenate((gt, np.full((2, 5, 4), 0.9)), 1)[:, order]
+    labels_x = np.concatenate((labels, np.full((2, 5), -1)), 1)[:, order]
+    valid_x = np.concatenate((valid, np.zeros((2, 5), bool)), 1)[:, order]
+    padded = DETRLoss(3)(lg2, bx2, t(gt_x), t(labels_x), t(valid_x))
+    for k in plain:
+        assert torch.equal(plain[k], padded[k]), k
+    plain["loss"].backward()
+    padded["loss"].backward()
+    assert torch.equal(lg1.grad, lg2.grad) and torch.equal(bx1.grad, bx2.grad)
+
+
 # ------------------------------------------------------------------------ one solve a step
 def test_every_layer_and_image_in_one_solve(monkeypatch):
     calls, cpu_copies = [], []
