@@ -3,7 +3,10 @@
 Draws the ground truth, the positive priors/anchors coloured by their GT, the ignored ones
 and (for the families that mine, with random logits from ``--seed``) the mined hard
 negatives, and prints per GT: its best IoU, its positives, whether it was matched only
-through bipartite forcing, or not at all.
+through bipartite forcing, or not at all. For the task-aligned preset (``yolov8-640``) each
+GT line also gives its candidates (anchor points inside the floored box), its own top-k by
+the alignment metric, the anchors it lost to and won from other GTs in conflicts, and its
+largest soft score; the predictions are those of an untrained head (``--seed``).
 """
 from __future__ import annotations
 
@@ -125,15 +128,59 @@ def summarize(preset: Preset, boxes: np.ndarray, names: list[str], positives: np
     return lines
 
 
+def task_aligned_report(preset: Preset, gt: np.ndarray, labels: np.ndarray, names: list[str],
+                        seed: int) -> tuple[list[str], "torch.Tensor", "torch.Tensor"]:
+    """Summary lines of the task-aligned assignment, and its ``(P,)`` foreground and matched GT."""
+    gt_t = torch.from_numpy(gt).reshape(1, -1, 4)
+    lab_t = torch.from_numpy(labels).reshape(1, -1)
+    valid = torch.ones(lab_t.shape, dtype=torch.bool)
+    joint = preset.match_yolov8(gt_t, lab_t, valid, seed)
+    fg, matched = joint.foreground[0], joint.matched_gt[0]
+    points, strides = preset.yolov8_points()
+    side = float(strides.unique()[1])
+    lines = [f"preset {preset.name} ({preset.family}, {preset.image_size} px, {preset.resize}): "
+             f"{int(fg.sum())} positive anchor points, {len(gt)} GT; best IoU = the largest max(CIoU, 0) "
+             f"of a candidate's predicted box (untrained head, seed {seed})"]
+    for g in range(len(gt)):
+        box = gt[g]
+        # candidates: points strictly inside the box, sides floored at stride[1] about its centre
+        centre, size = (box[:2] + box[2:]) / 2, np.maximum(box[2:] - box[:2], side)
+        lo, hi = torch.from_numpy(centre - size / 2), torch.from_numpy(centre + size / 2)
+        candidates = int((((points - lo) > 1e-9) & ((hi - points) > 1e-9)).all(-1).sum())
+        alone = dict(gt_boxes=gt_t[:, g:g + 1], gt_labels=lab_t[:, g:g + 1], gt_valid=valid[:, g:g + 1], seed=seed)
+        scored = preset.match_yolov8(**alone, topk=points.shape[0])  # every candidate with a positive metric
+        own = preset.match_yolov8(**alone).foreground[0]  # its own top-k, before conflicts
+        mine = fg & (matched == g)
+        best = float(scored.overlap.max()) if candidates else 0.0
+        soft = float(joint.scores[0][mine].max()) if mine.any() else 0.0
+        lines.append(f"  GT{g} {names[g]:<10} [{box[0]:6.1f} {box[1]:6.1f} {box[2]:6.1f} {box[3]:6.1f}]  "
+                     f"best IoU {best:.3f}  positives {int(mine.sum()):3d}  candidates {candidates:4d}  "
+                     f"own top-k {int(own.sum()):2d}  lost {int((own & ~mine).sum())} / won {int((mine & ~own).sum())} "
+                     f"in conflicts  soft score max {soft:.3f}")
+    missing = [f"GT{g}" for g in range(len(gt)) if not (fg & (matched == g)).any()]
+    lines.append(f"no positive at all: {', '.join(missing) or 'none'}")
+    return lines, fg, torch.where(fg, matched, -1)
+
+
 def run(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     image, boxes, labels, names = load_sample(args, preset)
     h, w = image.shape[:2]
     gt = to_input(boxes, (h, w), preset)
     gt_t, lab_t, valid = pad_ground_truth([torch.from_numpy(gt)], [torch.from_numpy(labels)])
+    m = gt.shape[0]
+    if preset.family == "yolov8":
+        lines, fg, matched = task_aligned_report(preset, gt, labels, names, args.seed)
+        cells = preset.priors_xyxy().numpy()
+        out = plots.assignment_figure(
+            to_input_image(image, preset), gt, [(cells[(matched == g).numpy()], g) for g in range(m)],
+            cells[:0], cells[:0], args.out, lines[0].split(";")[0] + "\npositive anchor cells coloured by GT", names,
+        )
+        print("\n".join(lines))
+        print(f"wrote {os.path.abspath(out)}")
+        return 0
     result = preset.assign(gt_t, lab_t, valid)
     negatives = preset.mine(result, args.seed)
-    m = gt.shape[0]
     positives = result.positives_per_gt(m)[0].numpy()
     # YOLO's threshold is on anchor shapes, not box IoU: it has no "below threshold" positives
     strong = positives if preset.family == "yolov3" else result.threshold_positives_per_gt(m, preset.pos_iou)[0].numpy()

@@ -11,11 +11,15 @@ retinaface-640  retinaface  ``match_priors``: IoU >= 0.35, forcing if best IoU >
 yolov3-416      yolov3      ``assign_yolo_anchors``: anchors of the GT's cell, IoU > 0.3
 retinanet-800   retinanet   ``max_iou_match``: IoU >= 0.5 positive, [0.4, 0.5) ignored,
                             low-quality (best-IoU tie) matches
+yolov8-640      yolov8      ``match_task_aligned``: top 10 anchor points inside each box by
+                            ``score ** 0.5 * CIoU ** 6`` (YOLOv8's loss), conflicts to the
+                            largest CIoU; predictions of an untrained head (seeded)
 ==============  ==========  ===========================================================
 
 Everything is in pixels of the ``S x S`` network input. ``resize`` says how an image
 enters it: ``"stretch"`` (SSD, RetinaFace: both sides scaled to ``S``) or ``"letterbox"``
-(YOLOv3, RetinaNet: longer side to ``S``, aspect kept).
+(YOLOv3, RetinaNet, YOLOv8: longer side to ``S``, aspect kept). YOLOv8's "priors" are its
+anchor points, drawn as the cells they centre.
 A JSON config file describes a custom layout with the same keys (see :func:`preset_from_config`).
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .. import cxcywh_to_xyxy, retinaface_priors, retinanet_anchors, ssd_priors
 from ..boxes import box_iou
 from ..matching.bipartite import match_priors
 from ..matching.max_iou import max_iou_match
+from ..matching.task_aligned import match_task_aligned
 from ..matching.yolo import assign_yolo_anchors
 from ..priors import SSD_PRESETS, SSDPriorConfig
 from ..sampling.hard_negative import mine_hard_negatives
@@ -96,7 +101,36 @@ class Preset:
         if self.family == "retinanet":
             kw = {k: p[k] for k in ("strides", "sizes", "scales", "ratios") if k in p}
             return retinanet_anchors(s, **kw)
+        if self.family == "yolov8":
+            points, strides = self.yolov8_points()
+            half = strides[:, None] / 2
+            return torch.cat((points - half, points + half), -1)
         return self._yolo_boxes()
+
+    def yolov8_points(self) -> tuple[Tensor, Tensor]:
+        """``(P, 2)`` anchor points (cell centres, input pixels) and ``(P,)`` their strides."""
+        from ..compat.ultralytics import make_anchors
+
+        strides = tuple(self.params.get("strides", (8, 16, 32)))
+        return make_anchors([(self.image_size // st, self.image_size // st) for st in strides], strides)
+
+    def yolov8_predictions(self, batch: int, seed: int) -> tuple[Tensor, Tensor]:
+        """What an untrained head predicts, seeded: class probabilities ``(B, P, C)`` uniform in
+        [0, 1) and boxes ``(B, P, 4)`` xyxy pixels, each side 0.5-4 strides from its point."""
+        points, strides = self.yolov8_points()
+        gen = torch.Generator().manual_seed(seed)
+        scores = torch.rand(batch, points.shape[0], max(self.num_classes, 1), generator=gen)
+        dist = (torch.rand(batch, points.shape[0], 4, generator=gen) * 3.5 + 0.5) * strides[:, None]
+        return scores, torch.cat((points - dist[..., :2], points + dist[..., 2:]), -1)
+
+    def match_yolov8(self, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, seed: int, **options):
+        """:func:`detloss.match_task_aligned` with YOLOv8's loss settings on :meth:`yolov8_predictions`."""
+        points, strides = self.yolov8_points()
+        scores, pred = self.yolov8_predictions(gt_boxes.shape[0], seed)
+        kw = dict(topk=10, alpha=0.5, beta=6.0, min_box_side=float(strides.unique()[1 if strides.unique().numel() > 1 else 0]))
+        kw.update(options)
+        labels = gt_labels.clamp(0, scores.shape[-1] - 1)
+        return match_task_aligned(scores, pred, points, gt_boxes, labels, gt_valid, **kw)
 
     def yolo_anchors_px(self) -> Tensor:
         """``(S, A, 2)`` YOLOv3 anchor sizes in input pixels."""
@@ -126,8 +160,9 @@ class Preset:
         return np.unique(wh, axis=0)
 
     # ------------------------------------------------------------------ matching
-    def assign(self, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
-        """Run the family matcher on ``gt_boxes (B, M, 4)`` xyxy input pixels."""
+    def assign(self, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, seed: int = 0) -> Assignment:
+        """Run the family matcher on ``gt_boxes (B, M, 4)`` xyxy input pixels (``seed``: the
+        synthetic predictions of the task-aligned families)."""
         priors = self.priors_xyxy()
         b, m = gt_valid.shape
         iou = box_iou(gt_boxes, priors.expand(b, -1, -1)) if m else gt_boxes.new_zeros(b, 0, priors.shape[0])
@@ -137,6 +172,10 @@ class Preset:
             match = match_priors(priors / s, gt_boxes / s, gt_valid, pos_iou=self.pos_iou,
                                  min_best_iou=self.min_best_iou, priors_format="xyxy")
             positive, ignored = match.positive, match.ignore
+            matched = torch.where(positive, match.matched_gt, -1)
+        elif self.family == "yolov8":
+            match = self.match_yolov8(gt_boxes, gt_labels, gt_valid, seed)
+            positive, ignored = match.foreground, torch.zeros_like(match.foreground)
             matched = torch.where(positive, match.matched_gt, -1)
         elif self.family == "retinanet":
             match = max_iou_match(priors, gt_boxes, gt_valid, pos_iou=self.pos_iou, neg_iou=self.neg_iou)
@@ -172,6 +211,7 @@ PRESETS: dict[str, Preset] = {
                              neg_pos_ratio=7, num_classes=2),
     "yolov3-416": Preset("yolov3-416", "yolov3", 416, "letterbox", pos_iou=0.3, num_classes=80),
     "retinanet-800": Preset("retinanet-800", "retinanet", 800, "letterbox", pos_iou=0.5, neg_iou=0.4, num_classes=80),
+    "yolov8-640": Preset("yolov8-640", "yolov8", 640, "letterbox", pos_iou=0.0, num_classes=80),
 }
 
 
