@@ -158,3 +158,26 @@ def test_bad_targets_are_named():
 def test_empty_weight_buffer_as_the_original():
     criterion = compat.SetCriterion(4, compat.HungarianMatcher(), {}, 0.25, ["labels"])
     assert criterion.empty_weight.tolist() == [1, 1, 1, 1, 0.25]
+
+
+@pytest.mark.parametrize("other_rank_objects", [0, 1, None], ids=["other-empty", "other-one", "other-same"])
+@pytest.mark.parametrize("one_local_object", [False, True], ids=["local-all", "local-one"])
+def test_num_boxes_under_ddp_as_the_original(golden, monkeypatch, other_rank_objects, one_local_object):
+    """The original divides the all-reduced count by the world size, then clamps at 1."""
+    import torch.distributed as dist
+
+    g = golden("detr/detr_e_no_aux_other_weights.npz")
+    criterion, outputs, targets, _, _ = build(g)
+    if one_local_object:  # (1 + 0) / 2 < 1: the clamp decides
+        targets = [{"labels": t["labels"][:n], "boxes": t["boxes"][:n]} for t, n in zip(targets, (1, 0))]
+    local_total = sum(len(t["labels"]) for t in targets)
+    local = criterion(outputs, targets)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    other = local_total if other_rank_objects is None else other_rank_objects
+    monkeypatch.setattr(dist, "all_reduce", lambda x, op=None: x.add_(other))
+    out = criterion(outputs, targets)
+    num_boxes = max((local_total + other) / 2, 1.0)
+    for k in ("loss_bbox", "loss_giou"):
+        torch.testing.assert_close(out[k], local[k] * local_total / num_boxes)
+    torch.testing.assert_close(out["loss_ce"], local["loss_ce"])  # a per-process weighted mean
