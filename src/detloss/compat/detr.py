@@ -67,6 +67,12 @@ class HungarianMatcher(nn.Module):
     ``forward(outputs, targets)`` with ``outputs = {"pred_logits" (B, Q, C + 1), "pred_boxes"
     (B, Q, 4) cxcywh}`` and ``targets`` a list of ``{"labels" (n,), "boxes" (n, 4) cxcywh}``
     returns ``[(query_idx, gt_idx)]`` per image, int64 CPU tensors, queries ascending.
+
+    >>> matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
+    >>> boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.3, 0.3]]])
+    >>> outputs = {"pred_logits": torch.zeros(1, 3, 3), "pred_boxes": boxes}
+    >>> matcher(outputs, [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.7, 0.7, 0.2, 0.2]])}])
+    [(tensor([1]), tensor([0]))]
     """
 
     def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1) -> None:
