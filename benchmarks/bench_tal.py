@@ -14,9 +14,11 @@ machine's load moves both alike). Peak memory is the peak resident size above th
 (form, measurement, size) in a fresh subprocess (:mod:`resident_memory`). With ``--count`` it also
 prints the operators dispatched by one detloss loss step (forward + backward, dense strategy) and
 its host synchronisations (``aten::_local_scalar_dense``, ``aten::nonzero``, ``aten::item``), which
-must be 0.
+must be 0. With ``--ab`` it times instead detloss's own two execution strategies on the loss step
+(``"dense"`` against ``"auto"``, whose CPU form computes only the candidate pairs), interleaved:
+the paired A/B that keeps the gathered path.
 
-    python benchmarks/bench_tal.py [--gts 10 100 1000] [--runs 7] [--threads 2] [--count]
+    python benchmarks/bench_tal.py [--gts 10 100 1000] [--runs 7] [--threads 2] [--count] [--ab]
 """
 from __future__ import annotations
 
@@ -154,6 +156,19 @@ def step(form: str, what: str, inputs) -> None:
     loss.backward()
 
 
+def ab(num_gt: int, runs: int) -> dict:
+    """Median ms of the detloss loss step under the dense strategy and under auto, interleaved."""
+    inputs = make_inputs(num_gt)
+    out = {"dense": [], "auto": []}
+    for _ in range(runs + 1):
+        for name in out:
+            with detloss.execution_strategy(name):
+                t0 = time.perf_counter()
+                step("detloss", "loss", inputs)
+                out[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v[1:]) for name, v in out.items()}
+
+
 def peak_one(form: str, what: str, num_gt: int, runs: int) -> dict:
     inputs = make_inputs(num_gt)
     with PeakResident() as probe:
@@ -205,6 +220,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--count", action="store_true")
+    parser.add_argument("--ab", action="store_true")
     parser.add_argument("--one", nargs=3, metavar=("FORM", "WHAT", "GT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -212,6 +228,12 @@ def main() -> None:
         print(json.dumps(peak_one(args.one[0], args.one[1], int(args.one[2]), 2)))
         return
     print(f"load average: {os.getloadavg()}, threads {args.threads}; batch {BATCH}, {SIZE} px, {NUM_CLASSES} classes")
+    if args.ab:
+        for num_gt in args.gts:
+            r = ab(num_gt, args.runs)
+            print(f"loss step, {num_gt} GT/img: dense strategy {r['dense']:.1f} ms, auto (gathered) {r['auto']:.1f} ms, "
+                  f"the gathered path saves {100 * (1 - r['auto'] / r['dense']):.0f} %", flush=True)
+        return
     print(f"{'GT/img':>6} {'what':>6} {'detloss ms':>10} {'dense ms':>9} {'speed-up':>8} {'detloss MiB':>11} "
           f"{'dense MiB':>9} {'memory':>7}")
     for num_gt in args.gts:
