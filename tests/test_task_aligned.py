@@ -234,3 +234,12 @@ def test_dropin_assigner_without_objects():
         torch.rand(2, 5, 4), torch.rand(2, 5, 4), torch.rand(5, 2), torch.zeros(2, 0, 1), torch.zeros(2, 0, 4),
         torch.zeros(2, 0, 1))
     assert (labels == 4).all() and not fg.any() and (scores == 0).all() and boxes.shape == (2, 5, 4)
+
+
+def test_inputs_are_not_modified():
+    scores = torch.tensor([[[-0.5], [0.3]]])  # C = 1: the class-major copy must still be a copy
+    args = [scores, torch.tensor([[[0.0, 0, 8, 8], [8, 8, 16, 16]]]), torch.tensor([[4.0, 4], [12, 12]]),
+            torch.tensor([[[0.0, 0, 16, 16]]]), torch.tensor([[0]]), torch.tensor([[True]])]
+    before = [a.clone() for a in args]
+    match_task_aligned(*args)
+    assert all(torch.equal(a, b) for a, b in zip(args, before))
