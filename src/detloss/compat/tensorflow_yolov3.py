@@ -3,7 +3,7 @@
 Same arguments, layouts and return values as the original (``core/dataset.py``,
 ``core/yolov3.py``), with torch tensors in NHWC, batch first, for the loss; NumPy in and out
 for ``preprocess_true_boxes`` (one image, like the original). Everything runs on the native
-code (:func:`detloss.matching.yolo.build_yolo_targets`, :func:`detloss.detectors.yolov3.yolo_scale_terms`,
+code (:func:`detloss.matching.yolo.build_yolo_targets`, :func:`detloss.detectors.yolov3.yolov3_terms`, the native loss's own composition,
 :func:`detloss.coders.decode_yolo`, :func:`detloss.boxes.aligned_box_iou`); the original's
 quirks come in as options of it:
 
@@ -14,9 +14,9 @@ quirks come in as options of it:
   ``minimum``/``maximum``);
 * the decoded size is ``exp(t_wh)`` without a clamp.
 
-Differences left: ``loss_layer`` takes the box part of ``pred`` but recomputes the
-objectness probability from ``conv`` (the same number whenever ``pred = decode(conv)``, as in
-the original's graph).
+Differences left: ``loss_layer`` recomputes ``pred`` from ``conv`` (the same numbers whenever
+``pred = decode(conv)``, as in the original's graph), and reads the responsibility
+``label[..., 4]`` as 0/1 (the original's labels hold nothing else).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..boxes import aligned_box_iou, cxcywh_to_xyxy
 from ..coders import decode_yolo
-from ..detectors.yolov3 import yolo_scale_terms
+from ..detectors.yolov3 import YoloSlotTargets, yolov3_terms
 from ..matching.yolo import build_yolo_targets
 
 __all__ = ["YOLOv3Loss", "preprocess_true_boxes"]
@@ -116,17 +116,21 @@ class YOLOv3Loss:
 
         ``conv (B, S, S, A*(5+C))``, ``pred (B, S, S, A, 5+C)`` from :meth:`decode`,
         ``label (B, S, S, A, 5+C)`` and ``bboxes (B, 150, 4)`` from :func:`preprocess_true_boxes`.
+        The boxes are decoded from ``conv`` again (the original's graph has ``pred = decode(conv)``).
         """
         raw = self._grid_view(conv)
-        batch, size = raw.shape[0], raw.shape[1]
-        flat = lambda t: t.reshape(batch, -1, t.shape[-1])  # noqa: E731
-        label = flat(label.to(raw.dtype))
-        respond = label[..., 4]
-        raw, boxes = flat(raw), flat(pred[..., :4])
-        terms = yolo_scale_terms(
-            raw[..., 4], boxes, respond, boxes, raw[..., 5:], label[..., :4], label[..., 5:], respond,
-            bboxes.to(raw.dtype), image_area=float(stride * size) ** 2, ignore_iou=self.iou_loss_thresh,
-            box_loss="giou", box_eps=GIOU_EPS, ignore_eps=NO_EPS,
+        batch, cells = raw.shape[0], raw.shape[1] * raw.shape[2] * raw.shape[3]
+        label = label.to(raw.dtype).reshape(batch, cells, -1)
+        responsible = label[..., 4] > 0
+        targets = YoloSlotTargets(
+            candidates=(torch.arange(cells, device=raw.device).expand(batch, cells),),  # every cell
+            box=label[..., :4], cls=label[..., 5:], weight=responsible, responsible=responsible,
+            true_boxes=bboxes.to(raw.dtype), true_valid=torch.ones(batch, 1, bboxes.shape[1], dtype=torch.bool),
+        )
+        anchors = torch.as_tensor(np.asarray(anchors, dtype=np.float32)).reshape(1, self.anchor_per_scale, 2)
+        terms = yolov3_terms(
+            [raw], anchors, [int(stride)], targets, ignore_iou=self.iou_loss_thresh, box_loss="giou",
+            box_eps=GIOU_EPS, ignore_eps=NO_EPS, max_log_scale=float("inf"),
         )
         return terms.box / batch, terms.obj / batch, terms.cls / batch
 

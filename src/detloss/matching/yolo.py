@@ -98,9 +98,11 @@ class YoloTargets(NamedTuple):
     true_boxes: tuple[Tensor, ...]
 
 
-def _check_inputs(
+def check_yolo_ground_truth(
     gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, num_classes: int, hw: tuple[int, int]
 ) -> Tensor:
+    """The checks of a YOLO loss's padded ground truth (shapes, dtypes, and one host read of the
+    values, see :func:`_values_usable`); returns ``gt_valid`` as bool ``(B, M)``."""
     require_floating(require_tensor(gt_boxes, "gt_boxes"), "gt_boxes")
     dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
     require_integer(gt_labels, "gt_labels")
@@ -180,16 +182,38 @@ def assign_yolo_anchors(
     hw = yolo_input_hw(input_size, strides)
     require_positive(num_classes, "num_classes")
     require_positive(max_boxes_per_scale, "max_boxes_per_scale")
-    valid = _check_inputs(gt_boxes, gt_labels, gt_valid, num_classes, hw)
-    device = gt_boxes.device
-    f64 = torch.float64
+    valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, num_classes, hw)
     if anchors is None:
         anchors = yolov3_anchors(grid_units=True, strides=strides)
+    anchors = require_floating(require_tensor(anchors, "anchors"), "anchors")
+    if anchors.dim() != 3 or anchors.shape[0] != len(strides) or anchors.shape[2] != 2:
+        raise ValueError(f"anchors: expected shape (S={len(strides)}, A, 2), got {tuple(anchors.shape)}")
+    return assign_yolo_anchors_unchecked(
+        gt_boxes, valid, anchors=anchors, strides=strides, input_hw=hw, pos_iou=pos_iou,
+        max_boxes_per_scale=max_boxes_per_scale, faithful_fallback_clip=faithful_fallback_clip,
+    )
+
+
+def assign_yolo_anchors_unchecked(
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    *,
+    anchors: Tensor,
+    strides: Sequence[int],
+    input_hw: tuple[int, int],
+    pos_iou: float,
+    max_boxes_per_scale: int,
+    faithful_fallback_clip: bool,
+) -> YoloAssignment:
+    """:func:`assign_yolo_anchors` of inputs already checked (``gt_valid`` bool, ``anchors
+    (S, A, 2)``, ``input_hw`` divisible by the strides): for losses that validate their own
+    entry point, so the ground truth is read on the host once."""
+    valid, hw = gt_valid, input_hw
+    device = gt_boxes.device
+    f64 = torch.float64
     anchors = anchors.to(device=device, dtype=f64)
     n_scales, n_anchors = len(strides), anchors.shape[1]
-    if anchors.dim() != 3 or anchors.shape[0] != n_scales or anchors.shape[2] != 2:
-        raise ValueError(f"anchors: expected shape (S={n_scales}, A, 2), got {tuple(anchors.shape)}")
-    batch, m = gt_labels.shape
+    batch, m = gt_valid.shape
 
     # GT centre/size in input pixels and in grid units of every scale: (B, M, S, 4).
     gt_cxcywh = xyxy_to_cxcywh(gt_boxes.to(f64))
