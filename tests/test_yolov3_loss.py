@@ -365,8 +365,8 @@ def test_fused_objectness_gradcheck_and_half_input():
 
 
 def test_reused_module_follows_input_size_dtype_and_anchor_changes():
-    """The per-cell decode tables a module keeps are rebuilt when the input size, the dtype or
-    the anchors change: one module called on a sequence of problems equals fresh modules."""
+    """One module called on a sequence of problems (input sizes, dtypes, anchors changed in
+    place) equals fresh modules: nothing of one call leaks into the next."""
     rng = np.random.default_rng(7)
     kept = YOLOv3Loss(2, anchors=ANCHORS.clone())
 
