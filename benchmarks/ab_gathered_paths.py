@@ -103,11 +103,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--families", nargs="+", default=["ssd", "retinaface", "yolov3-8", "yolov3-32", "retinanet"])
+    parser.add_argument("--modules", nargs="+", help="only these modules (last name part, e.g. bipartite)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     detloss.set_value_checks(True)
     steps = family_steps(args.families)
-    modules = gathered_modules()
+    modules = [m for m in gathered_modules() if not args.modules or m.split(".")[-1] in args.modules]
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x {args.runs} runs; "
           f"modules with gathered paths: {', '.join(m.split('.')[-1] for m in modules)}")
     print(f"{'family':<11} {'path removed':<16} {'with ms':>8} {'without ms':>10} {'slowdown':>9}  verdict")

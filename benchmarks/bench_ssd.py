@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import detloss
 from detloss.priors import SSD_PRESETS, retinaface_priors, ssd_priors
+from dispatch_count import count_dispatch, describe
 from resident_memory import PeakResident
 
 BATCH = 32
@@ -252,10 +253,23 @@ def child(config: str, impl: str, runs: int, threads: int) -> None:
     if impl == "compiled":  # the whole loss under torch.compile(fullgraph=True); compile time excluded
         loss_module = torch.compile(loss_module, fullgraph=True)
     step = (lambda: native_step(x, loss_module)) if impl != "loop" else (lambda: loop_step(x))
+    if impl == "dense":  # the accelerators' sync-free strategy, run on the CPU
+        detloss.set_execution_strategy("dense")
     with PeakResident() as resident:
         median, best = time_it(step, runs)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(dict(median_ms=median, min_ms=best, peak_rss_mb=peak_mb, rss_increase_mb=resident.growth_mib)))
+
+
+def dense_dispatch(x: dict) -> str:
+    """Operators and host synchronisations of one dense forward + backward (value checks off)."""
+    loss_module = native_loss(x)
+    detloss.set_value_checks(False)
+    try:
+        with detloss.execution_strategy("dense"):
+            return describe(count_dispatch(lambda: native_step(x, loss_module)))
+    finally:
+        detloss.set_value_checks(True)
 
 
 def run_child(config: str, impl: str, runs: int, threads: int) -> dict:
@@ -272,7 +286,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the native loss under torch.compile")
     parser.add_argument("--phases", action="store_true",
                         help="also time the native loss's pieces alone (matching, ranking, mining, forward)")
-    parser.add_argument("--child", choices=["native", "loop", "compiled", "phases"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["native", "dense", "loop", "compiled", "phases"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.config, args.child, args.runs, args.threads)
@@ -295,6 +309,9 @@ def main() -> None:
         print(f"  per-image loop : median {loop['median_ms']:7.1f} ms (min {loop['min_ms']:.1f}), "
               f"peak RSS {loop['peak_rss_mb']:.0f} MB (+{loop['rss_increase_mb']:.0f} MB)")
         print(f"  speed-up       : {loop['median_ms'] / native['median_ms']:.2f}x")
+        dense = run_child(config, "dense", args.runs, args.threads)
+        print(f"  dense strategy : median {dense['median_ms']:7.1f} ms (min {dense['min_ms']:.1f}) on the CPU, "
+              f"{loop['median_ms'] / dense['median_ms']:.2f}x the loop; {dense_dispatch(x)}")
         if args.compile:
             comp = run_child(config, "compiled", args.runs, args.threads)
             print(f"  torch.compile  : median {comp['median_ms']:7.1f} ms (min {comp['min_ms']:.1f}), "

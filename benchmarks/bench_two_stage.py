@@ -123,8 +123,16 @@ def run_one(name: str, runs: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"config": name, "median_ms": statistics.median(times), "min_ms": min(times), "runs": runs,
-            "peak_extra_bytes": peak, "logits_bytes": logits_bytes, "ratio": peak / logits_bytes}
+    result = {"config": name, "median_ms": statistics.median(times), "min_ms": min(times), "runs": runs,
+              "peak_extra_bytes": peak, "logits_bytes": logits_bytes, "ratio": peak / logits_bytes}
+    if name != "retinanet_unchunked":
+        import detloss
+        from dispatch_count import count_dispatch, describe
+
+        detloss.set_value_checks(False)
+        with detloss.execution_strategy("dense"):
+            result["dense"] = describe(count_dispatch(step))
+    return result
 
 
 def main() -> None:
@@ -144,6 +152,8 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name:<22}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}{r['logits_bytes'] / 2**20:>12.1f}"
               f"{r['peak_extra_bytes'] / 2**20:>16.1f}{r['ratio']:>8.2f}")
+        if "dense" in r:
+            print(f"{'':<22}dense strategy: {r['dense']} (CPU chunk sizes)")
     print(f"load average after: {os.getloadavg()}")
 
 

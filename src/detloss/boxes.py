@@ -31,7 +31,6 @@ from torch import Tensor
 
 from ._ties import at_least, tf_maximum, tf_minimum
 from ._validate import require_boxes, require_choice, require_positive, require_tensor
-from .strategy import host_sync_is_free
 
 BoxFormat = Literal["xyxy", "cxcywh", "xywh"]
 IoUKind = Literal["iou", "giou", "diou", "ciou"]
@@ -343,14 +342,6 @@ class ChunkedPairwiseIoU:
             cx1, cy1, cx2, cy2 = self.columns
             self.column_area = (cx2 - cx1).clamp(min=0) * (cy2 - cy1).clamp(min=0)
             self.column_shift = self._shift(columns_valid, -2, self.dtype)
-            # union >= the larger area: with every column area well above eps (priors, anchors)
-            # no union can reach eps and the degenerate rule is skipped (checked where a host
-            # read is free; elsewhere the rule always runs)
-            self.union_can_vanish = not (
-                host_sync_is_free(columns)
-                and self.column_area.numel() > 0
-                and bool(self.column_area.min() > 2 * self.eps)
-            )
 
     def with_rows(self, rows: Tensor, *, rows_valid: Optional[Tensor] = None) -> "ChunkedPairwiseIoU":
         """The same columns against other ``rows (B, M', 4)`` (``B`` matching the columns' batch
@@ -379,17 +370,12 @@ class ChunkedPairwiseIoU:
             inter = torch.minimum(rx2, cx2).sub_(torch.maximum(rx1, cx1)).clamp_(min=0)
             inter.mul_(torch.minimum(ry2, cy2).sub_(torch.maximum(ry1, cy1)).clamp_(min=0))
             union = torch.add(self.row_area, self.column_area[..., start:stop]).sub_(inter)
-            if self.union_can_vanish:
-                # box_iou's degenerate rule (0 where union <= eps) with float passes only: a > b
-                # implies a - b > 0 in IEEE arithmetic, so ``kept`` is exactly 1 or 0
-                kept = torch.sub(union, self.eps).clamp_(min=0).sign_()
-                iou = inter.div_(union.clamp_(min=self.eps)).mul_(kept)
-                if self.row_shift is not None:
-                    iou.add_(self.row_shift)
-            elif self.row_shift is not None:
-                iou = torch.addcdiv(self.row_shift, inter, union)  # shift + inter / union, one pass
-            else:
-                iou = inter.div_(union)
+            # box_iou's degenerate rule (0 where union <= eps) with float passes only: a > b
+            # implies a - b > 0 in IEEE arithmetic, so ``kept`` is exactly 1 or 0
+            kept = torch.sub(union, self.eps).clamp_(min=0).sign_()
+            iou = inter.div_(union.clamp_(min=self.eps)).mul_(kept)
+            if self.row_shift is not None:
+                iou.add_(self.row_shift)
             if self.column_shift is not None:
                 iou.add_(self.column_shift[..., start:stop])
             return iou

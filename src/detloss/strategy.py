@@ -15,8 +15,24 @@ Under ``torch.compile`` every strategy runs dense. ::
         out = loss_fn(...)            # the accelerator path, on the CPU too
     detloss.set_execution_strategy("auto")
 
-Gathered paths that remain (each measured by a paired A/B in one process; see
-``benchmarks/README.md``) are listed in :data:`GATHERED_PATHS`.
+The gathered paths that remain, each with the slowdown of its family's CPU forward + backward
+when it alone is replaced by its dense form (``benchmarks/ab_gathered_paths.py``: paired A/B,
+alternating rounds in one process, torch 2.13, this project's 2-core machine; the bar is 10 %):
+
+* ``functional.selection.RowSelection``: the SSD / RetinaFace box and class terms on the
+  gathered rows that carry loss (positives and mined negatives, ~4 % of the priors) instead of
+  masks over every prior. SSD300 b32 +42-56 %, RetinaFace 640 b32 +182 %.
+* ``detectors.ssd.mined_cross_entropy``: negatives ranked by a no-grad ``exp`` + BLAS
+  log-sum-exp (:func:`detloss.functional.classification.class_cross_entropy_no_grad`), the
+  differentiable cross-entropy only on the gathered rows. SSD300 +25-45 %, RetinaFace +42 %.
+* ``_memory.new_like``: head-sized CPU gradients above 32 MiB allocated by NumPy (``calloc``:
+  no page-by-page faulting and second clearing of a fresh mapping). YOLOv3 416 b32 +74 %.
+
+Deleted because they stayed below the bar (same harness): the matcher's GT compaction and
+count grouping (SSD +1.5-11 %, RetinaFace +6-9 %), the grouped ``topk`` mining (SSD +10-11 %,
+then +9.6 % over 20 rounds; RetinaFace -5 to +2.5 %), the YOLOv3 ignore-IoU row compaction
+(+3-8 %), the IoU kernel's skipped degenerate rule (+2-5 %), YOLOv3's gathered candidates
+(+1-2 %) and its one-pass bit-masked objectness gradient (about 3 %).
 """
 from __future__ import annotations
 

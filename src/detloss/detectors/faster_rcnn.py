@@ -48,6 +48,7 @@ from ..coders import encode_deltas
 from ..functional import binary_cross_entropy_with_logits, cross_entropy, positive_normalizer, smooth_l1_loss
 from ..matching.max_iou import gather_boxes, max_iou_match, require_padded_gt
 from ..sampling.balanced import sample_balanced
+from ..targets import one_hot
 
 RCNN_STDS = (0.1, 0.1, 0.2, 0.2)
 ImageSize = Union[Tensor, Sequence[float]]
@@ -203,7 +204,7 @@ class ProposalTargets:
         Each foreground ROI's 4 targets sit in columns ``4 * label .. 4 * label + 3``; the
         inside weight is ``inside_weight`` there, the outside weight ``inside > 0``.
         """
-        slot = torch.nn.functional.one_hot(self.labels.clamp(min=0), num_classes)
+        slot = one_hot(self.labels.clamp(min=0), num_classes)
         slot = (slot * (self.labels > 0).unsqueeze(-1)).to(self.box_targets.dtype)  # (B, S, C)
         targets = (slot.unsqueeze(-1) * self.box_targets.unsqueeze(-2)).flatten(-2)
         w = torch.as_tensor(inside_weight, dtype=self.box_targets.dtype, device=slot.device)

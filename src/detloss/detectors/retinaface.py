@@ -30,13 +30,15 @@ from torch import Tensor
 
 from .._validate import as_bool_mask, require_finite, require_floating, require_positive, require_shape
 from ..coders import DEFAULT_VARIANCES, encode_landmarks
-from ..functional import positive_normalizer, smooth_l1_loss
-from ..functional.selection import RowSelection, gather_matched
+from ..functional import positive_normalizer
+from ..functional.selection import gather_matched
 from ..matching.bipartite import match_priors
 from .ssd import (
     MultiBoxAssignment,
     MultiBoxLossBase,
+    mined_cross_entropy,
     multibox_normalizer,
+    smooth_l1_over,
     validate_multibox_inputs,
 )
 
@@ -125,6 +127,8 @@ class RetinaFaceLoss(MultiBoxLossBase):
         require_finite(landmark_pred, "landmark_pred")
         require_finite(gt_landmarks, "gt_landmarks")
 
+        # 1. match: each prior's face (threshold + bipartite forcing, faces below min_best_iou
+        #    ignored); N = positives
         match = match_priors(
             priors, gt_boxes, gt_valid,
             pos_iou=self.pos_iou, min_best_iou=self.min_best_iou,
@@ -132,24 +136,23 @@ class RetinaFaceLoss(MultiBoxLossBase):
             ignored_gt_claims_prior=self.ignored_gt_claims_prior,
         )
         positive = match.positive
+        n = multibox_normalizer(positive, self.normalize_by, self.distributed)
+        # 2. box term: smooth L1 over the positives' encoded boxes, / N
+        loss_box, box_targets = smooth_l1_over(
+            positive, box_pred, gt_boxes, match.matched_gt, priors, self.encode_boxes, n
+        )
+        # 3. class term: face / background cross-entropy of the positives and the mined negatives, / N
+        labels = positive.long()
+        loss_cls, negative = mined_cross_entropy(
+            cls_logits, labels, positive, neg_pos_ratio=self.neg_pos_ratio, normalizer=n
+        )
+        # 4. landmark term: smooth L1 over the positives whose face has landmarks, / their count
         has_landmarks = gather_matched(gt_has_landmarks.unsqueeze(-1), match.matched_gt).squeeze(-1)
         landmark_positive = positive & has_landmarks
-        with_landmarks = RowSelection(landmark_positive)
-        landmark_targets = encode_landmarks(
-            with_landmarks.take_matched(gt_landmarks, match.matched_gt), with_landmarks.take_priors(priors),
-            self.variances,
-        )
-        labels = positive.long()
-
-        n = multibox_normalizer(positive, self.normalize_by, self.distributed)
         n_landmark = positive_normalizer(landmark_positive.sum(), distributed=self.distributed)
-        positives = RowSelection(positive)
-        box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
-            box_pred, cls_logits, priors, gt_boxes, match, labels, n, positives
-        )
-        loss_landmark = smooth_l1_loss(
-            with_landmarks.take(landmark_pred), landmark_targets, 1.0,
-            weight=with_landmarks.weight(1), reduction="sum", normalizer=n_landmark,
+        loss_landmark, landmark_targets = smooth_l1_over(
+            landmark_positive, landmark_pred, gt_landmarks, match.matched_gt, priors,
+            lambda matched, prior: encode_landmarks(matched, prior, self.variances), n_landmark,
         )
         out = {
             "loss_box": loss_box,
@@ -160,7 +163,7 @@ class RetinaFaceLoss(MultiBoxLossBase):
         if return_assignment:
             out["assignment"] = MultiBoxAssignment(
                 labels=labels, positive=positive, negative=negative,
-                matched_gt=match.matched_gt, box_targets=positives.scatter(box_targets), match=match,
-                landmark_positive=landmark_positive, landmark_targets=with_landmarks.scatter(landmark_targets.detach()),
+                matched_gt=match.matched_gt, box_targets=box_targets, match=match,
+                landmark_positive=landmark_positive, landmark_targets=landmark_targets,
             )
         return out

@@ -28,7 +28,7 @@ original where it matters):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +49,7 @@ from ..strategy import host_sync_is_free
 from ..coders import DEFAULT_VARIANCES, encode_boxes
 from ..functional import cross_entropy, positive_normalizer, smooth_l1_loss, weighted_reduce
 from ..functional.classification import class_cross_entropy_no_grad
-from ..functional.selection import RowSelection
+from ..functional.selection import RowSelection, gather_matched
 from ..matching.bipartite import PriorMatch, match_priors
 from ..sampling.hard_negative import mine_hard_negatives
 
@@ -159,8 +159,7 @@ def multibox_normalizer(positive: Tensor, kind: str, distributed: bool) -> Tenso
 
 class MultiBoxLossBase(nn.Module):
     """What :class:`SSDLoss` and :class:`detloss.RetinaFaceLoss` share: their common options
-    (validated here, see :class:`SSDLoss` for their meaning) and the box and mined class terms.
-    """
+    (validated here, see :class:`SSDLoss` for their meaning) and the box coder."""
 
     def __init__(
         self,
@@ -186,38 +185,32 @@ class MultiBoxLossBase(nn.Module):
         self.distributed = bool(distributed)
         self.drop_degenerate_gt = bool(drop_degenerate_gt)
 
-    def box_and_class_terms(
-        self,
-        box_pred: Tensor,
-        cls_logits: Tensor,
-        priors: Tensor,
-        gt_boxes: Tensor,
-        match: PriorMatch,
-        labels: Tensor,
-        normalizer: Tensor,
-        positives: RowSelection,
-        candidates: Optional[Tensor] = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Smooth L1 (beta 1) of the positives' encoded boxes and the mined cross-entropy.
+    def encode_boxes(self, matched: Tensor, priors: Tensor) -> Tensor:
+        """The variance coder's regression targets of ``matched`` xyxy boxes against cxcywh ``priors``."""
+        return encode_boxes(matched, priors, self.variances)
 
-        ``box_pred (B, P, 4)``, ``cls_logits (B, P, C)``, ``priors (P, 4)`` cxcywh,
-        ``gt_boxes (B, M, 4)`` xyxy, ``labels (B, P)`` int64 classification targets, both
-        terms divided by ``normalizer``; ``positives`` the selection of ``match.positive``.
-        Returns ``(box_targets, loss_box, loss_cls, negative (B, P) bool)``; ``box_targets`` are
-        the encoded targets of the positives, detached, in ``positives.take`` form (the box
-        term only ever encodes the positives' GT; ``positives.scatter`` makes them ``(B, P, 4)``).
-        """
-        targets = encode_boxes(
-            positives.take_matched(gt_boxes, match.matched_gt), positives.take_priors(priors), self.variances
-        )
-        loss_box = smooth_l1_loss(
-            positives.take(box_pred), targets, 1.0, weight=positives.weight(1), reduction="sum", normalizer=normalizer
-        )
-        loss_cls, negative = mined_cross_entropy(
-            cls_logits, labels, match.positive,
-            neg_pos_ratio=self.neg_pos_ratio, normalizer=normalizer, candidates=candidates,
-        )
-        return targets.detach(), loss_box, loss_cls, negative
+
+def smooth_l1_over(
+    mask: Tensor,
+    pred: Tensor,
+    gt_values: Tensor,
+    matched_gt: Tensor,
+    priors: Tensor,
+    encode: Callable[[Tensor, Tensor], Tensor],
+    normalizer: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``sum over the priors in mask of smooth_l1(pred, encode(their GT's values, prior)) / normalizer``.
+
+    ``mask (B, P)`` bool, ``pred (B, P, K)``, ``gt_values (B, M, K')`` per-GT boxes or landmarks,
+    ``matched_gt (B, P)`` each prior's GT slot, ``priors (P, 4)``; smooth L1 with beta 1 (both
+    originals). Returns the 0-d loss and the encoded targets ``(B, P, K)`` (detached, 0 outside
+    ``mask``). Only the masked rows are encoded and compared where that is cheap
+    (:class:`detloss.functional.selection.RowSelection`).
+    """
+    rows = RowSelection(mask)
+    targets = encode(rows.take_matched(gt_values, matched_gt), rows.take_priors(priors))
+    loss = smooth_l1_loss(rows.take(pred), targets, 1.0, weight=rows.weight(1), reduction="sum", normalizer=normalizer)
+    return loss, rows.scatter(targets.detach())
 
 
 class SSDLoss(MultiBoxLossBase):
@@ -286,16 +279,22 @@ class SSDLoss(MultiBoxLossBase):
         require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
         require_range(gt_labels, "gt_labels", 0, self.num_classes - 2, where=gt_valid)
 
+        # 1. match: each prior's GT (threshold + bipartite forcing); N = positives
         match = match_priors(
             priors, gt_boxes, gt_valid,
             pos_iou=self.pos_iou, neg_iou=self.neg_iou, drop_degenerate_gt=self.drop_degenerate_gt,
         )
         positive = match.positive
-        positives = RowSelection(positive)
-        labels = positives.scatter(positives.take_matched(gt_labels.unsqueeze(-1), match.matched_gt) + 1).squeeze(-1)
         n = multibox_normalizer(positive, self.normalize_by, self.distributed)
-        box_targets, loss_box, loss_cls, negative = self.box_and_class_terms(
-            box_pred, cls_logits, priors, gt_boxes, match, labels, n, positives, candidates=~match.ignore
+        # 2. box term: smooth L1 over the positives' encoded boxes, / N
+        loss_box, box_targets = smooth_l1_over(
+            positive, box_pred, gt_boxes, match.matched_gt, priors, self.encode_boxes, n
+        )
+        # 3. class term: cross-entropy of the positives (column k + 1) and the mined negatives
+        #    (background, ranked by their background cross-entropy), / N
+        labels = torch.where(positive, gather_matched(gt_labels.unsqueeze(-1), match.matched_gt).squeeze(-1) + 1, 0)
+        loss_cls, negative = mined_cross_entropy(
+            cls_logits, labels, positive, neg_pos_ratio=self.neg_pos_ratio, normalizer=n, candidates=~match.ignore
         )
         out = {
             "loss_box": loss_box,
@@ -305,6 +304,6 @@ class SSDLoss(MultiBoxLossBase):
         if return_assignment:
             out["assignment"] = MultiBoxAssignment(
                 labels=labels, positive=positive, negative=negative,
-                matched_gt=match.matched_gt, box_targets=positives.scatter(box_targets), match=match,
+                matched_gt=match.matched_gt, box_targets=box_targets, match=match,
             )
         return out

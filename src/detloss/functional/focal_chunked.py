@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._memory import new_like
+from ..boxes import accumulate_dtype
 
 # Logit elements per chunk when ``chunk_size`` is not given: on the CPU in eager mode 256 KiB
 # of float32, so the chunk's few temporaries stay in cache; on accelerators and under
@@ -37,10 +38,6 @@ FOCAL_CHUNK_ELEMENTS = 1 << 16
 LARGE_FOCAL_CHUNK_ELEMENTS = 1 << 21
 # softplus(x) = x above this (exp(-40) is below float64 resolution at 40; no overflow below).
 _SOFTPLUS_THRESHOLD = 40.0
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pow(p: Tensor, gamma: float) -> Tensor:
@@ -71,7 +68,7 @@ def _focal_pass(
     """One pass over ``logits (R, K)``, ``chunk`` rows at a time: the loss sum (0-d), or, with
     ``grad_scale`` (the upstream gradient, 0-d), the gradient ``(R, K)`` times ``grad_scale``
     (folded into the per-row coefficients, so no second pass scales it)."""
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulate_dtype(logits.dtype)
     c1, c0 = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
     with_grad = grad_scale is not None
     # 1. the target entries, (R,): their loss or gradient, computed once
@@ -146,7 +143,7 @@ def chunked_sigmoid_focal_sum(
         elements = FOCAL_CHUNK_ELEMENTS if in_cache else LARGE_FOCAL_CHUNK_ELEMENTS
         chunk_size = max(1, elements // max(1, num_classes))
     if flat.shape[0] == 0 or num_classes == 0:
-        return (flat.sum() * 0).to(_acc_dtype(logits.dtype))
+        return (flat.sum() * 0).to(accumulate_dtype(logits.dtype))
     return _FocalSum.apply(
         flat, target_class.reshape(-1), weight.reshape(-1), float(alpha), float(gamma), int(chunk_size)
     )

@@ -15,9 +15,7 @@ Everything is fixed-shape tensor work: no loop over images or boxes, no host
 synchronisation. "Later GT wins" is a ``scatter_reduce(amax)`` of the GT index, which is
 deterministic on every device (a plain scatter with duplicate indices is not on CUDA). The
 pairwise IoU is reduced chunk by chunk over priors, so its memory stays bounded for hundreds
-of thousands of priors. On the CPU in eager mode, where reading the GT counts is free, the
-padding is skipped: images are matched in a few groups, each only as wide as its largest GT
-count (bit for bit the same result).
+of thousands of priors.
 """
 from __future__ import annotations
 
@@ -27,9 +25,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from .._grouping import group_by_count
 from .._validate import as_bool_mask, require_boxes, require_shape
-from ..strategy import host_sync_is_free
 from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
@@ -85,8 +81,6 @@ def _iou_maxima(
     iou_of: ChunkedPairwiseIoU,
     usable: Tensor,
     chunk_size: Optional[int],
-    slot: Optional[Tensor] = None,
-    num_slots: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-prior and per-GT IoU maxima of ``iou_of`` (GT rows against the shared priors),
     reduced chunk-wise over priors.
@@ -94,9 +88,7 @@ def _iou_maxima(
     Returns ``(prior_iou (B, P), prior_gt (B, P), gt_iou (B, M), gt_prior (B, M))``; unusable
     GTs take part below every usable one, so they never win unless nothing is usable (their
     ``gt_iou`` is -1 and ``gt_prior`` 0). Ties keep the first index (torch's ``max`` rule
-    within a chunk; a later chunk must be strictly larger). ``prior_gt`` names each GT by
-    ``slot (B, M)`` int64 (default its row, ``0..M-1``), values increasing along M and below
-    ``num_slots`` (default M).
+    within a chunk; a later chunk must be strictly larger).
     """
     b, m = usable.shape
     p = iou_of.columns[0].shape[-1]
@@ -104,9 +96,7 @@ def _iou_maxima(
     if chunk_size is None:
         budget = _IOU_CHUNK_ELEMENTS.get(like.device.type, _IOU_CHUNK_ELEMENTS_DEFAULT)
         chunk_size = max(256, budget // max(b * m, 1))
-    if slot is None:
-        slot, num_slots = torch.arange(m, device=like.device).expand(b, m), m
-    slot_key = slot.to(like.dtype).unsqueeze(2)
+    slot_key = torch.arange(m, device=like.device, dtype=like.dtype).expand(b, m).unsqueeze(2)
     prior_iou = like.new_empty(b, p)
     prior_gt = like.new_empty(b, p)  # small integers, exact in float; converted once at the end
     gt_iou = gt_prior = None
@@ -116,7 +106,7 @@ def _iou_maxima(
         c_iou, c_prior = iou.max(dim=2)
         best = iou.amax(dim=1)
         prior_iou[:, start:stop] = best
-        prior_gt[:, start:stop] = _first_best_slot_(iou, best, slot_key, num_slots)
+        prior_gt[:, start:stop] = _first_best_slot_(iou, best, slot_key, m)
         if gt_iou is None:
             gt_iou, gt_prior = c_iou, c_prior
         else:
@@ -125,49 +115,6 @@ def _iou_maxima(
             gt_prior = torch.where(better, c_prior + start, gt_prior)
     prior_gt = prior_gt.to(torch.int64)
     return prior_iou, prior_gt, torch.where(usable, gt_iou, -1.0), torch.where(usable, gt_prior, 0)
-
-
-# Fixed cost of one more image group in :func:`_iou_maxima_compacted`, in GT rows of IoU work
-# (about 30 eager operations against one (GT, all priors) row; measured on SSD300 batch 32).
-_GROUP_COST_ROWS = 12
-
-
-def _iou_maxima_compacted(
-    gt_xyxy: Tensor, iou_of: ChunkedPairwiseIoU, usable: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_iou_maxima` over only the usable GTs (reads counts: CPU eager only).
-
-    Padded GT tensors carry the largest image's count for every image. Each image's usable GTs
-    are moved to the front (in slot order, so "first" keeps its meaning) and images of similar
-    counts are matched together, each group only as wide as its largest count
-    (:func:`detloss._grouping.group_by_count`); GTs are reported by their original slot. The
-    results equal :func:`_iou_maxima`'s bit for bit in every image with a usable GT; rows of
-    images without one differ, and :func:`match_priors` overwrites those. ``iou_of`` holds all
-    GTs against the priors; each group reuses its prepared priors.
-    """
-    b, m = usable.shape
-    p = iou_of.columns[0].shape[-1]
-    device = gt_xyxy.device
-    groups = group_by_count(usable.sum(dim=1).tolist(), _GROUP_COST_ROWS)
-    if len(groups) == 1 and groups[0][1] == m and len(groups[0][0]) == b:  # nothing to skip
-        return _iou_maxima(iou_of, usable, None)
-    usable_first = torch.sort((~usable).to(torch.uint8), dim=1, stable=True).indices  # slots, usable first
-    prior_iou = gt_xyxy.new_zeros(b, p)
-    prior_gt = torch.zeros(b, p, dtype=torch.int64, device=device)
-    gt_iou = gt_xyxy.new_full((b, m), -1.0)
-    gt_prior = torch.zeros(b, m, dtype=torch.int64, device=device)
-    for images, width in groups:
-        index = torch.tensor(images, device=device)
-        slot = usable_first.index_select(0, index)[:, :width]
-        rows = gt_xyxy.index_select(0, index).gather(1, slot.unsqueeze(2).expand(-1, -1, 4))
-        valid = usable.index_select(0, index).gather(1, slot)
-        group = iou_of.with_rows(rows, rows_valid=valid)
-        group_iou, group_gt, group_gt_iou, group_gt_prior = _iou_maxima(group, valid, None, slot, m)
-        prior_iou.index_copy_(0, index, group_iou)
-        prior_gt.index_copy_(0, index, group_gt)
-        gt_iou.index_copy_(0, index, gt_xyxy.new_full((len(images), m), -1.0).scatter_(1, slot, group_gt_iou))
-        gt_prior.index_copy_(0, index, torch.zeros_like(slot[:, :1]).expand(-1, m).scatter(1, slot, group_gt_prior))
-    return prior_iou, prior_gt, gt_iou, gt_prior
 
 
 def match_priors(
@@ -249,11 +196,7 @@ def match_priors(
         size = gt_boxes[..., 2:] - gt_boxes[..., :2]
         usable = usable & (size > 0).all(dim=-1)
     iou_of = ChunkedPairwiseIoU(gt_boxes, priors_xyxy.unsqueeze(0), rows_valid=usable)  # priors shared by all images
-    if chunk_size is None and host_sync_is_free(usable):
-        maxima = _iou_maxima_compacted(gt_boxes, iou_of, usable)
-    else:
-        maxima = _iou_maxima(iou_of, usable, chunk_size)
-    prior_iou, prior_gt, best_prior_iou, best_prior = maxima
+    prior_iou, prior_gt, best_prior_iou, best_prior = _iou_maxima(iou_of, usable, chunk_size)
 
     forcing = usable if min_best_iou is None else usable & (best_prior_iou >= min_best_iou)
     claiming = usable if ignored_gt_claims_prior else forcing
@@ -268,9 +211,8 @@ def match_priors(
     forced = matched_iou == FORCED_IOU
 
     has_gt = forcing.any(dim=1, keepdim=True)
-    if not (host_sync_is_free(has_gt) and bool(has_gt.all())):  # on the CPU, skipped when every image has one
-        matched_gt = torch.where(has_gt, matched_gt, -1)
-        matched_iou = torch.where(has_gt, matched_iou, 0.0)
+    matched_gt = torch.where(has_gt, matched_gt, -1)
+    matched_iou = torch.where(has_gt, matched_iou, 0.0)
     positive = (matched_iou >= pos_iou) & has_gt
     if neg_iou is None:
         ignore = torch.zeros_like(positive)
