@@ -1,13 +1,14 @@
 """Allocation of large CPU tensors that are filled right away (head-sized gradients).
 
-glibc serves allocations above 32 MiB (the ceiling of its adaptive mmap threshold) with fresh
-mappings and unmaps them on free, so every such tensor is faulted in again, 4 KiB page by page,
-and ``torch.zeros`` then also clears it. NumPy's allocator uses ``calloc`` (fresh pages are
-already zero, nothing is cleared twice) and asks for transparent huge pages (2 MiB faults).
-Measured on the 2-core CI machine, torch 2.13: zeros of the YOLOv3 batch-32 stride-8 head
-gradient (88 MB) plus a write of its objectness channel took 23 ms through ``torch.zeros``,
-6.6 ms through NumPy; below 32 MiB glibc reuses freed memory and ``torch.zeros`` is as fast or
-faster (22 MB: 0.7 ms against 1.2 ms), so only larger tensors take this path.
+The one allocator workaround of the library, kept because it clears the 10 % bar of
+``detloss.strategy`` (YOLOv3 416 batch 32: +74 % step time without it, see
+``benchmarks/README.md``). glibc serves allocations above 32 MiB (the ceiling of its adaptive
+mmap threshold) with fresh mappings and unmaps them on free, so every such tensor is faulted
+in again, 4 KiB page by page, and ``torch.zeros`` then also clears it. NumPy's allocator uses
+``calloc`` (fresh pages are already zero, nothing is cleared twice) and asks for transparent
+huge pages (2 MiB faults). Below 32 MiB glibc reuses freed memory and torch's own allocation is
+as fast or faster, so only larger tensors take this path, and only on the CPU in eager mode
+outside the dense strategy.
 """
 from __future__ import annotations
 

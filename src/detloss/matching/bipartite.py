@@ -25,12 +25,12 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_boxes, require_shape
+from .._validate import as_bool_mask, require_boxes, require_choice, require_shape
 from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
 # Number of (image, GT, prior) IoU entries computed at once: on the CPU small enough for the
-# temporaries to stay in cache (measured 1.6x faster than one block for SSD300 batch 32), on
+# temporaries to stay in cache (benchmarks/README.md, "IoU chunk size"), on
 # accelerators large enough to amortise kernel launches while bounding memory.
 _IOU_CHUNK_ELEMENTS = {"cpu": 1 << 17}
 _IOU_CHUNK_ELEMENTS_DEFAULT = 1 << 24
@@ -173,8 +173,7 @@ def match_priors(
     require_boxes(gt_boxes, "gt_boxes")
     require_boxes(priors, "priors")
     gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    if priors_format not in ("cxcywh", "xyxy"):
-        raise ValueError(f"priors_format: expected 'cxcywh' or 'xyxy', got {priors_format!r}")
+    require_choice(priors_format, "priors_format", ("cxcywh", "xyxy"))
     if neg_iou is not None and neg_iou > pos_iou:
         raise ValueError(f"neg_iou: expected a value <= pos_iou={pos_iou}, got {neg_iou}")
 

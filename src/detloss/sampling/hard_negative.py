@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_floating, require_shape
+from .._validate import as_bool_mask, require_floating, require_positive, require_shape
 
 # (digit width, shift) of each radix pass, most significant digit first.
 _PASSES = {
@@ -142,8 +142,7 @@ def mine_hard_negatives(
     require_shape(positive, "positive", ("B", "P"), dims)
     require_floating(mining_loss, "mining_loss")
     positive = as_bool_mask(positive, "positive")
-    if isinstance(neg_pos_ratio, bool) or not isinstance(neg_pos_ratio, (int, float)) or neg_pos_ratio < 0:
-        raise ValueError(f"neg_pos_ratio: expected a number >= 0, got {neg_pos_ratio!r}")
+    require_positive(neg_pos_ratio, "neg_pos_ratio", allow_zero=True)
     eligible = ~positive
     if candidates is not None:
         require_shape(candidates, "candidates", ("B", "P"), dims)
