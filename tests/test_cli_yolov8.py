@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from detloss import YOLOv8Loss, match_task_aligned
+from detloss import YOLOv8Loss
 from detloss.cli import main
 from detloss.cli.data import collate, make_synthetic
 from detloss.cli.heads import YOLOv8Head

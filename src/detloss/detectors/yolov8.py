@@ -44,17 +44,12 @@ from .._validate import (
     require_integer,
     require_range,
     require_shape,
-    require_tensor,
     value_checks_active,
 )
 from ..boxes import aligned_box_iou_unchecked, compute_dtype
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.distribution import distribution_focal_unchecked
-from ..matching.task_aligned import (
-    TaskAlignedAssignment,
-    check_task_aligned_options,
-    match_task_aligned_unchecked,
-)
+from ..matching.task_aligned import check_task_aligned_options, match_task_aligned_unchecked
 
 __all__ = ["YOLOv8Loss", "decode_distances"]
 
@@ -240,6 +235,3 @@ def _check_image_size(image_size: Sequence[int]) -> tuple[float, float]:
     if not (h > 0 and w > 0):
         raise ValueError(f"image_size: expected positive (height, width), got {image_size!r}")
     return h, w
-
-
-__all__ += ["TaskAlignedAssignment"]

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._validate import require_floating, require_positive, require_tensor
+from .._validate import require_floating, require_positive
 from .classification import _acc, _check_pair, _modulating_factor, binary_cross_entropy_with_logits, sigmoid_focal_loss
 from .reduce import Reduction, weighted_reduce
 
