@@ -127,7 +127,8 @@ class Preset:
         """:func:`detloss.match_task_aligned` with YOLOv8's loss settings on :meth:`yolov8_predictions`."""
         points, strides = self.yolov8_points()
         scores, pred = self.yolov8_predictions(gt_boxes.shape[0], seed)
-        kw = dict(topk=10, alpha=0.5, beta=6.0, min_box_side=float(strides.unique()[1 if strides.unique().numel() > 1 else 0]))
+        levels = strides.unique()  # sorted: the floor is stride[1], as ultralytics 8.4
+        kw = dict(topk=10, alpha=0.5, beta=6.0, min_box_side=float(levels[min(1, levels.numel() - 1)]))
         kw.update(options)
         labels = gt_labels.clamp(0, scores.shape[-1] - 1)
         return match_task_aligned(scores, pred, points, gt_boxes, labels, gt_valid, **kw)

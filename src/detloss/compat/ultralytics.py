@@ -91,7 +91,9 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
         if isinstance(preds, (tuple, list)):
             preds = preds[1]
         if not isinstance(preds, dict) or not {"boxes", "scores", "feats"} <= set(preds):
-            raise ValueError("preds: expected a dict with 'boxes', 'scores' and 'feats' (or an (inference, dict) tuple)")
+            raise ValueError(
+                "preds: expected a dict with 'boxes', 'scores' and 'feats' (or an (inference, dict) tuple)"
+            )
         boxes, scores, feats = preds["boxes"], preds["scores"], preds["feats"]
         require_floating(boxes, "preds['boxes']")
         require_floating(scores, "preds['scores']")

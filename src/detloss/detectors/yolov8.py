@@ -110,7 +110,9 @@ class YOLOv8Loss(nn.Module):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         check_task_aligned_options(topk, alpha, beta, topk2, min_box_side, 1e-9, chunk_size)
         if dfl_max_target is not None and not 0 <= dfl_max_target <= reg_max - 1:
-            raise ValueError(f"dfl_max_target: expected a number in [0, reg_max - 1 = {reg_max - 1}], got {dfl_max_target!r}")
+            raise ValueError(
+                f"dfl_max_target: expected a number in [0, reg_max - 1 = {reg_max - 1}], got {dfl_max_target!r}"
+            )
         self.num_classes, self.reg_max = num_classes, reg_max
         self.assign_options = dict(topk=topk, alpha=alpha, beta=beta, topk2=topk2, min_box_side=min_box_side,
                                    chunk_size=chunk_size)

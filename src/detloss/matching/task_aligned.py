@@ -272,7 +272,8 @@ def match_task_aligned_unchecked(
     inside_box = _floored(gt_xyxy, gt_valid, min_box_side)  # (B, M, 4)
     ax, ay = anchor_points.to(dtype).unbind(-1)  # (A,)
     # s ** alpha per anchor and class, class-major so a GT's row is one contiguous gather
-    score_pow = pred_scores.to(dtype).transpose(1, 2).clone(memory_format=torch.contiguous_format).clamp_(min=0)  # (B, C, A)
+    score_pow = pred_scores.to(dtype).transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B, C, A)
+    score_pow.clamp_(min=0)
     score_pow = score_pow.sqrt_() if alpha == 0.5 else score_pow if alpha == 1 else _power(score_pow, alpha)
 
     count = torch.zeros(b, a, dtype=torch.int32, device=device)
