@@ -45,6 +45,7 @@ from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 from ..functional import cross_entropy, positive_normalizer, sigmoid_focal_loss
 from ..matching.hungarian import Solver, match_hungarian_unchecked, matching_cost_unchecked
 from ..matching.max_iou import require_padded_gt
+from ..targets import one_hot
 
 ClassLoss = Literal["ce", "focal"]
 
@@ -116,8 +117,7 @@ def detr_set_loss(
             cls_normalizer = weight.sum((1, 2)).clamp(min=1e-12)
         loss_cls = (ce * weight).sum((1, 2)) / cls_normalizer
     else:
-        onehot = torch.nn.functional.one_hot(target_class.clamp(min=0), k).to(dtype)
-        onehot = onehot * matched.unsqueeze(-1).to(dtype)  # (L, B, Q, C)
+        onehot = one_hot(target_class, k, dtype) * matched.unsqueeze(-1).to(dtype)  # (L, B, Q, C)
         focal = sigmoid_focal_loss(pred_logits, onehot, alpha, gamma, reduction="none")
         loss_cls = focal.sum((1, 2, 3)) / num_boxes
     # 3. box terms over matched pairs

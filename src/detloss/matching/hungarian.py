@@ -55,7 +55,7 @@ from .._validate import (
     require_range,
     require_shape,
 )
-from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
+from ..boxes import accumulate_dtype, aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 
 ClassCost = Literal["softmax", "focal"]
 CLASS_COSTS = ("softmax", "focal")
@@ -285,7 +285,7 @@ def _solve_all(cost: Tensor, gt_valid: Tensor, solver: Solver, pack: Optional[bo
 
     ``pack`` (default: off the CPU) sends the cost and the mask to the host as one tensor."""
     n, q, m = cost.shape
-    host_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
+    host_dtype = accumulate_dtype(cost)
     # 1. one device -> host copy: the cost and the validity mask packed together (on the CPU
     #    both are only viewed as NumPy arrays)
     if not (cost.device.type != "cpu" if pack is None else pack):
