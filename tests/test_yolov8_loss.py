@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
 from detloss import YOLOv8Loss, match_task_aligned
 from detloss.compat.ultralytics import make_anchors
+from oracles import task_aligned as O
 from detloss.functional import (
     binary_cross_entropy_with_logits,
     distribution_focal_loss,
@@ -262,3 +265,13 @@ def test_assignment_returned_matches_the_matcher():
                                 min_box_side=16.0)
     for name in ("foreground", "matched_gt", "labels", "scores"):
         assert torch.equal(getattr(out["assignment"], name), getattr(direct, name)), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(0, 0), (1, 0), (3, 2), (6, 6)]), st.sampled_from([4, 8, 16]))
+def test_loss_matches_float64_oracle(seed, num_gt, reg_max):
+    args = small_problem(num_gt, reg_max, dtype=torch.float64, seed=seed)
+    out = YOLOv8Loss(3, reg_max=reg_max)(*args)
+    want = O.yolov8_loss(*[a.detach().numpy() for a in args], reg_max=reg_max)
+    got = [out[k].item() for k in ("loss_box", "loss_cls", "loss_dfl")]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)

@@ -117,3 +117,51 @@ def match(scores, pred_boxes, anchors, gt_boxes, gt_labels, gt_valid, *, topk=13
                 scores_out[i, j, gt_labels[i, g]] = metric[g, j] * max_u / (max_t + eps)
     return fg_out, matched_out, labels_out, scores_out, metric_out
 
+
+
+def yolov8_loss(box_logits, cls_logits, points, strides, gt_boxes, gt_labels, gt_valid, *, reg_max, topk=10,
+                alpha=0.5, beta=6.0, min_box_side=16.0, gains=(7.5, 0.5, 1.5)):
+    """The YOLOv8 loss terms ``(box, cls, dfl)`` (each times its gain), float64, image by image."""
+    box_logits, cls_logits, points, strides = (np.asarray(x, np.float64) for x in (box_logits, cls_logits, points, strides))
+    b, a, _ = box_logits.shape
+    grid = points / strides[:, None]
+    logits = box_logits.reshape(b, a, 4, reg_max)
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    dist = (prob * np.arange(reg_max)).sum(-1)  # (B, A, 4) grid units
+    pred = np.concatenate((grid - dist[..., :2], grid + dist[..., 2:]), -1)
+    scores = 1 / (1 + np.exp(-cls_logits))
+    fg, matched, labels, target_scores, _ = match(scores, pred * strides[:, None, None].reshape(1, a, 1), points,
+                                                  gt_boxes, gt_labels, gt_valid, topk=topk, alpha=alpha, beta=beta,
+                                                  min_box_side=min_box_side)
+    tss = max(target_scores.sum(), 1.0)
+    x, t = cls_logits, target_scores
+    cls = (np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))).sum() / tss
+    box = dfl = 0.0
+    for i in range(b):
+        for j in range(a):
+            if not fg[i, j]:
+                continue
+            w = target_scores[i, j].sum()
+            target = np.asarray(gt_boxes[i, matched[i, j]], np.float64) / strides[j]
+            box += (1 - textbook_ciou(pred[i, j], target)) * w
+            ltrb = np.concatenate((grid[j] - target[:2], target[2:] - grid[j])).clip(0, reg_max - 1)
+            lp = np.log(prob[i, j])
+            sides = []
+            for s in range(4):
+                left = min(int(np.floor(ltrb[s])), reg_max - 2)
+                wl = left + 1 - ltrb[s]
+                sides.append(-(lp[s, left] * wl + lp[s, left + 1] * (1 - wl)))
+            dfl += np.mean(sides) * w
+    return gains[0] * box / tss, gains[1] * cls, gains[2] * dfl / tss
+
+
+def textbook_ciou(p, g):
+    """CIoU (Zheng et al. 2020) of two xyxy boxes, no epsilons (ordinary boxes only)."""
+    pw, ph, gw, gh = p[2] - p[0], p[3] - p[1], g[2] - g[0], g[3] - g[1]
+    inter = max(min(p[2], g[2]) - max(p[0], g[0]), 0) * max(min(p[3], g[3]) - max(p[1], g[1]), 0)
+    iou = inter / (pw * ph + gw * gh - inter)
+    c2 = (max(p[2], g[2]) - min(p[0], g[0])) ** 2 + (max(p[3], g[3]) - min(p[1], g[1])) ** 2
+    rho2 = ((p[0] + p[2] - g[0] - g[2]) ** 2 + (p[1] + p[3] - g[1] - g[3]) ** 2) / 4
+    v = 4 / math.pi**2 * (math.atan(gw / gh) - math.atan(pw / ph)) ** 2
+    return iou - rho2 / c2 - v * v / (1 - iou + v) if v > 0 else iou - rho2 / c2
