@@ -395,12 +395,14 @@ def test_gather_heads_equal_plain_indexing_values_and_gradients():
     nchw = torch.randn(2, 2, 7, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
     heads = [nhwc, nchw.permute(0, 3, 4, 1, 2)]
     cells = [torch.tensor([[0, 5, 5], [23, 1, 7]]), torch.tensor([[11, 0], [3, 3]])]
-    box, obj, cls = gather_heads(heads, cells)
+    box, obj, cls, all_boxes = gather_heads(heads, cells)
     picked = [h.flatten(1, 3)[torch.arange(2)[:, None], c] for h, c in zip(heads, cells)]
-    want_box = torch.cat([h[..., :4].flatten(1, 3) for h in heads], 1)
+    want_box = torch.cat([p[..., :4] for p in picked], 1)
     want_cls = torch.cat([p[..., 5:] for p in picked], 1)
     want_obj = torch.cat([h[..., 4].flatten(1) for h in heads], 1)
     assert torch.equal(box, want_box) and torch.equal(cls, want_cls) and torch.equal(obj, want_obj)
+    assert torch.equal(all_boxes, torch.cat([h[..., :4].flatten(1, 3) for h in heads], 1))
+    assert not all_boxes.requires_grad
     weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (box, obj, cls)]
     got = torch.autograd.grad(sum((t * w).sum() for t, w in zip((box, obj, cls), weights)), (nhwc, nchw))
     want = torch.autograd.grad(

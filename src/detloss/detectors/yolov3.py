@@ -115,25 +115,28 @@ def yolov3_terms(
     permuted NCHW ones), ``anchors (S, A, 2)`` (w, h) in grid units of each scale, ``strides``
     one per scale. Inputs are not checked (callers validate their entry points).
     """
-    # 1. decode: every cell's box (B, N, 4) xyxy input pixels and objectness logit (B, N); the
-    #    class logits only where a target may be (B, K, C)
-    box_raw, obj_logits, cls_logits = gather_heads(heads, targets.candidates)
+    # 1. decode: the box channels of every cell (no gradient; for the ignore rule) and of the
+    #    candidate slots, the objectness logit of every cell, the class logits of the candidates
+    box_raw, obj_logits, cls_logits, all_box_raw = gather_heads(heads, targets.candidates)
     dtype = compute_dtype(box_raw)
     grid_hws = [(h.shape[1], h.shape[2]) for h in heads]
-    pred = decode_yolo_cells(
-        box_raw.to(dtype), *_cell_constants(grid_hws, anchors, strides, dtype, box_raw.device),
-        max_log_scale=max_log_scale, box_format="xyxy",
+    sizes = [h * w * anchors.shape[1] for h, w in grid_hws]
+    cell_xy, anchor_wh, stride = _cell_constants(grid_hws, anchors, strides, dtype, box_raw.device)
+    offsets = itertools.accumulate(sizes[:-1], initial=0)
+    rows = torch.cat([cells + first for cells, first in zip(targets.candidates, offsets)], dim=1)  # (B, K)
+    pred_pos = decode_yolo_cells(
+        box_raw.to(dtype), cell_xy[rows], anchor_wh[rows], stride[rows], max_log_scale=max_log_scale,
+        box_format="xyxy",
     )
     # 2. ignore mask: background cells whose prediction overlaps no true box of its scale
-    sizes = [h * w * anchors.shape[1] for h, w in grid_hws]
+    pred = decode_yolo_cells(
+        all_box_raw.to(dtype), cell_xy, anchor_wh, stride, max_log_scale=max_log_scale, box_format="xyxy"
+    )
     max_iou = yolo_max_iou(
         pred, targets.true_boxes, targets.true_valid, eps=ignore_eps, pred_format="xyxy", scale_sizes=sizes
     )
     background = ~targets.responsible & (max_iou < ignore_iou)
     # 3. box term: (2 - w h / image area) (1 - GIoU) at the responsible candidates
-    offsets = itertools.accumulate(sizes[:-1], initial=0)
-    rows = torch.cat([cells + first for cells, first in zip(targets.candidates, offsets)], dim=1)  # (B, K)
-    pred_pos = pred.gather(1, rows.unsqueeze(-1).expand(-1, -1, 4))
     weight, box_target = targets.weight.to(dtype), targets.box.to(dtype)
     iou = aligned_box_iou_unchecked(pred_pos, cxcywh_to_xyxy(box_target), box_loss, box_eps)
     image_area = float(grid_hws[0][0] * strides[0] * grid_hws[0][1] * strides[0])
@@ -152,14 +155,16 @@ def _cell_constants(
     device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Decode constants of every cell of every scale, in head order ``(row, col, anchor)``:
-    ``cell_xy (N, 2)`` (column, row), ``anchor_wh (N, 2)`` grid units, ``stride (N, 1)``."""
+    ``cell_xy (N, 2)`` (column, row), ``anchor_wh (N, 2)`` grid units (both coordinate-major),
+    ``stride (N, 1)``."""
     xy, wh, stride = [], [], []
     for (h, w), scale_anchors, s in zip(grid_hws, anchors.to(device=device, dtype=dtype), strides):
         n_anchors = scale_anchors.shape[0]
         xy.append(yolo_grid(h, w, device=device, dtype=dtype)[:, :, None, :].expand(-1, -1, n_anchors, -1).reshape(-1, 2))
         wh.append(scale_anchors.repeat(h * w, 1))
         stride.append(torch.full((h * w * n_anchors, 1), float(s), device=device, dtype=dtype))
-    return torch.cat(xy), torch.cat(wh), torch.cat(stride)
+    coordinate_major = lambda t: t.t().contiguous().t()  # noqa: E731  (like the decoded planes)
+    return coordinate_major(torch.cat(xy)), coordinate_major(torch.cat(wh)), torch.cat(stride)
 
 
 class _GatherHeads(torch.autograd.Function):
@@ -169,34 +174,43 @@ class _GatherHeads(torch.autograd.Function):
     def forward(ctx, candidates: tuple[tuple[Tensor, ...], ...], *heads: Tensor):
         ctx.save_for_backward(*heads)
         ctx.candidates = candidates  # per head (image, row, col, anchor), each (B, K_s)
-        batch = heads[0].shape[0]
-        box = torch.cat([h[..., :4].reshape(batch, -1, 4) for h in heads], dim=1)
-        obj = torch.cat([h[..., 4].reshape(batch, -1) for h in heads], dim=1)
-        cls = torch.cat([h[index][..., 5:] for h, index in zip(heads, candidates)], dim=1)
-        return box, obj, cls
+        # the first five channels of every cell, channel-major (B, 5, N): one strided read per
+        # head, and the decode then runs on contiguous coordinate planes
+        sizes = [h.shape[1] * h.shape[2] * h.shape[3] for h in heads]
+        planes = heads[0].new_empty(heads[0].shape[0], 5, sum(sizes))
+        for head, first, size in zip(heads, itertools.accumulate(sizes[:-1], initial=0), sizes):
+            planes[:, :, first : first + size].view(head.shape[0], 5, *head.shape[1:4]).copy_(
+                head[..., :5].permute(0, 4, 1, 2, 3)
+            )
+        picked = torch.cat([h[index] for h, index in zip(heads, candidates)], dim=1)  # (B, K, 5 + C)
+        all_boxes = planes[:, :4].transpose(1, 2)
+        ctx.mark_non_differentiable(all_boxes)
+        return picked[..., :4].contiguous(), planes[:, 4], picked[..., 5:].contiguous(), all_boxes
 
     @staticmethod
-    def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor):
+    def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor, _):
         grads, first_cell, first_candidate = [], 0, 0
         for head, index in zip(ctx.saved_tensors, ctx.candidates):
             cells, count = head.shape[1] * head.shape[2] * head.shape[3], index[0].shape[1]
             grad = new_like(head, zero=True)  # the head's memory layout: NCHW maps need no copy back
-            grad[..., :4] = grad_box[:, first_cell : first_cell + cells].view(*head.shape[:4], 4)
             grad[..., 4] = grad_obj[:, first_cell : first_cell + cells].view(head.shape[:4])
-            grad[..., 5:].index_put_(index, grad_cls[:, first_candidate : first_candidate + count], accumulate=True)
+            part = slice(first_candidate, first_candidate + count)
+            picked = torch.cat((grad_box[:, part], grad_box.new_zeros(*index[0].shape, 1), grad_cls[:, part]), dim=-1)
+            grad.index_put_(index, picked.to(grad.dtype), accumulate=True)
             grads.append(grad)
             first_cell, first_candidate = first_cell + cells, first_candidate + count
         return (None, *grads)
 
 
-def gather_heads(heads: Sequence[Tensor], cells: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Box channels and objectness of every cell, class channels at ``cells``, of several heads.
+def gather_heads(heads: Sequence[Tensor], cells: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Box and class channels at ``cells``, objectness and (without gradient) box channels of
+    every cell, of several heads.
 
     ``heads[s] (B, H_s, W_s, A, 5 + C)`` in any memory layout; ``cells[s] (B, K_s)`` int64 flat
     cell indices ``(row * W_s + col) * A + a`` (repeats allowed). Returns, the heads one after
-    another, ``box (B, N, 4)``, ``obj (B, N)`` and ``cls (B, K, C)``. Autograd through slices
-    and an index would write each head-sized gradient three times and add them up; this
-    backward writes it once.
+    another, ``box (B, K, 4)``, ``obj (B, N)``, ``cls (B, K, C)`` and ``all_boxes (B, N, 4)``
+    (coordinate-major memory, no gradient). Autograd through a slice and an index would write
+    each head-sized gradient twice and add them up; this backward writes it once.
     """
     candidates = []
     for head, index in zip(heads, cells):
