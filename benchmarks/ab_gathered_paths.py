@@ -35,6 +35,7 @@ CANDIDATE_MODULES = (
     "detloss.detectors.yolov3",
     "detloss.boxes",
     "detloss._memory",
+    "detloss.matching.task_aligned",
 )
 
 

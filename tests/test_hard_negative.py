@@ -1,6 +1,7 @@
 """``detloss.mine_hard_negatives`` / ``top_k_mask``: the double-argsort rule, golden negatives, properties."""
 from __future__ import annotations
 
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detloss import mine_hard_negatives, top_k_mask
+from detloss.sampling import hard_negative
 from oracles import ssd as O
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
@@ -48,11 +50,16 @@ def value_rows(draw):
     return v, k, eligible
 
 
+# the module runs under both strategies (radix select, grouped topk); "one group per count"
+# forces the grouping that rows of very different counts get at full size
+@pytest.mark.parametrize("one_group_per_count", [False, True])
 @SETTINGS
 @given(rows=value_rows())
-def test_top_k_mask_equals_double_argsort(rows):
+def test_top_k_mask_equals_double_argsort(rows, one_group_per_count):
     v, k, eligible = rows
-    got = top_k_mask(v, k, eligible)
+    cost = 0 if one_group_per_count else hard_negative._TOPK_GROUP_COST
+    with mock.patch.object(hard_negative, "_TOPK_GROUP_COST", cost):
+        got = top_k_mask(v, k, eligible)
     ref = double_argsort(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v, k, eligible)
     assert torch.equal(got, ref)
     assert torch.equal(got.sum(1), torch.minimum(k.clamp(min=0), eligible.sum(1)))

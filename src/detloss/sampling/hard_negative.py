@@ -10,7 +10,9 @@ the same set without sorting:
   what a stable descending sort followed by ``rank < k`` does.
 * The ``k``-th value comes from a radix select on the float bits (three histogram passes for
   float32, six for float64): ``k`` is a per-row tensor, no host synchronisation, no
-  data-dependent shapes (a ``topk`` would need ``max(k)`` on the host).
+  data-dependent shapes. Where the gathered strategy runs (``detloss.strategy``: CPU tensors,
+  eager mode), a ``torch.topk`` of ``max(k) + 1`` per group of rows of similar counts replaces
+  it (the extra rank tells whether a tie continues past the cut); the selected set is the same.
 
 Positives are never negatives, so they can neither take a negative's place nor be counted
 twice (the originals give positives mining loss 0 and let them compete; they never win in
@@ -23,7 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._grouping import group_by_count
 from .._validate import as_bool_mask, require_floating, require_positive, require_shape
+from ..strategy import host_sync_is_free
 
 # (digit width, shift) of each radix pass, most significant digit first.
 _PASSES = {
@@ -63,17 +67,53 @@ def top_k_mask(values: Tensor, k: Tensor, eligible: Optional[Tensor] = None) -> 
     """
     eligible = torch.ones_like(values, dtype=torch.bool) if eligible is None else eligible
     count = torch.minimum(k.to(torch.int64), torch.count_nonzero(eligible, dim=1)).clamp(min=0)
-    threshold, remaining = _kth_by_radix(values, count, eligible)
+    if host_sync_is_free(values):
+        threshold, remaining, all_ties = _kth_by_topk(values, count, eligible)
+    else:
+        threshold, remaining = _kth_by_radix(values, count, eligible)
+        all_ties = False
+    if all_ties:  # every row takes all of its ties: one comparison selects the set
+        return eligible & (values >= threshold) & (count > 0).unsqueeze(1)
     tie = eligible & (threshold == values)
     take_tie = tie & (tie.cumsum(dim=1) <= remaining.unsqueeze(1))  # the first ties that fit
     return ((eligible & (values > threshold)) | take_tie) & (count > 0).unsqueeze(1)
 
 
+# Fixed cost of one more group of rows in :func:`_kth_by_topk`, in units of (row x rank)
+# (benchmarks/README.md, "Execution strategies").
+_TOPK_GROUP_COST = 700
+
+
+def _kth_by_topk(values: Tensor, count: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(threshold (R, 1), remaining (R,), all_ties)``: each row's ``count``-th largest
+    eligible value (in the comparison dtype), how many of its ties to take, and whether that is
+    every tie of every row. A ``topk`` of ``max(count) + 1`` per group of rows with similar
+    counts (:func:`detloss._grouping.group_by_count`; ``topk`` costs grow with the rank): the
+    extra rank shows whether a tie continues past the cut; the other counts come from the small
+    ranked tensor. Rows of count 0 keep threshold 0 (they select nothing)."""
+    values = values if values.dtype == torch.float64 else values.float()
+    threshold = values.new_zeros(values.shape[0], 1)
+    remaining = count.clone()
+    all_ties = True
+    for rows, largest in group_by_count(count.tolist(), _TOPK_GROUP_COST):
+        index = torch.tensor(rows, device=values.device)
+        group_count = count.index_select(0, index)
+        ranks = min(largest + 1, values.shape[1])
+        ranked = values.index_select(0, index).masked_fill_(~eligible.index_select(0, index), float("-inf"))
+        ranked = ranked.topk(ranks, dim=1).values
+        cut = ranked.gather(1, (group_count - 1).unsqueeze(1))
+        threshold.index_copy_(0, index, cut)
+        # everything above the cut lies in the first ranks
+        remaining.index_copy_(0, index, group_count - (ranked > cut).sum(dim=1))
+        next_value = ranked.gather(1, group_count.clamp(max=ranks - 1).unsqueeze(1))
+        # a tie continues past the cut (or cannot be seen): take the first ties by index instead
+        continues = (next_value == cut).squeeze(1) | (group_count >= ranks)
+        all_ties = all_ties and not bool(continues.any())
+    return threshold, remaining, all_ties
+
+
 def _kth_by_radix(values: Tensor, count: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
-    """``(threshold (R, 1), remaining (R,))``: each row's ``count``-th largest eligible value
-    (in the comparison dtype) and how many of its ties to take, by a radix select on the
-    float bits (one histogram per row and digit; no host synchronisation). Rows of count 0
-    select nothing whatever their threshold."""
+    """As :func:`_kth_by_topk`, by a radix select on the float bits: no host synchronisation."""
     rows, n = values.shape
     device = values.device
     keys, bits = _ordered_keys(values)
