@@ -10,13 +10,14 @@ an all-zero row), the classification term of RetinaNet. The values are those of
   ``-c1 q**g (g (1 - q) softplus(-x) + q)``;
 
 with ``c1 = alpha``, ``c0 = 1 - alpha`` (both 1 for ``alpha < 0``). One pass over the logits,
-``chunk`` rows at a time, computes every entry as background: the loss sum in the forward, the
-gradient (times the upstream gradient) in the backward, which recomputes the few element-wise
-terms instead of keeping a logits-sized buffer from the forward. The one target entry per row
-is computed on its own (``(R,)``-sized) and swapped in with a gather and a scatter per chunk,
-so no one-hot tensor is built. A forward plus backward holds one logits-sized gradient on
-top of the logits and a few cache-sized chunk temporaries; ``retain_graph`` and repeated
-backward passes are safe. Not twice differentiable.
+``chunk`` rows at a time, computes every entry as background: the loss sum and, when the
+logits need a gradient, the gradient into a buffer that the first backward scales in place and
+returns. The one target entry per row is computed on its own (``(R,)``-sized) and swapped in
+with a gather and a scatter per chunk, so no one-hot tensor is built. A forward plus backward
+holds one logits-sized gradient on top of the logits and a few cache-sized chunk temporaries.
+A second backward through a retained graph (or one under ``torch.compile``) recomputes the
+gradient, since the buffer was handed over, so ``retain_graph`` is safe. Not twice
+differentiable.
 """
 from __future__ import annotations
 
@@ -63,19 +64,18 @@ def _background_terms(
 
 def _focal_pass(
     logits: Tensor, target: Tensor, weight: Tensor, alpha: float, gamma: float, chunk: int,
-    grad_scale: Optional[Tensor] = None,
-) -> Tensor:
-    """One pass over ``logits (R, K)``, ``chunk`` rows at a time: the loss sum (0-d), or, with
-    ``grad_scale`` (the upstream gradient, 0-d), the gradient ``(R, K)`` times ``grad_scale``
-    (folded into the per-row coefficients, so no second pass scales it)."""
+    with_grad: bool, grad_scale: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """One pass over ``logits (R, K)``, ``chunk`` rows at a time: the loss sum (0-d) and, with
+    ``with_grad``, the gradient ``(R, K)``, times ``grad_scale`` (0-d) when given (folded into
+    the per-row coefficients, so no second pass scales it)."""
     acc = accumulate_dtype(logits.dtype)
     c1, c0 = (alpha, 1.0 - alpha) if alpha >= 0 else (1.0, 1.0)
-    with_grad = grad_scale is not None
-    # 1. the target entries, (R,): their loss or gradient, computed once
+    # 1. the target entries, (R,): their loss and gradient, computed once
     is_target = (target >= 0).unsqueeze(1)  # (R, 1)
     col = target.clamp(min=0).unsqueeze(1)
     w = weight.to(acc).unsqueeze(1)
-    if with_grad:
+    if grad_scale is not None:
         w = w * grad_scale.to(acc)
     factor1, sp1, grad1 = _background_terms(-logits.gather(1, col).to(acc), w * is_target * c1, gamma, with_grad)
     total = (factor1 * sp1).sum(dtype=torch.float64)  # chunk sums accumulate in float64
@@ -88,31 +88,37 @@ def _focal_pass(
         c, t = col[rows], is_target[rows]
         direct = None if grad is None or grad.dtype != acc else grad[rows]  # else copied below
         factor, sp, g = _background_terms(logits[rows].to(acc), coef[rows], gamma, with_grad, direct)
-        if grad is None:
-            factor.scatter_(1, c, factor.gather(1, c) * ~t)
-            total = total + torch.dot(factor.view(-1), sp.view(-1))
-            continue
-        g.scatter_(1, c, torch.where(t, -grad1[rows], g.gather(1, c)))
-        if direct is None:
-            grad[rows] = g
-    return total.to(acc) if grad is None else grad
+        factor.scatter_(1, c, factor.gather(1, c) * ~t)
+        total = total + torch.dot(factor.view(-1), sp.view(-1))
+        if grad is not None:
+            g.scatter_(1, c, torch.where(t, -grad1[rows], g.gather(1, c)))
+            if direct is None:
+                grad[rows] = g
+    return total.to(acc), grad
 
 
 class _FocalSum(torch.autograd.Function):
-    """The loss in the forward; the backward recomputes the gradient straight into the one
-    logits-sized tensor it returns (nothing logits-sized is held between the two)."""
+    """Loss and gradient in one forward pass; the first backward scales that gradient in place
+    and hands it over (a forward plus backward holds one logits-sized tensor). A later backward
+    through the same graph (``retain_graph``), or one under ``torch.compile``, recomputes it."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor, alpha: float, gamma: float, chunk: int):
         ctx.save_for_backward(logits, target, weight)
         ctx.options = (alpha, gamma, chunk)
-        return _focal_pass(logits, target, weight, alpha, gamma, chunk)
+        total, ctx.unscaled_grad = _focal_pass(logits, target, weight, alpha, gamma, chunk, ctx.needs_input_grad[0])
+        return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor):
-        logits, target, weight = ctx.saved_tensors
-        return _focal_pass(logits, target, weight, *ctx.options, grad_scale=grad_total), None, None, None, None, None
+        grad, ctx.unscaled_grad = ctx.unscaled_grad, None  # handed over once, never read again
+        if grad is not None and not torch.compiler.is_compiling():
+            grad = grad.mul_(grad_total.to(grad.dtype))
+        else:
+            logits, target, weight = ctx.saved_tensors
+            grad = _focal_pass(logits, target, weight, *ctx.options, with_grad=True, grad_scale=grad_total)[1]
+        return grad, None, None, None, None, None
 
 
 def chunked_sigmoid_focal_sum(
