@@ -53,7 +53,10 @@ from ..matching.yolo import (
 )
 from ..priors import YOLOV3_STRIDES, yolo_grid, yolov3_anchors
 
-__all__ = ["YOLOv3Loss", "YOLOv3LossAssignment", "YoloSlotTargets", "YoloTerms", "yolo_max_iou", "yolov3_terms"]
+__all__ = [
+    "YOLOv3Loss", "YOLOv3LossAssignment", "YoloSlotTargets", "YoloTerms", "yolo_cell_constants", "yolo_max_iou",
+    "yolov3_terms",
+]
 
 BOX_LOSSES = ("giou", "diou", "ciou")
 # Elements of one ignore-IoU block (B x T x predictions): its ~20 temporaries stay cache-sized.
@@ -108,12 +111,14 @@ def yolov3_terms(
     box_eps: Optional[float] = None,
     ignore_eps: Optional[float] = None,
     max_log_scale: float = 10.0,
+    cell_constants: Optional[tuple[Tensor, Tensor, Tensor]] = None,
 ) -> YoloTerms:
     """The YOLOv3 loss terms of ``S`` head maps against slot targets (see the module doc).
 
     ``heads[s] (B, H_s, W_s, A, 5 + C)`` raw outputs in any memory layout (NHWC maps or
     permuted NCHW ones), ``anchors (S, A, 2)`` (w, h) in grid units of each scale, ``strides``
-    one per scale. Inputs are not checked (callers validate their entry points).
+    one per scale; ``cell_constants``: :func:`yolo_cell_constants` of them, if the caller keeps
+    them. Inputs are not checked (callers validate their entry points).
     """
     # 1. decode: the box channels of every cell (no gradient; for the ignore rule) and of the
     #    candidate slots, the objectness logit of every cell, the class logits of the candidates
@@ -121,7 +126,9 @@ def yolov3_terms(
     dtype = compute_dtype(box_raw)
     grid_hws = [(h.shape[1], h.shape[2]) for h in heads]
     sizes = [h * w * anchors.shape[1] for h, w in grid_hws]
-    cell_xy, anchor_wh, stride = _cell_constants(grid_hws, anchors, strides, dtype, box_raw.device)
+    if cell_constants is None:
+        cell_constants = yolo_cell_constants(grid_hws, anchors, strides, dtype, box_raw.device)
+    cell_xy, anchor_wh, stride = cell_constants
     offsets = itertools.accumulate(sizes[:-1], initial=0)
     rows = torch.cat([cells + first for cells, first in zip(targets.candidates, offsets)], dim=1)  # (B, K)
     pred_pos = decode_yolo_cells(
@@ -150,7 +157,7 @@ def yolov3_terms(
     return YoloTerms(box, obj, cls, max_iou, background)
 
 
-def _cell_constants(
+def yolo_cell_constants(
     grid_hws: Sequence[tuple[int, int]], anchors: Tensor, strides: Sequence[int], dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -371,6 +378,7 @@ class YOLOv3Loss(nn.Module):
         self.weights = (float(box_weight), float(obj_weight), float(cls_weight))
         self.pos_iou, self.max_boxes_per_scale = float(pos_iou), int(max_boxes_per_scale)
         self.faithful_fallback_clip, self.box_eps, self.max_log_scale = faithful_fallback_clip, box_eps, max_log_scale
+        self._kept_cells: tuple = (None, None)
 
     def forward(
         self,
@@ -393,7 +401,7 @@ class YOLOv3Loss(nn.Module):
         targets = self._slot_targets(match, gt_labels)
         terms = yolov3_terms(
             heads, anchors, self.strides, targets, ignore_iou=self.ignore_iou, box_loss=self.box_loss,
-            box_eps=self.box_eps, max_log_scale=self.max_log_scale,
+            box_eps=self.box_eps, max_log_scale=self.max_log_scale, cell_constants=self._cell_constants(heads),
         )
         # normalise: per image (the original) or per responsible slot
         if self.normalize_by == "batch":
@@ -415,6 +423,18 @@ class YOLOv3Loss(nn.Module):
                 match, per_scale(targets.responsible), per_scale(terms.background), per_scale(terms.max_iou)
             )
         return result
+
+    def _cell_constants(self, heads: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`yolo_cell_constants` of these heads, kept while the grid sizes, dtype, device and
+        anchors stay the same (under ``torch.compile`` they are constants of the graph)."""
+        grid_hws = tuple((h.shape[1], h.shape[2]) for h in heads)
+        dtype, device = compute_dtype(heads[0]), heads[0].device
+        if torch.compiler.is_compiling():
+            return yolo_cell_constants(grid_hws, self.anchors, self.strides, dtype, device)
+        key = (grid_hws, dtype, device, self.anchors.data_ptr(), self.anchors._version)
+        if self._kept_cells[0] != key:
+            self._kept_cells = (key, yolo_cell_constants(grid_hws, self.anchors, self.strides, dtype, device))
+        return self._kept_cells[1]
 
     def _slot_targets(self, match: YoloAssignment, gt_labels: Tensor) -> YoloSlotTargets:
         """Each (object, anchor) pair's slot on every scale is a candidate (``K_s = M * A``), with
