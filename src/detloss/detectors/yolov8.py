@@ -37,11 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import (
-    as_bool_mask,
-    require_boxes,
     require_finite,
     require_floating,
-    require_integer,
     require_range,
     require_shape,
     value_checks_active,
@@ -49,6 +46,7 @@ from .._validate import (
 from ..boxes import aligned_box_iou_unchecked, compute_dtype
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.distribution import distribution_focal_unchecked
+from ..matching.max_iou import require_padded_gt
 from ..matching.task_aligned import check_task_aligned_options, match_task_aligned_unchecked
 
 __all__ = ["YOLOv8Loss", "decode_distances"]
@@ -146,12 +144,7 @@ class YOLOv8Loss(nn.Module):
         require_shape(anchor_points, "anchor_points", ("A", 2), dims)
         require_floating(anchor_strides, "anchor_strides")
         require_shape(anchor_strides, "anchor_strides", ("A",), dims)
-        require_boxes(gt_boxes, "gt_boxes", ndim=3)
-        require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
-        gt_valid = as_bool_mask(gt_valid, "gt_valid")
-        require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-        require_integer(gt_labels, "gt_labels")
-        require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
+        dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims)
         if self.reg_max == 1 and image_size is None:
             raise ValueError("image_size: expected (height, width) in pixels with reg_max=1, got None")
         if image_size is not None:

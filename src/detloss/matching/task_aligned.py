@@ -58,15 +58,13 @@ from torch import Tensor
 
 from ..strategy import host_sync_is_free
 from .._validate import (
-    as_bool_mask,
     require_boxes,
     require_finite,
     require_floating,
-    require_integer,
     require_positive,
-    require_range,
     require_shape,
 )
+from .max_iou import require_padded_gt
 
 #: elements of one chunk of the (B, G, A) pair space (about 4 MiB per float32 tensor)
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -204,13 +202,7 @@ def match_task_aligned(
     require_shape(anchor_points, "anchor_points", ("A", 2), dims)
     require_finite(anchor_points, "anchor_points")
     require_finite(pred_scores, "pred_scores")
-    require_boxes(gt_boxes, "gt_boxes", ndim=3)
-    require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-    require_integer(gt_labels, "gt_labels")
-    require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
-    require_range(gt_labels, "gt_labels", 0, dims["C"] - 1, where=gt_valid)
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=(0, dims["C"] - 1))
     check_task_aligned_options(topk, alpha, beta, topk2, min_box_side, eps, chunk_size)
     return match_task_aligned_unchecked(
         pred_scores, pred_boxes, anchor_points, gt_boxes, gt_labels, gt_valid, topk=topk, alpha=alpha,
