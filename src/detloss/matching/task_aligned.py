@@ -130,10 +130,7 @@ def _ciou_from_terms(gt: tuple[Tensor, ...], pred: tuple[Tensor, ...]) -> Tensor
 def _power(x: Tensor, p: float) -> Tensor:
     """``x ** p`` for ``x >= 0``; integer ``p`` by multiplication (exactly reproducible)."""
     if p == int(p) and 0 <= p <= 16:
-        out, base, n = torch.ones_like(x), x, int(p)
-        if n == 0:
-            return out
-        first = True
+        out, base, n, first = torch.ones_like(x), x, int(p), True
         while n:
             if n & 1:
                 out = base if first else out * base
