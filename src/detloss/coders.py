@@ -22,7 +22,7 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._validate import require_boxes, require_choice, require_floating, require_tensor
+from ._validate import broadcast_shape, require_boxes, require_choice, require_floating, require_tensor
 from .boxes import compute_dtype, join_halves
 from .priors import yolo_grid
 
@@ -60,13 +60,11 @@ def _broadcast_pair(a: Tensor, a_name: str, b: Tensor, b_name: str) -> tuple[Ten
 
     Box maths runs in float32 for float16/bfloat16 inputs (float64 stays float64).
     """
-    try:
-        torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
-    except RuntimeError:
+    if broadcast_shape(a.shape[:-1], b.shape[:-1]) is None:
         raise ValueError(
             f"{a_name}, {b_name}: expected leading dimensions that broadcast, "
             f"got {tuple(a.shape)} and {tuple(b.shape)}"
-        ) from None
+        )
     dtype = torch.promote_types(compute_dtype(a), compute_dtype(b))
     return a.to(dtype), b.to(dtype)
 

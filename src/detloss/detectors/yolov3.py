@@ -238,7 +238,10 @@ def yolo_max_iou(
     pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
     scale_sizes: Optional[Sequence[int]] = None,
 ) -> Tensor:
-    """Best plain IoU of each prediction with any valid true box (of its own scale), without gradient.
+    """Best IoU of each prediction with any valid true box (of its own scale), without gradient.
+
+    The IoU of the ignore rule: ``inter / max(union, eps)`` (``eps`` default 1e-7; the original
+    has none, so a zero-area prediction gave NaN there).
 
     ``pred_boxes (B, N, 4)`` (``pred_format``: centre/size or corners) and ``true_cxcywh
     (B, T, 4)`` centre/size boxes (same units), ``true_valid (B, T)`` bool (None: all rows
@@ -264,23 +267,26 @@ def yolo_max_iou(
         )
     with torch.no_grad():
         dtype = compute_dtype(pred_boxes)
-        out = pred_boxes.new_zeros(batch, n, dtype=dtype)
         if t == 0 or n == 0:
-            return out
+            return pred_boxes.new_zeros(batch, n, dtype=dtype)
         true_xyxy = cxcywh_to_xyxy(true_cxcywh.detach().to(dtype))
         pred_xyxy = pred_boxes.detach().to(dtype)
         if pred_format == "cxcywh":
             pred_xyxy = cxcywh_to_xyxy(pred_xyxy)
-        iou_of = ChunkedPairwiseIoU(true_xyxy, pred_xyxy, eps=eps)
+        # a true box outside a scale's list becomes the empty box (0, 0, 0, 0) there: its IoU with
+        # every prediction is exactly 0, so no validity shift and no clamp of the maxima are needed
+        rows_of_scale = lambda s: true_xyxy if per_scale is None else torch.where(  # noqa: E731
+            per_scale[:, s, :, None], true_xyxy, 0.0
+        )
+        iou_of = ChunkedPairwiseIoU(rows_of_scale(0), pred_xyxy, eps=eps)
         step = max(1, chunk_elements // (batch * t))
-        ends = list(itertools.accumulate(sizes))
+        ends, maxima = list(itertools.accumulate(sizes)), []
         for s, (first, last) in enumerate(zip([0] + ends[:-1], ends)):
-            if per_scale is not None:
-                iou_of = iou_of.with_rows(true_xyxy, rows_valid=per_scale[:, s])
+            if s > 0:
+                iou_of = iou_of.with_rows(rows_of_scale(s))
             for start in range(first, last, step):
-                stop = min(start + step, last)
-                out[:, start:stop] = iou_of(start, stop).amax(1).clamp(min=0)  # (B, T, chunk) -> (B, chunk)
-        return out
+                maxima.append(iou_of.clamped_ratio(start, min(start + step, last)).amax(1))  # (B, T, chunk) -> (B, chunk)
+        return torch.cat(maxima, dim=1)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._validate import require_choice, require_tensor
+from .._validate import broadcast_shape, require_choice, require_tensor
 from ..boxes import accumulate_dtype
 
 Reduction = Literal["none", "sum", "mean"]
@@ -25,11 +25,7 @@ def require_weight_shape(weight: Optional[Tensor], shape: torch.Size) -> None:
     if weight is None:
         return
     require_tensor(weight, "weight")
-    try:
-        fits = torch.broadcast_shapes(weight.shape, shape) == shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if broadcast_shape(weight.shape, shape) != tuple(shape):
         raise ValueError(
             f"weight: expected a shape that broadcasts to the element-wise loss "
             f"{tuple(shape)}, got {tuple(weight.shape)}"
