@@ -1,10 +1,12 @@
 """Benchmark: Faster R-CNN (RPN + R-CNN) and RetinaNet losses at real sizes, on the CPU.
 
 Each configuration runs in a fresh subprocess (one thread) that builds its inputs, runs
-forward+backward (targets included) once to warm up, measures the resident set size (RSS),
-runs once more and reads the peak RSS (``ru_maxrss``), then times ``--runs`` more. The memory figure is the peak RSS minus the
-RSS with the inputs allocated, so it holds one call's temporaries and the logits' gradient;
-``ratio`` divides it by the classification logits' bytes.
+forward+backward (targets included) once to warm up, then once under each memory probe of
+:mod:`resident_memory`, then times ``--runs`` more. Both memory figures are one call's growth
+above the memory held with the inputs built, so they hold the call's temporaries and the
+gradients; ``ratio`` divides each by the classification logits' bytes. ``allocated`` (live
+allocations, read after every operator) is the same on every run; ``resident`` (RSS) also
+moves with what the allocator keeps of freed memory.
 
 Configs:
 * ``frcnn``: 600x800 image, stride 16, 9 anchors (17100), batch 2, 2000 proposals per image,
@@ -20,22 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from resident_memory import PeakAllocated, PeakResident
+
 CONFIGS = ("frcnn", "retinanet", "retinanet_unchunked")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _random_gt(torch, batch, m, size, gen):
@@ -114,17 +108,22 @@ def run_one(name: str, runs: int) -> dict:
 
     torch.set_num_threads(1)
     step, logits_bytes = build(name)
-    step()  # warm-up: one-time allocations (lazy libraries, allocator pools) stay in the base
-    base = _rss_bytes()
-    step()  # each call peaks the same, so the lifetime peak minus the warm base is one call's extra
-    peak = _peak_bytes() - base
+    with PeakAllocated():
+        step()  # warm-up: one-time allocations (lazy libraries, allocator pools, the probe's own)
+    with PeakResident() as resident:
+        step()
+    with PeakAllocated() as allocated:
+        step()
+    mib = 2**20 / logits_bytes
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
     result = {"config": name, "median_ms": statistics.median(times), "min_ms": min(times), "runs": runs,
-              "peak_extra_bytes": peak, "logits_bytes": logits_bytes, "ratio": peak / logits_bytes}
+              "logits_mib": logits_bytes / 2**20, "allocated_mib": allocated.growth_mib,
+              "resident_mib": resident.growth_mib, "allocated_ratio": allocated.growth_mib * mib,
+              "resident_ratio": resident.growth_mib * mib}
     if name != "retinanet_unchunked":
         import detloss
         from dispatch_count import count_dispatch, describe
@@ -145,13 +144,14 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.runs)))
         return
     print(f"load average before: {os.getloadavg()}")
-    print(f"{'config':<22}{'median ms':>11}{'min ms':>10}{'logits MiB':>12}{'peak extra MiB':>16}{'ratio':>8}")
+    print(f"{'config':<22}{'median ms':>11}{'min ms':>10}{'logits MiB':>12}{'allocated MiB':>15}{'ratio':>7}"
+          f"{'resident MiB':>14}{'ratio':>7}")
     for name in args.configs:
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--runs", str(args.runs)],
                               capture_output=True, text=True, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{name:<22}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}{r['logits_bytes'] / 2**20:>12.1f}"
-              f"{r['peak_extra_bytes'] / 2**20:>16.1f}{r['ratio']:>8.2f}")
+        print(f"{name:<22}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}{r['logits_mib']:>12.1f}"
+              f"{r['allocated_mib']:>15.1f}{r['allocated_ratio']:>7.2f}{r['resident_mib']:>14.1f}{r['resident_ratio']:>7.2f}")
         if "dense" in r:
             print(f"{'':<22}dense strategy: {r['dense']} (CPU chunk sizes)")
     print(f"load average after: {os.getloadavg()}")

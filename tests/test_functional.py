@@ -19,6 +19,7 @@ from detloss.functional import (
     positive_normalizer,
     sigmoid_focal_loss,
     smooth_l1_loss,
+    smooth_l1_sum,
     softmax_focal_loss,
     weighted_reduce,
 )
@@ -235,6 +236,44 @@ def test_smooth_l1_gradcheck_around_the_kink(sigma, side):
     g = torch.autograd.grad(fn(x).sum(), x)[0]
     want = torch.where(x.abs() < beta, x / beta, x.sign())
     torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5), st.sampled_from([0.0, 0.5, 1.0, 2.0])), min_size=1, max_size=12),
+    st.sampled_from([0.0, 1.0 / 9, 0.1, 1.0]),
+)
+def test_smooth_l1_sum_is_the_weighted_sum_with_its_gradient(rows, beta):
+    """smooth_l1_sum = smooth_l1_loss(reduction="sum") with the same weight: the value bit for
+    bit, the gradients of input and target to rounding, the kink on the linear branch."""
+    x, y, w = (torch.tensor(c, dtype=torch.float64) for c in zip(*rows))
+    x, y = x.requires_grad_(), y.requires_grad_()
+    got, want = smooth_l1_sum(x, y, beta, w), smooth_l1_loss(x, y, beta, weight=w, reduction="sum")
+    assert torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(2.5 * got, (x, y)), torch.autograd.grad(2.5 * want, (x, y))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_smooth_l1_sum_keeps_one_tensor_and_drops_zero_weights_exactly():
+    x = torch.tensor([0.05, -2.0, float("inf"), 0.3], requires_grad=True)
+    weight = torch.tensor([1.0, 2.0, 0.0, 1.0])
+    total = smooth_l1_sum(x, torch.zeros(4), 0.1, weight)
+    assert len(total.grad_fn.saved_tensors) == 1  # the weighted slope, nothing else
+    total.backward()
+    torch.testing.assert_close(total, torch.tensor(0.0125 + 2 * 1.95 + 0.25))  # the inf has weight 0
+    torch.testing.assert_close(x.grad, torch.tensor([0.5, -2.0, 0.0, 1.0]))
+    half = torch.tensor([0.05, -2.0], dtype=torch.float16, requires_grad=True)
+    smooth_l1_sum(half, torch.zeros(2), 0.1, torch.ones(2)).backward()
+    assert half.grad.dtype == torch.float16
+    torch.testing.assert_close(half.grad, torch.tensor([0.5, -1.0], dtype=torch.float16), rtol=1e-3, atol=1e-3)
+
+
+def test_smooth_l1_sum_gradcheck():
+    x = torch.tensor([0.02, -0.07, 0.5, -3.0, 0.2], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0.0, 0.01, 0.1, 0.0, -0.3], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0], dtype=torch.float64)
+    for beta in (0.0, 0.1, 1.0):
+        assert gradcheck(lambda a, b: smooth_l1_sum(a, b, beta, w), (x, y))
 
 
 def test_classification_gradchecks():

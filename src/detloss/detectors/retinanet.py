@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .._validate import require_boxes, require_choice, require_floating, require_int, require_positive, require_shape
 from ..boxes import compute_dtype
 from ..coders import decode_deltas, encode_deltas
-from ..functional import iou_loss, positive_normalizer, smooth_l1_loss
+from ..functional import iou_loss, positive_normalizer, smooth_l1_sum
 from ..functional.focal_chunked import chunked_sigmoid_focal_sum  # noqa: F401  (public here too)
 from ..matching.max_iou import gather_boxes, max_iou_match, require_padded_gt
 
@@ -142,17 +142,22 @@ class RetinaNetLoss(nn.Module):
         num_pos = positive.sum()
         normalizer = positive_normalizer(num_pos, distributed=self.distributed)
 
-        cls_sum = chunked_sigmoid_focal_sum(
-            cls_logits, target_class, (match.labels >= 0), self.alpha, self.gamma, self.cls_chunk_size
-        )
-        loss_cls = cls_sum / normalizer.to(cls_sum.dtype)
+        # the box term first, so its anchor-sized temporaries are gone before the focal pass
+        # holds its logits-sized gradient; the matcher's outputs are not held through it either
         loss_box = self._box_loss(box_pred, anchors, gt_boxes, match.matched_gt, positive, normalizer)
-        out = {"loss_cls": loss_cls, "loss_box": loss_box, "loss": self.cls_weight * loss_cls + self.box_weight * loss_box}
+        counted = match.labels >= 0
+        assignment = None
         if return_assignment:
-            out["assignment"] = RetinaNetAssignment(
+            assignment = RetinaNetAssignment(
                 labels=match.labels, matched_gt=match.matched_gt, max_iou=match.max_iou,
                 target_class=target_class, num_pos=num_pos,
             )
+        del match, positive
+        cls_sum = chunked_sigmoid_focal_sum(cls_logits, target_class, counted, self.alpha, self.gamma, self.cls_chunk_size)
+        loss_cls = cls_sum / normalizer.to(cls_sum.dtype)
+        out = {"loss_cls": loss_cls, "loss_box": loss_box, "loss": self.cls_weight * loss_cls + self.box_weight * loss_box}
+        if assignment is not None:
+            out["assignment"] = assignment
         return out
 
     def _box_loss(
@@ -170,4 +175,4 @@ class RetinaNetLoss(nn.Module):
             return iou_loss(decoded, matched, "giou", weight=positive.to(dtype), reduction="sum", normalizer=normalizer)
         targets = encode_deltas(matched, ref, **self.coder)
         beta = 0.0 if self.box_loss == "l1" else self.beta
-        return smooth_l1_loss(box_pred.to(dtype), targets, beta, weight=weight, reduction="sum", normalizer=normalizer)
+        return smooth_l1_sum(box_pred, targets, beta, weight) / normalizer

@@ -15,7 +15,7 @@ from .dice import dice_loss
 from .distribution import distribution_focal_loss, quality_focal_loss, varifocal_loss
 from .iou import iou_loss
 from .reduce import positive_normalizer, weighted_reduce
-from .regression import l1_loss, smooth_l1_loss
+from .regression import l1_loss, smooth_l1_loss, smooth_l1_sum
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -29,6 +29,7 @@ __all__ = [
     "quality_focal_loss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
+    "smooth_l1_sum",
     "softmax_focal_loss",
     "varifocal_loss",
     "weighted_reduce",

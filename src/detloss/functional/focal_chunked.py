@@ -79,9 +79,10 @@ def _focal_pass(
         w = w * grad_scale.to(acc)
     factor1, sp1, grad1 = _background_terms(-logits.gather(1, col).to(acc), w * is_target * c1, gamma, with_grad)
     total = (factor1 * sp1).sum(dtype=torch.float64)  # chunk sums accumulate in float64
+    coef = w * c0
+    del factor1, sp1, w  # row-sized: not held through the pass
     # 2. every other entry is background: one fused pass, chunk by chunk; the target entry of
     #    each row is left out of the sum and given its own gradient
-    coef = w * c0
     grad = new_like(logits, zero=False) if with_grad else None
     for start in range(0, logits.shape[0], chunk):
         rows = slice(start, start + chunk)

@@ -1,4 +1,5 @@
-"""Box-regression losses: smooth L1 (beta and sigma forms) and L1."""
+"""Box-regression losses: smooth L1 (beta and sigma forms) and L1, and :func:`smooth_l1_sum`,
+the weighted sum of the same values whose backward holds one input-sized tensor."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._validate import require_floating, require_positive, require_same_shape
 from ..boxes import accumulate_dtype
@@ -55,13 +57,58 @@ def smooth_l1_loss(
         # like (0.5 / beta) * x**2 below, so the values are bit-identical.
         loss = F.smooth_l1_loss(input, target, reduction="none", beta=float(beta))
         return weighted_reduce(loss, weight, reduction, normalizer)
-    diff = (input - target).to(acc)
+    return weighted_reduce(_smooth_l1_elements((input - target).to(acc), beta), weight, reduction, normalizer)
+
+
+def _smooth_l1_elements(diff: Tensor, beta: float) -> Tensor:
+    """Element-wise smooth L1 of ``diff`` (L1 for ``beta = 0``); the linear branch at ``|diff| == beta``."""
     abs_diff = diff.abs()
     if beta == 0:
-        loss = abs_diff
-    else:
-        loss = torch.where(abs_diff < beta, (0.5 / beta) * diff**2, abs_diff - 0.5 * beta)
-    return weighted_reduce(loss, weight, reduction, normalizer)
+        return abs_diff
+    return torch.where(abs_diff < beta, (0.5 / beta) * diff**2, abs_diff - 0.5 * beta)
+
+
+def smooth_l1_sum(input: Tensor, target: Tensor, beta: float, weight: Tensor) -> Tensor:
+    """``smooth_l1_loss(input, target, beta, weight=weight, reduction="sum")``, the same value,
+    with a lean backward: the forward pass also computes the gradient, and that one
+    input-sized tensor is all the graph keeps (autograd through the element-wise form keeps
+    three or four, and its backward allocates as many again). For dense anchor-sized box
+    terms, such as RetinaNet's over every anchor.
+
+    ``input``, ``target (...)`` floating point, same shape; ``weight`` broadcastable to them
+    (0 removes an element exactly, as :func:`detloss.functional.weighted_reduce`); ``beta >= 0``.
+    The gradient flows to ``input`` and ``target``. Inputs are not checked (internal callers).
+
+    >>> x = torch.tensor([0.2, -1.5, 3.0], requires_grad=True)
+    >>> total = smooth_l1_sum(x, torch.zeros(3), 1.0, torch.tensor([1.0, 1.0, 0.0]))
+    >>> total.backward(); total, x.grad
+    (tensor(1.0200, grad_fn=<_SmoothL1SumBackward>), tensor([ 0.2000, -1.0000,  0.0000]))
+    """
+    return _SmoothL1Sum.apply(input, target, weight, float(beta))
+
+
+class _SmoothL1Sum(torch.autograd.Function):
+    """:func:`smooth_l1_sum`: the slope ``diff / beta`` inside ``|diff| < beta``, ``sign(diff)``
+    elsewhere, times the weight, is computed in the forward pass and kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, weight: Tensor, beta: float):
+        diff = (input - target).to(accumulate_dtype(input))
+        total = weighted_reduce(_smooth_l1_elements(diff, beta), weight, "sum")
+        slope = diff.sign() if beta == 0 else torch.where(diff.abs() < beta, diff * (1.0 / beta), diff.sign())
+        weight = weight.to(slope.dtype)
+        ctx.save_for_backward(torch.where(weight != 0, slope.mul_(weight), 0.0))
+        ctx.dtypes = (input.dtype, target.dtype)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total: Tensor):
+        (slope,) = ctx.saved_tensors
+        grad = slope * grad_total.to(slope.dtype)
+        input_grad = grad.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        target_grad = grad.neg().to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return input_grad, target_grad, None, None
 
 
 def l1_loss(
