@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import detloss
 from detloss.priors import SSD_PRESETS, retinaface_priors, ssd_priors
-from dispatch_count import count_dispatch, describe
+from dispatch_count import describe_dense
 from resident_memory import PeakResident
 
 BATCH = 32
@@ -267,7 +267,7 @@ def dense_dispatch(x: dict) -> str:
     detloss.set_value_checks(False)
     try:
         with detloss.execution_strategy("dense"):
-            return describe(count_dispatch(lambda: native_step(x, loss_module)))
+            return describe_dense(lambda: native_step(x, loss_module))
     finally:
         detloss.set_value_checks(True)
 

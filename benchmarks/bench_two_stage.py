@@ -126,11 +126,11 @@ def run_one(name: str, runs: int) -> dict:
               "resident_ratio": resident.growth_mib * mib}
     if name != "retinanet_unchunked":
         import detloss
-        from dispatch_count import count_dispatch, describe
+        from dispatch_count import describe_dense
 
         detloss.set_value_checks(False)
         with detloss.execution_strategy("dense"):
-            result["dense"] = describe(count_dispatch(step))
+            result["dense"] = describe_dense(step)
     return result
 
 
@@ -153,7 +153,7 @@ def main() -> None:
         print(f"{name:<22}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}{r['logits_mib']:>12.1f}"
               f"{r['allocated_mib']:>15.1f}{r['allocated_ratio']:>7.2f}{r['resident_mib']:>14.1f}{r['resident_ratio']:>7.2f}")
         if "dense" in r:
-            print(f"{'':<22}dense strategy: {r['dense']} (CPU chunk sizes)")
+            print(f"{'':<22}dense strategy: {r['dense']}")
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -28,7 +28,7 @@ import torch
 from detloss import YOLOv3Loss
 import detloss
 from detloss._memory import new_like
-from dispatch_count import count_dispatch, describe
+from dispatch_count import describe_dense
 from detloss.priors import yolov3_anchors
 from resident_memory import PeakResident
 
@@ -253,7 +253,7 @@ def dense_dispatch(batch: int, device: str) -> str:
     detloss.set_value_checks(False)
     try:
         with detloss.execution_strategy("dense"):
-            return describe(count_dispatch(lambda: run_native(heads, boxes, labels, valid, loss)))
+            return describe_dense(lambda: run_native(heads, boxes, labels, valid, loss))
     finally:
         detloss.set_value_checks(True)
 

@@ -8,14 +8,21 @@ depends on the data (``nonzero``, ``masked_select``, boolean-mask indexing, ``un
     from dispatch_count import count_dispatch
     with detloss.execution_strategy("dense"):
         counts = count_dispatch(step)           # counts.ops, counts.syncs, counts.sync_ops
+        print(describe_dense(step))             # with the CPU's and an accelerator's chunk sizes
+
+Chunked passes take cache-sized chunks on the CPU and large ones on accelerators
+(:mod:`detloss._chunking`); :func:`accelerator_chunks` counts a CPU run as an accelerator's.
 """
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+from detloss import _chunking
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # operators whose result the host waits for (value reads and data-dependent output shapes)
@@ -70,3 +77,23 @@ def count_dispatch(step: Callable[[], None]) -> DispatchCounts:
 def describe(counts: DispatchCounts) -> str:
     syncs = ", ".join(f"{k} x{v}" for k, v in counts.sync_ops.most_common()) or "none"
     return f"{counts.ops} ops/step, {counts.syncs} host syncs ({syncs})"
+
+
+@contextmanager
+def accelerator_chunks() -> Iterator[None]:
+    """Inside, chunked passes on the CPU take the chunk sizes they take on accelerators."""
+    original = _chunking.cache_sized
+    _chunking.cache_sized = lambda _device: False
+    try:
+        yield
+    finally:
+        _chunking.cache_sized = original
+
+
+def describe_dense(step: Callable[[], None]) -> str:
+    """Operators of one ``step()`` with the CPU's and with an accelerator's chunk sizes, and its
+    host synchronisations (run it under the dense strategy, value checks off)."""
+    cpu = count_dispatch(step)
+    with accelerator_chunks():
+        accelerator = count_dispatch(step)
+    return f"{cpu.ops} ops/step ({accelerator.ops} with an accelerator's chunk sizes), " + describe(cpu).split(", ", 1)[1]

@@ -39,6 +39,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _chunking
 from .._memory import new_like
 from .._validate import require_choice, require_floating, require_positive, require_tensor
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
@@ -59,7 +60,8 @@ __all__ = [
 ]
 
 BOX_LOSSES = ("giou", "diou", "ciou")
-# Elements of one ignore-IoU block (B x T x predictions): its ~20 temporaries stay cache-sized.
+# Elements of one ignore-IoU block (B x T x predictions) on the CPU: its ~15 temporaries stay
+# cache-sized. Accelerators and torch.compile take large blocks (:mod:`detloss._chunking`).
 MAX_IOU_CHUNK = 1 << 17
 
 
@@ -234,7 +236,7 @@ def yolo_max_iou(
     true_valid: Optional[Tensor] = None,
     *,
     eps: Optional[float] = None,
-    chunk_elements: int = MAX_IOU_CHUNK,
+    chunk_elements: Optional[int] = None,
     pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
     scale_sizes: Optional[Sequence[int]] = None,
 ) -> Tensor:
@@ -247,7 +249,9 @@ def yolo_max_iou(
     (B, T, 4)`` centre/size boxes (same units), ``true_valid (B, T)`` bool (None: all rows
     count; all-zero rows give IoU 0 anyway). Returns ``(B, N)``, 0 where there is no valid true
     box. Works ``chunk_elements // (B * T)`` predictions at a time
-    (:class:`detloss.boxes.ChunkedPairwiseIoU`), so memory stays bounded whatever ``T`` is.
+    (:class:`detloss.boxes.ChunkedPairwiseIoU`), so memory stays bounded whatever ``T`` is
+    (None: :data:`MAX_IOU_CHUNK` on the CPU in eager mode, larger blocks on accelerators and
+    under ``torch.compile``).
 
     ``scale_sizes``: the predictions are the cells of ``S`` scales one after another, this many
     of each (summing to ``N``), and ``true_valid`` is ``(B, S, T)``: which true boxes belong to
@@ -279,7 +283,7 @@ def yolo_max_iou(
             per_scale[:, s, :, None], true_xyxy, 0.0
         )
         iou_of = ChunkedPairwiseIoU(rows_of_scale(0), pred_xyxy, eps=eps)
-        step = max(1, chunk_elements // (batch * t))
+        step = max(1, (chunk_elements or _chunking.chunk_elements(pred_xyxy.device, MAX_IOU_CHUNK)) // (batch * t))
         ends, maxima = list(itertools.accumulate(sizes)), []
         for s, (first, last) in enumerate(zip([0] + ends[:-1], ends)):
             if s > 0:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._chunking import chunk_elements
 from .._memory import new_like
 from ..boxes import accumulate_dtype
 
@@ -146,8 +147,7 @@ def chunked_sigmoid_focal_sum(
     num_classes = logits.shape[-1]
     flat = logits.reshape(-1, num_classes)
     if chunk_size is None:
-        in_cache = logits.device.type == "cpu" and not torch.compiler.is_compiling()
-        elements = FOCAL_CHUNK_ELEMENTS if in_cache else LARGE_FOCAL_CHUNK_ELEMENTS
+        elements = chunk_elements(logits.device, FOCAL_CHUNK_ELEMENTS, LARGE_FOCAL_CHUNK_ELEMENTS)
         chunk_size = max(1, elements // max(1, num_classes))
     if flat.shape[0] == 0 or num_classes == 0:
         return (flat.sum() * 0).to(accumulate_dtype(logits.dtype))

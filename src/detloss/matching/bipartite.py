@@ -25,15 +25,16 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from .._chunking import chunk_elements
 from .._validate import as_bool_mask, require_boxes, require_choice, require_shape
 from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
 
 FORCED_IOU = 2.0
-# Number of (image, GT, prior) IoU entries computed at once: on the CPU small enough for the
-# temporaries to stay in cache (benchmarks/README.md, "IoU chunk size"), on
-# accelerators large enough to amortise kernel launches while bounding memory.
-_IOU_CHUNK_ELEMENTS = {"cpu": 1 << 17}
-_IOU_CHUNK_ELEMENTS_DEFAULT = 1 << 24
+# Number of (image, GT, prior) IoU entries computed at once (:func:`detloss._chunking.chunk_elements`):
+# on the CPU small enough for the temporaries to stay in cache (benchmarks/README.md, "IoU chunk
+# size"), on accelerators large enough to amortise kernel launches while bounding memory.
+_IOU_CHUNK_ELEMENTS = 1 << 17
+_IOU_CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
 
 
 @dataclass
@@ -94,7 +95,7 @@ def _iou_maxima(
     p = iou_of.columns[0].shape[-1]
     like = iou_of.row_area  # the GTs' compute dtype and device
     if chunk_size is None:
-        budget = _IOU_CHUNK_ELEMENTS.get(like.device.type, _IOU_CHUNK_ELEMENTS_DEFAULT)
+        budget = chunk_elements(like.device, _IOU_CHUNK_ELEMENTS, _IOU_CHUNK_ELEMENTS_ACCELERATOR)
         chunk_size = max(256, budget // max(b * m, 1))
     slot_key = torch.arange(m, device=like.device, dtype=like.dtype).expand(b, m).unsqueeze(2)
     prior_iou = like.new_empty(b, p)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _chunking
 from .._validate import (
     as_bool_mask,
     require_boxes,
@@ -61,11 +62,11 @@ ClassCost = Literal["softmax", "focal"]
 CLASS_COSTS = ("softmax", "focal")
 Solver = Callable[[np.ndarray], tuple]
 
-# (problem, query, GT) cost entries computed at once: about 20 float32 temporaries of this size
-# stay in a 2-core machine's cache while the per-chunk Python overhead stays small.
+# (problem, query, GT) cost entries computed at once on the CPU: about 20 float32 temporaries of
+# this size stay in a 2-core machine's cache while the per-chunk Python overhead stays small.
+# Accelerators and torch.compile take large blocks (:func:`detloss._chunking.chunk_elements`).
 COST_CHUNK_ELEMENTS = 1 << 18
-# The same under torch.compile.
-COMPILED_CHUNK_ELEMENTS = 1 << 22
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 FOCAL_EPS = 1e-8
 
 
@@ -185,7 +186,7 @@ def matching_cost_unchecked(
         gt_planes = [c.unsqueeze(1) for c in gt.unbind(-1)]  # 4 x (N, 1, M)
         # 3. the weighted sum block by block (bounded temporaries), each block written in place
         out = torch.empty((n, q, m), dtype=dtype, device=pred.device)
-        for (a, b), (s, e) in _blocks(n, q, m, chunk_elements):
+        for (a, b), (s, e) in _blocks(n, q, m, chunk_elements, pred.device):
             rows = [c.unsqueeze(2) for c in pred[a:b, s:e].unbind(-1)]  # 4 x (n', q', 1)
             columns = [c[a:b] for c in gt_planes]  # 4 x (n', 1, M)
             block = torch.sub(rows[0], columns[0], out=out[a:b, s:e]).abs_()  # L1, (n', q', M)
@@ -197,13 +198,12 @@ def matching_cost_unchecked(
         return out
 
 
-def _blocks(n: int, q: int, m: int, chunk_elements: Optional[int]) -> list:
+def _blocks(n: int, q: int, m: int, chunk_elements: Optional[int], device: torch.device) -> list:
     """``[((a, b), (s, e))]``: problems ``a:b`` x queries ``s:e`` per block, each block a contiguous
     part of the ``(N, Q, M)`` output of at most ``chunk_elements`` entries (or one query row):
     whole problems while they fit, else query ranges of one problem."""
     if chunk_elements is None:
-        # traced, the loop is unrolled and the compiler fuses each block: fewer, larger blocks
-        chunk_elements = COMPILED_CHUNK_ELEMENTS if torch.compiler.is_compiling() else COST_CHUNK_ELEMENTS
+        chunk_elements = _chunking.chunk_elements(device, COST_CHUNK_ELEMENTS, ACCELERATOR_CHUNK_ELEMENTS)
     if n * q * m == 0:
         return []
     if q * m <= chunk_elements:

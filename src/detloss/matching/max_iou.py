@@ -33,15 +33,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._chunking import chunk_elements
 from .._validate import as_bool_mask, require_boxes, require_integer, require_range, require_shape
 from ..boxes import ChunkedPairwiseIoU, compute_dtype
 
-# Elements of one IoU chunk (B x M x chunk) when ``chunk_size`` is not given: the few chunk
-# temporaries (512 KiB each in float32) stay in cache, and the per-operation overhead of the
-# chunk loop stays small (how it was chosen: benchmarks/README.md, "IoU chunk size").
+# Elements of one IoU chunk (B x M x chunk) on the CPU when ``chunk_size`` is not given: the
+# few chunk temporaries (512 KiB each in float32) stay in cache, and the per-operation overhead
+# of the chunk loop stays small (how it was chosen: benchmarks/README.md, "IoU chunk size").
+# Accelerators and torch.compile take large chunks (:func:`detloss._chunking.chunk_elements`).
 DEFAULT_CHUNK_ELEMENTS = 1 << 17
-# The same under torch.compile (each chunk is unrolled into the graph).
-COMPILED_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -97,11 +97,11 @@ def _inclusive(boxes: Tensor, pixel_offset: float) -> Tensor:
     return boxes + offset
 
 
-def _chunks(num: int, batch: int, num_gt: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
+def _chunks(
+    num: int, batch: int, num_gt: int, chunk_size: Optional[int], device: torch.device
+) -> list[tuple[int, int]]:
     if chunk_size is None:
-        # traced, the loop is unrolled and the compiler fuses each chunk: fewer, larger chunks
-        elements = COMPILED_CHUNK_ELEMENTS if torch.compiler.is_compiling() else DEFAULT_CHUNK_ELEMENTS
-        chunk_size = max(1, elements // max(1, batch * num_gt))
+        chunk_size = max(1, chunk_elements(device, DEFAULT_CHUNK_ELEMENTS) // max(1, batch * num_gt))
     if chunk_size <= 0:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
     return [(s, min(s + chunk_size, num)) for s in range(0, num, chunk_size)]
@@ -183,7 +183,7 @@ def max_iou_match(
         iou_of = ChunkedPairwiseIoU(
             _inclusive(gt_boxes.to(dtype), pixel_offset), a_boxes, rows_valid=gt_valid, columns_valid=anchor_valid
         )
-        chunks = _chunks(num_anchors, batch, num_gt, chunk_size)
+        chunks = _chunks(num_anchors, batch, num_gt, chunk_size, device)
         gt_best = torch.full((batch, num_gt), -1.0, dtype=dtype, device=device)
         if allow_low_quality:  # preallocated: no long-lived small blocks between chunk temporaries
             tie_bits = torch.empty((batch, -(-num_gt // 8), num_anchors), dtype=torch.uint8, device=device)

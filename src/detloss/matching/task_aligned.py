@@ -56,6 +56,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._chunking import chunk_elements
 from ..strategy import host_sync_is_free
 from .._validate import (
     require_boxes,
@@ -66,8 +67,10 @@ from .._validate import (
 )
 from .max_iou import require_padded_gt
 
-#: elements of one chunk of the (B, G, A) pair space (about 4 MiB per float32 tensor)
+#: elements of one chunk of the (B, G, A) pair space on the CPU (about 4 MiB per float32
+#: tensor); accelerators and torch.compile take larger ones (:mod:`detloss._chunking`)
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 INSIDE_EPS = 1e-9
 CIOU_EPS = 1e-7
 
@@ -270,7 +273,7 @@ def match_task_aligned_unchecked(
     best_u = torch.full((b, a), -1.0, dtype=dtype, device=device)
     best_gt = torch.zeros(b, a, dtype=torch.long, device=device)
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(1, b * a))
+        chunk_size = max(1, chunk_elements(device, DEFAULT_CHUNK_ELEMENTS, ACCELERATOR_CHUNK_ELEMENTS) // max(1, b * a))
     for start in range(0, m, chunk_size):
         stop = min(m, start + chunk_size)
         sl = slice(start, stop)
