@@ -4,6 +4,9 @@ and host synchronisations (must be 0 on the dense path).
 A host synchronisation is an operator whose result the host must wait for: a value read back
 (``_local_scalar_dense``: ``.item()``, ``bool(t)``, ``float(t)``), or an output whose shape
 depends on the data (``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``...).
+A tensor the library builds from Python numbers (``lift_fresh``) is counted as a blocking
+host-to-device copy, which on an accelerator ends in a stream synchronisation, unless
+:func:`detloss._constants.device_constant` builds it (a non-blocking copy there).
 
     from dispatch_count import count_dispatch
     with detloss.execution_strategy("dense"):
@@ -15,6 +18,7 @@ Chunked passes take cache-sized chunks on the CPU and large ones on accelerators
 """
 from __future__ import annotations
 
+import traceback
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +43,18 @@ class DispatchCounts:
     syncs: int = 0
     sync_ops: Counter = field(default_factory=Counter)
     by_op: Counter = field(default_factory=Counter)
+    blocking_copies: Counter = field(default_factory=Counter)  # "file:line" of each
+
+
+def _library_site(func) -> str | None:
+    """``file:line`` of the library code that built a tensor from Python numbers, or None when the
+    library did not (the step's own inputs) or built it through ``device_constant``."""
+    if func.overloadpacket.__name__ not in ("lift_fresh", "lift_fresh_copy"):
+        return None
+    frames = [f for f in traceback.extract_stack() if "/detloss/" in f.filename.replace("\\", "/")]
+    if not frames or frames[-1].filename.endswith("_constants.py"):
+        return None
+    return f"{frames[-1].filename.split('/detloss/')[-1]}:{frames[-1].lineno}"
 
 
 def _is_sync(func, args) -> bool:
@@ -63,6 +79,9 @@ class _Counter(TorchDispatchMode):
         if _is_sync(func, args):
             self.counts.syncs += 1
             self.counts.sync_ops[name] += 1
+        site = _library_site(func)
+        if site:
+            self.counts.blocking_copies[site] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -76,7 +95,9 @@ def count_dispatch(step: Callable[[], None]) -> DispatchCounts:
 
 def describe(counts: DispatchCounts) -> str:
     syncs = ", ".join(f"{k} x{v}" for k, v in counts.sync_ops.most_common()) or "none"
-    return f"{counts.ops} ops/step, {counts.syncs} host syncs ({syncs})"
+    copies = ", ".join(f"{k} x{v}" for k, v in counts.blocking_copies.most_common())
+    copies = f"{sum(counts.blocking_copies.values())} blocking host-to-device copies" + (f" ({copies})" if copies else "")
+    return f"{counts.ops} ops/step, {counts.syncs} host syncs ({syncs}), {copies}"
 
 
 @contextmanager
@@ -93,6 +114,7 @@ def accelerator_chunks() -> Iterator[None]:
 def describe_dense(step: Callable[[], None]) -> str:
     """Operators of one ``step()`` with the CPU's and with an accelerator's chunk sizes, and its
     host synchronisations (run it under the dense strategy, value checks off)."""
+    step()  # once first: what a loss builds once and keeps (decode constants) is not per step
     cpu = count_dispatch(step)
     with accelerator_chunks():
         accelerator = count_dispatch(step)

@@ -22,6 +22,7 @@ from typing import Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._constants import device_constant
 from ._validate import broadcast_shape, require_boxes, require_choice, require_floating, require_tensor
 from .boxes import compute_dtype, join_halves
 from .priors import yolo_grid
@@ -158,7 +159,7 @@ def _delta_stats(values: Optional[Sequence[float]], default: float, name: str, r
         raise ValueError(f"stds: expected 4 positive numbers (dx, dy, dw, dh), got {values!r}")
     if all(v == default for v in values):
         return None
-    return torch.tensor(values, dtype=ref.dtype, device=ref.device)
+    return device_constant(values, dtype=ref.dtype, device=ref.device)
 
 
 def _centre_size(boxes: Tensor, pixel_offset: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -320,5 +321,5 @@ def encode_corner_offsets(
     a_w = anchors[..., 2] - anchors[..., 0]
     a_h = anchors[..., 3] - anchors[..., 1]
     size = torch.stack((a_w, a_h, a_w, a_h), dim=-1)
-    var = torch.tensor([float(v) for v in variances], dtype=matched.dtype, device=matched.device)
+    var = device_constant([float(v) for v in variances], dtype=matched.dtype, device=matched.device)
     return (matched - anchors) / size / var

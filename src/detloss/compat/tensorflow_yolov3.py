@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._constants import device_constant
 from ..boxes import aligned_box_iou, cxcywh_to_xyxy
 from ..coders import decode_yolo
 from ..detectors.yolov3 import YoloSlotTargets, yolov3_terms
@@ -105,7 +106,7 @@ class YOLOv3Loss:
     def decode(self, conv_output: Tensor, anchors, stride: float) -> Tensor:
         """``(B, S, S, A*(5+C))`` raw head -> ``(B, S, S, A, 5 + C)``: xywh pixels, sigmoid conf and classes."""
         raw = self._grid_view(conv_output)
-        anchors = torch.as_tensor(anchors, dtype=raw.dtype, device=raw.device)
+        anchors = device_constant(anchors, dtype=raw.dtype, device=raw.device)
         xywh = decode_yolo(raw[..., :4], anchors, stride, max_log_scale=float("inf"))
         return torch.cat((xywh, torch.sigmoid(raw[..., 4:])), dim=-1)
 

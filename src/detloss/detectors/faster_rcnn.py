@@ -40,6 +40,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._constants import device_constant
 from .._validate import (
     as_bool_mask, require_boxes, require_floating, require_positive, require_range, require_same_shape, require_shape,
 )
@@ -81,7 +82,7 @@ class RPNTargets:
 
 def _image_hw(image_size: ImageSize, batch: int, ref: Tensor) -> Tensor:
     """``(B, 2)`` (height, width) from ``(h, w)``, ``im_info`` ``(h, w, scale)`` or ``(B, 2 or 3)``."""
-    size = torch.as_tensor(image_size, dtype=ref.dtype, device=ref.device)
+    size = device_constant(image_size, dtype=ref.dtype, device=ref.device)
     if size.dim() == 1:
         size = size.unsqueeze(0).expand(batch, -1)
     if size.dim() != 2 or size.shape[-1] not in (2, 3) or size.shape[0] != batch:
@@ -152,7 +153,7 @@ def rpn_targets(
     box_targets = torch.where((inside & has_gt).unsqueeze(-1), deltas, deltas.new_zeros(()))
 
     pos, neg = labels == 1, labels == 0
-    inside_w = torch.as_tensor(inside_weight, dtype=dtype, device=anchors.device)
+    inside_w = device_constant(inside_weight, dtype=dtype, device=anchors.device)
     inside_weights = torch.where(pos.unsqueeze(-1), inside_w, inside_w.new_zeros(()))
     num_pos = pos.sum(dim=1, keepdim=True).to(dtype)
     num_neg = neg.sum(dim=1, keepdim=True).to(dtype)
@@ -207,7 +208,7 @@ class ProposalTargets:
         slot = one_hot(self.labels.clamp(min=0), num_classes)
         slot = (slot * (self.labels > 0).unsqueeze(-1)).to(self.box_targets.dtype)  # (B, S, C)
         targets = (slot.unsqueeze(-1) * self.box_targets.unsqueeze(-2)).flatten(-2)
-        w = torch.as_tensor(inside_weight, dtype=self.box_targets.dtype, device=slot.device)
+        w = device_constant(inside_weight, dtype=self.box_targets.dtype, device=slot.device)
         inside = (slot.unsqueeze(-1) * w).flatten(-2)
         return targets, inside, (inside > 0).to(inside.dtype)
 
@@ -387,7 +388,7 @@ def rpn_loss(
             "loss_rpn_box": box.sum() / max(box_pred.shape[0], 1),
         }
     sampled = positive_normalizer((targets.labels >= 0).sum(), distributed=True)
-    images = positive_normalizer(torch.tensor(box_pred.shape[0], device=box_pred.device), distributed=True)
+    images = positive_normalizer(torch.full((), box_pred.shape[0], device=box_pred.device), distributed=True)
     return {
         "loss_rpn_cls": objectness_loss(cls_logits, targets.labels, sampled),
         "loss_rpn_box": box.sum() / images.to(box.dtype),

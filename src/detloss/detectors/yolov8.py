@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._constants import device_constant
 from .._validate import (
     require_finite,
     require_floating,
@@ -203,7 +204,7 @@ class YOLOv8Loss(nn.Module):
         target_dist = torch.cat((grid - target[..., :2], target[..., 2:] - grid), dim=-1)  # (B, A, 4)
         if self.reg_max == 1:
             h, w_img = image_size
-            size = target_dist.new_tensor([w_img, h, w_img, h])
+            size = device_constant([w_img, h, w_img, h], dtype=target_dist.dtype, device=target_dist.device)
             side = (dist * stride / size - target_dist * stride / size).abs()
         else:
             side = distribution_focal_unchecked(box_pred.unflatten(-1, (4, self.reg_max)), target_dist,

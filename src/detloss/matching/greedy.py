@@ -134,7 +134,7 @@ def _greedy_bipartite(similarity: Tensor, gt_valid: Tensor) -> Tensor:
     row_used = torch.zeros(b, m, dtype=torch.bool, device=device)
     col_used = torch.zeros(b, p, dtype=torch.bool, device=device)
     batch = torch.arange(b, device=device)
-    minus_inf = torch.tensor(float("-inf"), dtype=similarity.dtype, device=device)
+    minus_inf = torch.full((), float("-inf"), dtype=similarity.dtype, device=device)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     for r in range(m):
         free = ~col_used.gather(1, flat_idx).view(b, m, k)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._chunking import chunk_elements
+from .._constants import device_constant
 from .._validate import as_bool_mask, require_boxes, require_integer, require_range, require_shape
 from ..boxes import ChunkedPairwiseIoU, compute_dtype
 
@@ -93,7 +94,7 @@ def _inclusive(boxes: Tensor, pixel_offset: float) -> Tensor:
     """Shift ``x2, y2`` by ``pixel_offset`` so plain IoU equals the inclusive-pixel IoU."""
     if pixel_offset == 0:
         return boxes
-    offset = boxes.new_tensor([0.0, 0.0, pixel_offset, pixel_offset])
+    offset = device_constant([0.0, 0.0, pixel_offset, pixel_offset], dtype=boxes.dtype, device=boxes.device)
     return boxes + offset
 
 

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .._constants import device_constant
 from .._validate import (
     as_bool_mask,
     require_boxes,
@@ -217,7 +218,7 @@ def assign_yolo_anchors_unchecked(
 
     # GT centre/size in input pixels and in grid units of every scale: (B, M, S, 4).
     gt_cxcywh = xyxy_to_cxcywh(gt_boxes.to(f64))
-    stride_t = torch.tensor(strides, dtype=f64, device=device)
+    stride_t = device_constant(strides, dtype=f64, device=device)
     scaled = gt_cxcywh[:, :, None, :] / stride_t[:, None]
     cell = torch.floor(scaled[..., :2])
 
@@ -236,7 +237,7 @@ def assign_yolo_anchors_unchecked(
     responsible = passing | fallback
 
     # Cell of each (GT, scale), clipped with the scale's grid (or the last one's, faithfully).
-    grid_hw = torch.tensor([[hw[0] // s, hw[1] // s] for s in strides], device=device)  # (S, 2) rows, cols
+    grid_hw = device_constant([[hw[0] // s, hw[1] // s] for s in strides], dtype=torch.int64, device=device)  # (S, 2) rows, cols
     col_row = cell.long()
     own_max = grid_hw.flip(-1) - 1  # (S, 2) as (x max, y max)
     clip_max = own_max
@@ -247,7 +248,7 @@ def assign_yolo_anchors_unchecked(
     # All scales at once: slots of scale s live at offset[s] + (row * W_s + col) * A + a of one
     # (B, sum of slots) table, so a single scatter decides every slot's winner (later GT wins).
     n_slots = [(hw[0] // s) * (hw[1] // s) * n_anchors for s in strides]
-    offset = torch.tensor([0] + n_slots[:-1], device=device).cumsum(0)
+    offset = device_constant([0] + n_slots[:-1], dtype=torch.int64, device=device).cumsum(0)
     cell_flat = col_row[..., 1] * grid_hw[:, 1] + col_row[..., 0]  # (B, M, S)
     slot = cell_flat[..., None] * n_anchors + torch.arange(n_anchors, device=device)  # (B, M, S, A)
     table_slot = (slot + offset[:, None]).flatten(1)
