@@ -114,7 +114,7 @@ def run_one(name: str, runs: int) -> dict:
         step()
     with PeakAllocated() as allocated:
         step()
-    mib = 2**20 / logits_bytes
+    per_mib = 2**20 / logits_bytes  # a MiB as a fraction of the logits
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -122,8 +122,8 @@ def run_one(name: str, runs: int) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
     result = {"config": name, "median_ms": statistics.median(times), "min_ms": min(times), "runs": runs,
               "logits_mib": logits_bytes / 2**20, "allocated_mib": allocated.growth_mib,
-              "resident_mib": resident.growth_mib, "allocated_ratio": allocated.growth_mib * mib,
-              "resident_ratio": resident.growth_mib * mib}
+              "resident_mib": resident.growth_mib, "allocated_ratio": allocated.growth_mib * per_mib,
+              "resident_ratio": resident.growth_mib * per_mib}
     if name != "retinanet_unchunked":
         import detloss
         from dispatch_count import describe_dense

@@ -93,11 +93,14 @@ def count_dispatch(step: Callable[[], None]) -> DispatchCounts:
     return counts
 
 
-def describe(counts: DispatchCounts) -> str:
+def describe(counts: DispatchCounts, accelerator_ops: int | None = None) -> str:
+    """One line: operators (and, when given, the count with an accelerator's chunk sizes), host
+    synchronisations and blocking copies, each with where it came from."""
+    ops = f"{counts.ops} ops/step" + (f" ({accelerator_ops} with an accelerator's chunk sizes)" if accelerator_ops is not None else "")
     syncs = ", ".join(f"{k} x{v}" for k, v in counts.sync_ops.most_common()) or "none"
     copies = ", ".join(f"{k} x{v}" for k, v in counts.blocking_copies.most_common())
     copies = f"{sum(counts.blocking_copies.values())} blocking host-to-device copies" + (f" ({copies})" if copies else "")
-    return f"{counts.ops} ops/step, {counts.syncs} host syncs ({syncs}), {copies}"
+    return f"{ops}, {counts.syncs} host syncs ({syncs}), {copies}"
 
 
 @contextmanager
@@ -118,4 +121,4 @@ def describe_dense(step: Callable[[], None]) -> str:
     cpu = count_dispatch(step)
     with accelerator_chunks():
         accelerator = count_dispatch(step)
-    return f"{cpu.ops} ops/step ({accelerator.ops} with an accelerator's chunk sizes), " + describe(cpu).split(", ", 1)[1]
+    return describe(cpu, accelerator.ops)

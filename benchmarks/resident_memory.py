@@ -76,25 +76,28 @@ def _allocated_bytes_reader():
     return read
 
 
+_read_allocated = _allocated_bytes_reader()
+
+
 class PeakAllocated(TorchDispatchMode):
     """``with PeakAllocated() as probe: ...``; then ``probe.growth_mib``: the most bytes held by
     live allocations after any operator of the block, above the bytes held at its start, in
     MiB (None where glibc's ``mallinfo2`` is missing). Enter it once before measuring: the
     first use of a dispatch mode allocates about 20 MiB of its own, once per process."""
 
-    _reader = staticmethod(_allocated_bytes_reader()) if _allocated_bytes_reader() else None
+    available = _read_allocated is not None
 
     def __enter__(self) -> "PeakAllocated":
         gc.collect()
-        self._start = self._peak = self._reader() if self._reader else 0
+        self._start = self._peak = _read_allocated() if self.available else 0
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self._reader:
-            self._peak = max(self._peak, self._reader())
+        if self.available:
+            self._peak = max(self._peak, _read_allocated())
         return out
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
-        self.growth_mib = (self._peak - self._start) / 2**20 if self._reader else None
+        self.growth_mib = (self._peak - self._start) / 2**20 if self.available else None

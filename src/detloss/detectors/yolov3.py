@@ -283,7 +283,9 @@ def yolo_max_iou(
             per_scale[:, s, :, None], true_xyxy, 0.0
         )
         iou_of = ChunkedPairwiseIoU(rows_of_scale(0), pred_xyxy, eps=eps)
-        step = max(1, (chunk_elements or _chunking.chunk_elements(pred_xyxy.device, MAX_IOU_CHUNK)) // (batch * t))
+        if chunk_elements is None:
+            chunk_elements = _chunking.chunk_elements(pred_xyxy.device, MAX_IOU_CHUNK)
+        step = max(1, chunk_elements // (batch * t))
         ends, maxima = list(itertools.accumulate(sizes)), []
         for s, (first, last) in enumerate(zip([0] + ends[:-1], ends)):
             if s > 0:

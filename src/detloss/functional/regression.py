@@ -57,12 +57,13 @@ def smooth_l1_loss(
         # like (0.5 / beta) * x**2 below, so the values are bit-identical.
         loss = F.smooth_l1_loss(input, target, reduction="none", beta=float(beta))
         return weighted_reduce(loss, weight, reduction, normalizer)
-    return weighted_reduce(_smooth_l1_elements((input - target).to(acc), beta), weight, reduction, normalizer)
+    diff = (input - target).to(acc)
+    return weighted_reduce(_smooth_l1_elements(diff, diff.abs(), beta), weight, reduction, normalizer)
 
 
-def _smooth_l1_elements(diff: Tensor, beta: float) -> Tensor:
-    """Element-wise smooth L1 of ``diff`` (L1 for ``beta = 0``); the linear branch at ``|diff| == beta``."""
-    abs_diff = diff.abs()
+def _smooth_l1_elements(diff: Tensor, abs_diff: Tensor, beta: float) -> Tensor:
+    """Element-wise smooth L1 of ``diff`` (L1 for ``beta = 0``) given ``abs_diff = |diff|``; the
+    linear branch at ``|diff| == beta``."""
     if beta == 0:
         return abs_diff
     return torch.where(abs_diff < beta, (0.5 / beta) * diff**2, abs_diff - 0.5 * beta)
@@ -94,8 +95,9 @@ class _SmoothL1Sum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, target: Tensor, weight: Tensor, beta: float):
         diff = (input - target).to(accumulate_dtype(input))
-        total = weighted_reduce(_smooth_l1_elements(diff, beta), weight, "sum")
-        slope = diff.sign() if beta == 0 else torch.where(diff.abs() < beta, diff * (1.0 / beta), diff.sign())
+        abs_diff = diff.abs()
+        total = weighted_reduce(_smooth_l1_elements(diff, abs_diff, beta), weight, "sum")
+        slope = diff.sign() if beta == 0 else torch.where(abs_diff < beta, diff * (1.0 / beta), diff.sign())
         weight = weight.to(slope.dtype)
         ctx.save_for_backward(torch.where(weight != 0, slope.mul_(weight), 0.0))
         ctx.dtypes = (input.dtype, target.dtype)
