@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import detloss
 from detloss import YOLOv8Loss, match_task_aligned
-from detloss.compat.ultralytics import make_anchors
+from detloss.priors import anchor_points
 from resident_memory import PeakResident
 
 BATCH, SIZE, NUM_CLASSES, REG_MAX, STRIDES = 8, 640, 80, 16, (8, 16, 32)
@@ -47,7 +47,7 @@ TOPK, ALPHA, BETA, SIDE, EPS = 10, 0.5, 6.0, 16.0, 1e-9
 
 def make_inputs(num_gt: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    points, strides = make_anchors([(SIZE // s, SIZE // s) for s in STRIDES], STRIDES)
+    points, strides = anchor_points([(SIZE // s, SIZE // s) for s in STRIDES], STRIDES)
     a = points.shape[0]
     centre = torch.rand(BATCH, num_gt, 2, generator=gen) * SIZE
     side = torch.exp(torch.rand(BATCH, num_gt, 2, generator=gen) * math.log(32)) * 8

@@ -11,15 +11,35 @@ from detloss.functional.classification import cross_entropy
 
 
 def test_cpu_eager_takes_the_cache_size_accelerators_the_large_one():
-    assert _chunking.chunk_elements(torch.device("cpu"), 1 << 17) == 1 << 17
-    assert _chunking.chunk_elements(torch.device("meta"), 1 << 17) == _chunking.ACCELERATOR_CHUNK_ELEMENTS
-    assert _chunking.chunk_elements(torch.device("cuda"), 1 << 17, 1 << 24) == 1 << 24
+    size = _chunking.ChunkSize(1 << 17, 1 << 24)
+    assert _chunking.chunk_elements(torch.device("cpu"), size) == 1 << 17
+    assert _chunking.chunk_elements(torch.device("meta"), size) == 1 << 24
+    assert _chunking.chunk_elements(torch.device("cuda"), size) == 1 << 24
 
 
 def test_compiled_code_takes_the_large_size_on_the_cpu():
-    traced = torch.compile(lambda x: x + _chunking.chunk_elements(x.device, 3, 5), backend="eager", fullgraph=True)
+    size = _chunking.ChunkSize(3, 5)
+    traced = torch.compile(lambda x: x + _chunking.chunk_elements(x.device, size), backend="eager", fullgraph=True)
     assert traced(torch.zeros(1)).item() == 5
-    assert _chunking.chunk_elements(torch.device("cpu"), 3, 5) == 3
+    assert _chunking.chunk_elements(torch.device("cpu"), size) == 3
+
+
+def test_every_chunk_size_lives_in_the_table():
+    """The library's chunked passes take their sizes from ``_chunking`` (one table): no module of
+    the library defines a chunk-size constant of its own."""
+    import re
+    from pathlib import Path
+
+    root = Path(detloss.__file__).parent
+    own = [
+        f"{path.relative_to(root)}: {line.strip()}"
+        for path in root.rglob("*.py") if path.name != "_chunking.py"
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*_*[A-Z_]*CHUNK[A-Z_]*\s*=", line)
+    ]
+    assert not own, own
+    sizes = [v for v in vars(_chunking).values() if isinstance(v, _chunking.ChunkSize)]
+    assert len(sizes) >= 8 and all(s.cpu > 0 and s.accelerator >= s.cpu for s in sizes)
 
 
 @pytest.fixture

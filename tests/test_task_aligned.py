@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detloss import TaskAlignedAssignment, match_task_aligned
-from detloss.compat.ultralytics import TaskAlignedAssigner, make_anchors
+from detloss.compat.ultralytics import TaskAlignedAssigner
+from detloss.priors import anchor_points
 from oracles import task_aligned as O
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
@@ -78,7 +79,7 @@ def problems(draw, crowded=False):
     tiny = draw(st.booleans())
     duplicate = draw(st.booleans())
     num_classes = draw(st.sampled_from([1, 3]))
-    points, strides = make_anchors([(IMAGE // s, IMAGE // s) for s in STRIDES], STRIDES, dtype=torch.float64)
+    points, strides = anchor_points([(IMAGE // s, IMAGE // s) for s in STRIDES], STRIDES, dtype=torch.float64)
     a = points.shape[0]
     centre = torch.rand(b, m, 2, generator=gen, dtype=torch.float64) * IMAGE
     size = torch.rand(b, m, 2, generator=gen, dtype=torch.float64) * (6 if tiny else 40) + 0.5
@@ -167,7 +168,7 @@ def check_chunks(problem, chunk):
 
 
 def test_zero_metric_anchors_never_foreground():
-    points, _ = make_anchors([(8, 8), (4, 4), (2, 2)], STRIDES)
+    points, _ = anchor_points([(8, 8), (4, 4), (2, 2)], STRIDES)
     scores = torch.zeros(1, points.shape[0], 2)
     scores[0, :5, 1] = 0.5  # only five anchors have any score
     gt = torch.tensor([[[0.0, 0.0, 64.0, 64.0]]])
@@ -195,7 +196,7 @@ def test_conflict_goes_to_largest_ciou_over_all_gts():
 
 
 def test_empty_and_all_padding():
-    points, _ = make_anchors([(8, 8)], (8,))
+    points, _ = anchor_points([(8, 8)], (8,))
     scores = torch.rand(2, 64, 3)
     pred = torch.cat((points - 4, points + 4), -1).expand(2, -1, -1)
     for m, valid in ((0, torch.zeros(2, 0, dtype=torch.bool)), (3, torch.zeros(2, 3, dtype=torch.bool))):
@@ -211,7 +212,6 @@ def test_empty_and_all_padding():
         (lambda k: k.update(gt_labels=torch.tensor([[1.0]])), "gt_labels"),
         (lambda k: k.update(anchor_points=torch.zeros(5, 2)), "anchor_points"),
         (lambda k: k.update(pred_boxes=torch.zeros(1, 4, 3)), "pred_boxes"),
-        (lambda k: k.update(pred_scores=torch.full((1, 4, 3), float("nan"))), "pred_scores"),
         (lambda k: k.update(gt_boxes=torch.tensor([[[0.0, 0.0, float("inf"), 1.0]]])), "gt_boxes"),
         (lambda k: k.update(gt_valid=torch.ones(1, 2, dtype=torch.bool)), "gt_valid"),
         (lambda k: k.update(topk=0), "topk"),

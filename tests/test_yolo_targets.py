@@ -216,18 +216,27 @@ _EDGE_VALUES = st.sampled_from([-1.0, 0.0, 31.5, 64.0, 64.5, float("nan"), float
     st.lists(st.tuples(st.lists(st.one_of(st.floats(-2, 66), _EDGE_VALUES), min_size=4, max_size=4),
                        st.integers(-1, 3), st.booleans()), min_size=1, max_size=4)
 )
-def test_combined_input_check_accepts_exactly_what_the_named_checks_accept(rows):
-    # one host read decides the usual case; it must pass exactly the inputs the per-condition
-    # checks (run on failure, to name the problem) pass, padding rows included
-    from detloss.matching import yolo
+def test_ground_truth_check_accepts_exactly_the_usable_rows(rows):
+    # the fused value check (one host read) raises exactly when a row breaks a stated condition,
+    # padding rows included: every box finite; valid rows with a class in [0, 3), the centre
+    # inside the 64 x 64 input and x1 <= x2, y1 <= y2
+    import math
 
     boxes = torch.tensor([[r[0] for r in rows]], dtype=torch.float64)
     labels = torch.tensor([[r[1] for r in rows]])
     valid = torch.tensor([[r[2] for r in rows]])
-    fast = yolo._values_usable(boxes, labels, valid, 3, (64, 64))
+
+    def usable(box, label, is_valid):
+        if not all(math.isfinite(v) for v in box):
+            return False
+        x1, y1, x2, y2 = box
+        inside = 0 <= (x1 + x2) / 2 <= 64 and 0 <= (y1 + y2) / 2 <= 64
+        return not is_valid or (0 <= label < 3 and inside and x1 <= x2 and y1 <= y2)
+
+    expected = all(usable(*r) for r in rows)
     try:
-        yolo._require_usable_values(boxes, labels, valid, 3, (64, 64))
-        named = True
+        build_yolo_targets(boxes, labels, valid, num_classes=3, input_size=64)
+        accepted = True
     except ValueError:
-        named = False
-    assert fast == named
+        accepted = False
+    assert accepted == expected

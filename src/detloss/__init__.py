@@ -31,6 +31,7 @@ from .priors import (
     SSD_PRESETS,
     ssd_keras_anchors,
     SSDPriorConfig,
+    anchor_points,
     rcnn_anchors,
     rcnn_base_anchors,
     retinaface_priors,

@@ -1,25 +1,50 @@
-"""How large one chunk of a chunked pass is: one rule for where the pass runs.
+"""How large one chunk of a chunked pass is: every chunk size of the library, in one table.
 
 Memory that grows with the number of anchors, priors, predictions or objects is bounded by
 working through it in chunks. How large a chunk should be depends on where it runs:
 
-* on the CPU in eager mode, small enough for a chunk's temporaries to stay in cache: each
-  pass passes its own tuned ``cpu`` size (how each was chosen: ``benchmarks/README.md``);
+* on the CPU in eager mode, small enough for a chunk's temporaries to stay in cache (how each
+  size was chosen: ``benchmarks/README.md``);
 * on accelerators and under ``torch.compile`` (the loop unrolled into the graph, each chunk
-  fused), large, so that a pass launches few kernels: ``accelerator`` elements, which still
-  bounds the memory.
+  fused), large, so that a pass launches few kernels, while the memory stays bounded.
+
+Each entry counts the elements of one chunk of the pass's largest temporary.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-ACCELERATOR_CHUNK_ELEMENTS = 1 << 21
+
+class ChunkSize(NamedTuple):
+    """Elements per chunk of one pass: on the CPU in eager mode, and elsewhere."""
+
+    cpu: int
+    accelerator: int
 
 
-def chunk_elements(device: torch.device, cpu: int, accelerator: int = ACCELERATOR_CHUNK_ELEMENTS) -> int:
-    """Elements per chunk for a pass over tensors on ``device``: ``cpu`` on the CPU in eager
-    mode, else ``accelerator``."""
-    return cpu if cache_sized(device) else accelerator
+#: (image, GT, prior) IoU entries of the SSD / RetinaFace matcher (bipartite forcing)
+PRIOR_IOU = ChunkSize(1 << 17, 1 << 24)
+#: (image, GT, anchor) IoU entries of the max-IoU matcher (RPN, RetinaNet, R-CNN proposals)
+ANCHOR_IOU = ChunkSize(1 << 17, 1 << 21)
+#: (image, true box, prediction) IoU entries of YOLOv3's ignore rule
+YOLO_IGNORE_IOU = ChunkSize(1 << 17, 1 << 21)
+#: (problem, query, GT) entries of the DETR matching cost
+DETR_COST = ChunkSize(1 << 18, 1 << 22)
+#: (image, GT, anchor) pairs of the task-aligned assigner
+TASK_ALIGNED_PAIRS = ChunkSize(1 << 20, 1 << 22)
+#: (row, class) entries of the cross-entropy backward
+CROSS_ENTROPY_ROWS = ChunkSize(1 << 17, 1 << 21)
+#: (row, class) entries of the no-grad log-sum-exp that ranks SSD negatives (CPU path only)
+LOGSUMEXP_ROWS = ChunkSize(1 << 19, 1 << 19)
+#: (anchor, class) logits of the fused sigmoid focal sum (RetinaNet)
+FOCAL_LOGITS = ChunkSize(1 << 16, 1 << 21)
+
+
+def chunk_elements(device: torch.device, size: ChunkSize) -> int:
+    """Elements per chunk of a pass of ``size`` over tensors on ``device``."""
+    return size.cpu if cache_sized(device) else size.accelerator
 
 
 def cache_sized(device: torch.device) -> bool:

@@ -59,6 +59,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return accumulate_dtype(x) if x.is_floating_point() else x.dtype
 
 
+def pair_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """The dtype in which two tensors of boxes meet: the promotion of both :func:`compute_dtype`
+    (half and float32 -> float32, float64 wins).
+
+    >>> pair_dtype(torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.float64))
+    torch.float64
+    """
+    return torch.promote_types(compute_dtype(a), compute_dtype(b))
+
+
 def _require_box_shape(boxes: Tensor, name: str = "boxes") -> None:
     """Metadata-only check (no value check, no host sync) that ``boxes`` is ``(..., 4)``."""
     require_tensor(boxes, name)
@@ -211,7 +221,7 @@ def _prepare_pair(boxes1: Tensor, boxes2: Tensor, eps: Optional[float], kind: st
     require_choice(kind, "kind", IOU_KINDS)
     if eps is not None:
         require_positive(eps, "eps")
-    dtype = torch.promote_types(compute_dtype(boxes1), compute_dtype(boxes2))
+    dtype = pair_dtype(boxes1, boxes2)
     return boxes1.to(dtype), boxes2.to(dtype), DEFAULT_EPS if eps is None else eps
 
 
@@ -253,7 +263,7 @@ def aligned_box_iou_unchecked(boxes1: Tensor, boxes2: Tensor, kind: IoUKind = "i
     """:func:`aligned_box_iou` (``ties="split"``) without its checks: for boxes the library
     derived from inputs it already checked (decoded predictions, anchors, true boxes), where
     the finiteness checks would only add host reads. ``kind`` must be one of :data:`IOU_KINDS`."""
-    dtype = torch.promote_types(compute_dtype(boxes1), compute_dtype(boxes2))
+    dtype = pair_dtype(boxes1, boxes2)
     return _iou_family(boxes1.to(dtype), boxes2.to(dtype), kind, DEFAULT_EPS if eps is None else eps)
 
 
@@ -332,7 +342,7 @@ class ChunkedPairwiseIoU:
         columns_valid: Optional[Tensor] = None,
         eps: Optional[float] = None,
     ) -> None:
-        self.dtype = torch.promote_types(compute_dtype(rows), compute_dtype(columns))
+        self.dtype = pair_dtype(rows, columns)
         self.eps = DEFAULT_EPS if eps is None else eps
         with torch.no_grad():
             self._set_rows(rows, rows_valid)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._constants import device_constant
 from ._validate import broadcast_shape, require_boxes, require_choice, require_floating, require_tensor
-from .boxes import compute_dtype, join_halves
+from .boxes import compute_dtype, join_halves, pair_dtype
 from .priors import yolo_grid
 
 DEFAULT_VARIANCES = (0.1, 0.2)
@@ -66,7 +66,7 @@ def _broadcast_pair(a: Tensor, a_name: str, b: Tensor, b_name: str) -> tuple[Ten
             f"{a_name}, {b_name}: expected leading dimensions that broadcast, "
             f"got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    dtype = torch.promote_types(compute_dtype(a), compute_dtype(b))
+    dtype = pair_dtype(a, b)
     return a.to(dtype), b.to(dtype)
 
 

@@ -411,6 +411,36 @@ def yolo_grid(
     return torch.stack((xs, ys), dim=-1)
 
 
+def anchor_points(
+    feature_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[float],
+    *,
+    offset: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> tuple[Tensor, Tensor]:
+    """Anchor points of anchor-free heads (YOLOv8 / YOLO11 / YOLO26, FCOS): every cell centre of
+    every level, in pixels, and the stride of each.
+
+    ``feature_sizes``: ``(h, w)`` of each level; ``strides``: one per level. Returns
+    ``points (A, 2)``, cell ``(x + offset, y + offset)`` times the level's stride, row-major per
+    level, levels one after another, and ``strides (A,)``.
+
+    >>> points, strides = anchor_points([(2, 2), (1, 1)], [8, 16])
+    >>> points.tolist(), strides.tolist()
+    ([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0], [8.0, 8.0]], [8.0, 8.0, 8.0, 8.0, 16.0])
+    """
+    if len(feature_sizes) != len(strides):
+        raise ValueError(f"feature_sizes, strides: expected one stride per level, got {len(feature_sizes)} "
+                         f"sizes and {len(strides)} strides")
+    points, per_anchor = [], []
+    for (h, w), stride in zip(feature_sizes, strides):
+        cells = yolo_grid(h, w, device=device, dtype=dtype).reshape(-1, 2)
+        points.append((cells + offset) * float(stride))
+        per_anchor.append(torch.full((h * w,), float(stride), dtype=dtype, device=device))
+    return torch.cat(points), torch.cat(per_anchor)
+
+
 def _pair(value: "float | Sequence[float] | None", default: "tuple[float, float]", name: str) -> tuple[float, float]:
     """``None`` -> ``default``; a number -> ``(v, v)``; a ``(vertical, horizontal)`` pair as is."""
     if value is None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 import detloss
 from detloss.detectors.faster_rcnn import ProposalTargets, proposal_targets
+from detloss.priors import anchor_points
 
 FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_rcnn", "detr", "yolov8")
 # Families whose positional arguments are normalised boxes.
@@ -210,9 +211,8 @@ def make_case(
         return Case(family, module, args, [True] * 5, [0, 1], batch, batch_dims=[1, 1, 0, 0, 0])
 
     if family == "yolov8":
-        from detloss.compat.ultralytics import make_anchors
 
-        points, strides = make_anchors([(IMAGE // s, IMAGE // s) for s in YOLO_STRIDES], YOLO_STRIDES)
+        points, strides = anchor_points([(IMAGE // s, IMAGE // s) for s in YOLO_STRIDES], YOLO_STRIDES)
         a = points.shape[0]
         boxes, valid = random_gt(gen, counts, float(IMAGE), degenerate=degenerate, min_size=0.2)
         reg_max = options.setdefault("reg_max", YOLOV8_REG_MAX)

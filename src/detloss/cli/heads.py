@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import decode_boxes, decode_deltas, decode_landmarks, decode_yolo, retinaface_priors, retinanet_anchors, ssd_priors
-from ..priors import SSDPriorConfig
+from ..priors import SSDPriorConfig, anchor_points
 from .data import Batch
 from .models import STRIDES, LevelPredictor, conv_block
 from .postprocess import Detections, batched_nms, select_detections
@@ -178,10 +178,9 @@ class YOLOv8Head(nn.Module):
 
     def __init__(self, num_classes: int, image_size: int, width: int = 64, distributed: bool = False) -> None:
         super().__init__()
-        from ..compat.ultralytics import make_anchors
 
         self.num_classes, self.image_size = num_classes, image_size
-        points, strides = make_anchors([(image_size // s, image_size // s) for s in STRIDES], STRIDES)
+        points, strides = anchor_points([(image_size // s, image_size // s) for s in STRIDES], STRIDES)
         self.register_buffer("points", points, persistent=False)
         self.register_buffer("strides", strides, persistent=False)
         self.box = LevelPredictor(width, [1] * 3, 4 * self.REG_MAX)

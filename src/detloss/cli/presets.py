@@ -37,7 +37,7 @@ from ..matching.bipartite import match_priors
 from ..matching.max_iou import max_iou_match
 from ..matching.task_aligned import match_task_aligned
 from ..matching.yolo import assign_yolo_anchors
-from ..priors import SSD_PRESETS, SSDPriorConfig
+from ..priors import SSD_PRESETS, SSDPriorConfig, anchor_points
 from ..sampling.hard_negative import mine_hard_negatives
 from .errors import CLIError
 
@@ -109,10 +109,9 @@ class Preset:
 
     def yolov8_points(self) -> tuple[Tensor, Tensor]:
         """``(P, 2)`` anchor points (cell centres, input pixels) and ``(P,)`` their strides."""
-        from ..compat.ultralytics import make_anchors
 
         strides = tuple(self.params.get("strides", (8, 16, 32)))
-        return make_anchors([(self.image_size // st, self.image_size // st) for st in strides], strides)
+        return anchor_points([(self.image_size // st, self.image_size // st) for st in strides], strides)
 
     def yolov8_predictions(self, batch: int, seed: int) -> tuple[Tensor, Tensor]:
         """What an untrained head predicts, seeded: class probabilities ``(B, P, C)`` uniform in

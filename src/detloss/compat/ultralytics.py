@@ -35,23 +35,10 @@ from torch import Tensor, nn
 
 from .._validate import require_finite, require_floating, require_range, require_tensor, value_checks_active
 from ..detectors.yolov8 import YOLOv8Loss
+from ..priors import anchor_points
 from ..matching.task_aligned import check_task_aligned_options, match_task_aligned
 
-__all__ = ["TaskAlignedAssigner", "v8DetectionLoss", "make_anchors"]
-
-
-def make_anchors(feat_sizes: Sequence[tuple[int, int]], strides: Sequence[float], *, dtype=torch.float32,
-                 device=None, offset: float = 0.5) -> tuple[Tensor, Tensor]:
-    """Anchor centres ``(A, 2)`` in pixels and their strides ``(A,)`` for feature maps of sizes
-    ``(h, w)``: cell ``(x + offset, y + offset)`` times the level's stride, row-major per level."""
-    points, per_anchor = [], []
-    for (h, w), s in zip(feat_sizes, strides):
-        ys = torch.arange(h, dtype=dtype, device=device) + offset
-        xs = torch.arange(w, dtype=dtype, device=device) + offset
-        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack((xx, yy), -1).reshape(-1, 2) * float(s))
-        per_anchor.append(torch.full((h * w,), float(s), dtype=dtype, device=device))
-    return torch.cat(points), torch.cat(per_anchor)
+__all__ = ["TaskAlignedAssigner", "v8DetectionLoss"]
 
 
 def _hyp(args: Any, name: str) -> float:
@@ -108,7 +95,7 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
             raise ValueError(f"preds['scores']: expected shape ({b}, {self.nc}, {a}), got {tuple(scores.shape)}")
         image_size = (sizes[0][0] * float(self.stride[0]), sizes[0][1] * float(self.stride[0]))
         gt_boxes, gt_labels, gt_valid = self._targets(batch, b, image_size, boxes.device)
-        points, strides = make_anchors(sizes, self.stride.tolist(), device=boxes.device)
+        points, strides = anchor_points(sizes, self.stride.tolist(), device=boxes.device)
         if value_checks_active():
             require_finite(boxes, "preds['boxes']")
             require_finite(scores, "preds['scores']")

@@ -40,11 +40,12 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from .._validate import require_choice, require_finite, require_floating, require_normalised, require_positive, require_shape
-from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
+from .._validate import (
+    ValueChecks, require_choice, require_floating, require_padded_gt, require_positive, require_shape,
+)
+from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy, pair_dtype
 from ..functional import cross_entropy, positive_normalizer, sigmoid_focal_loss
 from ..matching.hungarian import Solver, match_hungarian_unchecked, matching_cost_unchecked
-from ..matching.max_iou import require_padded_gt
 from ..targets import one_hot
 
 ClassLoss = Literal["ce", "focal"]
@@ -216,12 +217,11 @@ class DETRLoss(nn.Module):
         dims = require_shape(pred_logits, "pred_logits", ("L", "B", "Q", k))
         require_floating(pred_boxes, "pred_boxes")
         require_shape(pred_boxes, "pred_boxes", ("L", "B", "Q", 4), dims)
+        checks = ValueChecks()
         dims, gt_valid = require_padded_gt(
-            gt_boxes, gt_valid, gt_labels, dims=dims, label_range=(0, self.num_classes - 1)
+            gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=(0, self.num_classes - 1)
         )
-        require_normalised(gt_boxes, "gt_boxes", box_format="cxcywh", where=gt_valid)
-        require_finite(pred_logits, "pred_logits")
-        require_finite(pred_boxes, "pred_boxes")
+        checks.normalised(gt_boxes, "gt_boxes", box_format="cxcywh", where=gt_valid).run()
         num_layers, batch, queries, _ = pred_logits.shape
         # 1. one matching cost for every layer x image, one solve
         stacked = dict(
@@ -235,7 +235,7 @@ class DETRLoss(nn.Module):
         match = match_hungarian_unchecked(cost, stacked["gt_valid"], solver=self.solver)
         query_to_gt = match.query_to_gt.view(num_layers, batch, queries)
         # 2. normalisers: the objects of the batch; with "ce" and DDP the weight sum too
-        dtype = torch.promote_types(compute_dtype(pred_logits), compute_dtype(pred_boxes))
+        dtype = pair_dtype(pred_logits, pred_boxes)
         num_boxes = positive_normalizer(gt_valid.sum(), distributed=self.distributed)
         cls_normalizer = None
         if self.class_loss == "ce" and self.distributed:

@@ -42,12 +42,13 @@ from torch import Tensor, nn
 
 from .._constants import device_constant
 from .._validate import (
-    as_bool_mask, require_boxes, require_floating, require_positive, require_range, require_same_shape, require_shape,
+    ValueChecks, as_bool_mask, require_boxes, require_floating, require_padded_gt, require_positive, require_range,
+    require_same_shape, require_shape,
 )
-from ..boxes import compute_dtype
+from ..boxes import compute_dtype, pair_dtype
 from ..coders import encode_deltas
 from ..functional import binary_cross_entropy_with_logits, cross_entropy, positive_normalizer, smooth_l1_loss
-from ..matching.max_iou import gather_boxes, max_iou_match, require_padded_gt
+from ..matching.max_iou import gather_boxes, max_iou_match_unchecked
 from ..sampling.balanced import sample_balanced
 from ..targets import one_hot
 
@@ -124,9 +125,11 @@ def rpn_targets(
         :class:`RPNTargets`; box tensors in the compute dtype of ``anchors``.
     """
     require_boxes(anchors, "anchors", ndim=2)
-    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid)
+    checks = ValueChecks().finite(anchors, "anchors")
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, checks=checks)
+    checks.run()
     batch = dims["B"]
-    dtype = torch.promote_types(compute_dtype(anchors), compute_dtype(gt_boxes))
+    dtype = pair_dtype(anchors, gt_boxes)
     anchors, gt_boxes = anchors.to(dtype), gt_boxes.to(dtype)
     hw = _image_hw(image_size, batch, anchors)
     border = float(allowed_border)
@@ -136,7 +139,7 @@ def rpn_targets(
         & (anchors[None, :, 2] < hw[:, 1:2] + border)
         & (anchors[None, :, 3] < hw[:, 0:1] + border)
     )
-    match = max_iou_match(
+    match = max_iou_match_unchecked(
         anchors, gt_boxes, gt_valid,
         pos_iou=pos_iou, neg_iou=neg_iou, allow_low_quality=True,
         low_quality_zero_iou=low_quality_zero_iou, clobber_positives=clobber_positives,
@@ -253,14 +256,16 @@ def proposal_targets(
     require_boxes(proposals, "proposals", ndim=3)
     dims = require_shape(proposals, "proposals", ("B", "N", 4))
     label_range = None if num_classes is None else (1, num_classes - 1)
-    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=label_range)
+    checks = ValueChecks().finite(proposals, "proposals")
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=label_range)
+    checks.run()
     batch = dims["B"]
     if proposals_valid is None:
         proposals_valid = torch.ones(proposals.shape[:2], dtype=torch.bool, device=proposals.device)
     else:
         proposals_valid = as_bool_mask(proposals_valid, "proposals_valid")
         require_shape(proposals_valid, "proposals_valid", ("B", "N"), dims)
-    dtype = torch.promote_types(compute_dtype(proposals), compute_dtype(gt_boxes))
+    dtype = pair_dtype(proposals, gt_boxes)
     candidates, gt_boxes = proposals.to(dtype), gt_boxes.to(dtype)
     if append_gt:
         candidates = torch.cat((candidates, gt_boxes), dim=1)
@@ -269,7 +274,7 @@ def proposal_targets(
         candidates = candidates.new_zeros(batch, 1, 4)
         proposals_valid = proposals_valid.new_zeros(batch, 1)
 
-    match = max_iou_match(
+    match = max_iou_match_unchecked(
         candidates, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou,
         allow_low_quality=False, anchor_valid=proposals_valid, pixel_offset=pixel_offset,
     )

@@ -31,12 +31,15 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import require_boxes, require_choice, require_floating, require_int, require_positive, require_shape
+from .._validate import (
+    ValueChecks, require_boxes, require_choice, require_floating, require_int, require_padded_gt, require_positive,
+    require_shape,
+)
 from ..boxes import compute_dtype
 from ..coders import decode_deltas, encode_deltas
 from ..functional import iou_loss, positive_normalizer, smooth_l1_sum
 from ..functional.focal_chunked import chunked_sigmoid_focal_sum  # noqa: F401  (public here too)
-from ..matching.max_iou import gather_boxes, max_iou_match, require_padded_gt
+from ..matching.max_iou import gather_boxes, max_iou_match_unchecked
 
 BoxLoss = Literal["smooth_l1", "l1", "giou"]
 
@@ -130,10 +133,12 @@ class RetinaNetLoss(nn.Module):
         require_shape(box_pred, "box_pred", ("B", "A", 4), dims)
         require_boxes(anchors, "anchors", ndim=2)
         require_shape(anchors, "anchors", ("A", 4), dims)
+        checks = ValueChecks().finite(anchors, "anchors")
         classes = (0, self.num_classes - 1)
-        dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=classes)
+        dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=classes)
+        checks.run()
 
-        match = max_iou_match(anchors, gt_boxes, gt_valid, **self.match_options)
+        match = max_iou_match_unchecked(anchors, gt_boxes, gt_valid, **self.match_options)
         positive = match.labels == 1
         if gt_labels.shape[1]:
             target_class = torch.where(positive, gt_labels.gather(1, match.matched_gt), -1)

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .. import _chunking
 from .._memory import new_like
-from .._validate import require_choice, require_floating, require_positive, require_tensor
+from .._validate import ValueChecks, require_choice, require_floating, require_positive, require_tensor
 from ..boxes import ChunkedPairwiseIoU, aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
@@ -60,9 +60,6 @@ __all__ = [
 ]
 
 BOX_LOSSES = ("giou", "diou", "ciou")
-# Elements of one ignore-IoU block (B x T x predictions) on the CPU: its ~15 temporaries stay
-# cache-sized. Accelerators and torch.compile take large blocks (:mod:`detloss._chunking`).
-MAX_IOU_CHUNK = 1 << 17
 
 
 @dataclass
@@ -250,7 +247,7 @@ def yolo_max_iou(
     count; all-zero rows give IoU 0 anyway). Returns ``(B, N)``, 0 where there is no valid true
     box. Works ``chunk_elements // (B * T)`` predictions at a time
     (:class:`detloss.boxes.ChunkedPairwiseIoU`), so memory stays bounded whatever ``T`` is
-    (None: :data:`MAX_IOU_CHUNK` on the CPU in eager mode, larger blocks on accelerators and
+    (None: :data:`detloss._chunking.YOLO_IGNORE_IOU` on the CPU in eager mode, larger blocks on accelerators and
     under ``torch.compile``).
 
     ``scale_sizes``: the predictions are the cells of ``S`` scales one after another, this many
@@ -284,7 +281,7 @@ def yolo_max_iou(
         )
         iou_of = ChunkedPairwiseIoU(rows_of_scale(0), pred_xyxy, eps=eps)
         if chunk_elements is None:
-            chunk_elements = _chunking.chunk_elements(pred_xyxy.device, MAX_IOU_CHUNK)
+            chunk_elements = _chunking.chunk_elements(pred_xyxy.device, _chunking.YOLO_IGNORE_IOU)
         step = max(1, chunk_elements // (batch * t))
         ends, maxima = list(itertools.accumulate(sizes)), []
         for s, (first, last) in enumerate(zip([0] + ends[:-1], ends)):
@@ -402,7 +399,9 @@ class YOLOv3Loss(nn.Module):
         return_assignment: bool = False,
     ) -> dict:
         heads, input_hw = self._heads(outputs, require_tensor(gt_boxes, "gt_boxes").shape[0])
-        gt_valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, self.num_classes, input_hw)
+        checks = ValueChecks()
+        gt_valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, self.num_classes, input_hw, checks)
+        checks.run()
         anchors = self.anchors.to(device=heads[0].device)
         # targets: which anchor slot of which scale answers for each object (tensorflow-yolov3's
         # preprocess_true_boxes); decode, ignore mask, box, objectness and class terms

@@ -37,17 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from .._constants import device_constant
-from .._validate import (
-    require_finite,
-    require_floating,
-    require_range,
-    require_shape,
-    value_checks_active,
-)
+from .._validate import ValueChecks, require_floating, require_padded_gt, require_shape
 from ..boxes import aligned_box_iou_unchecked, compute_dtype
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
 from ..functional.distribution import distribution_focal_unchecked
-from ..matching.max_iou import require_padded_gt
 from ..matching.task_aligned import check_task_aligned_options, match_task_aligned_unchecked
 
 __all__ = ["YOLOv8Loss", "decode_distances"]
@@ -145,20 +138,19 @@ class YOLOv8Loss(nn.Module):
         require_shape(anchor_points, "anchor_points", ("A", 2), dims)
         require_floating(anchor_strides, "anchor_strides")
         require_shape(anchor_strides, "anchor_strides", ("A",), dims)
-        dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims)
+        checks = ValueChecks().finite(anchor_points, "anchor_points")
+        checks.in_range(anchor_strides, "anchor_strides", 1e-12, None)
+        dims, gt_valid = require_padded_gt(
+            gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=(0, self.num_classes - 1)
+        )
         if self.reg_max == 1 and image_size is None:
             raise ValueError("image_size: expected (height, width) in pixels with reg_max=1, got None")
         if image_size is not None:
-            image_size = _check_image_size(image_size)
-        if value_checks_active():
-            for x, name in ((box_pred, "box_pred"), (cls_logits, "cls_logits"), (anchor_points, "anchor_points")):
-                require_finite(x, name)
-            require_range(anchor_strides, "anchor_strides", 1e-12, None)
-            require_range(gt_labels, "gt_labels", 0, self.num_classes - 1, where=gt_valid)
-            if image_size is not None:
-                h, w = image_size
-                require_range(gt_boxes[..., 0::2], "gt_boxes (x)", 0, w, where=gt_valid.unsqueeze(-1).expand(-1, -1, 2))
-                require_range(gt_boxes[..., 1::2], "gt_boxes (y)", 0, h, where=gt_valid.unsqueeze(-1).expand(-1, -1, 2))
+            h, w = image_size = _check_image_size(image_size)
+            rows = gt_valid.unsqueeze(-1)
+            checks.in_range(gt_boxes[..., 0::2], "gt_boxes (x)", 0, w, where=rows)
+            checks.in_range(gt_boxes[..., 1::2], "gt_boxes (y)", 0, h, where=rows)
+        checks.run()
         return self.forward_unchecked(
             box_pred, cls_logits, anchor_points, anchor_strides, gt_boxes, gt_labels, gt_valid,
             image_size=image_size, return_assignment=return_assignment,

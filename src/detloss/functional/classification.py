@@ -11,19 +11,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._chunking import chunk_elements
+from .._chunking import CROSS_ENTROPY_ROWS, LOGSUMEXP_ROWS, chunk_elements
 from .._ties import at_least
 from .._validate import require_floating, require_integer, require_positive, require_same_shape
 from ..boxes import accumulate_dtype
 from .reduce import Reduction, require_weight_shape, weighted_reduce
-
-
-# Elements of logits per chunk of the cross-entropy backward on the CPU: 8k rows x 21 classes
-# of float32 stay in cache between the exp and the multiplication (accelerators and
-# torch.compile take large chunks: :mod:`detloss._chunking`).
-_CE_CHUNK_ELEMENTS = 1 << 17
-# Elements per chunk of :func:`class_cross_entropy_no_grad` (a 2 MiB float32 exp buffer, reused).
-_LSE_CHUNK_ELEMENTS = 1 << 19
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -54,7 +46,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         log_prob, target, keep = ctx.saved_tensors
         g = torch.where(keep, grad_loss.to(log_prob.dtype), 0.0).unsqueeze(1)
         grad = torch.empty_like(log_prob)
-        step = max(1, chunk_elements(log_prob.device, _CE_CHUNK_ELEMENTS) // max(log_prob.shape[1], 1))
+        step = max(1, chunk_elements(log_prob.device, CROSS_ENTROPY_ROWS) // max(log_prob.shape[1], 1))
         for start in range(0, log_prob.shape[0], step):
             out = grad[start : start + step]
             torch.exp(log_prob[start : start + step], out=out)
@@ -80,7 +72,7 @@ def class_cross_entropy_no_grad(logits: Tensor, target_class: int) -> Tensor:
         return x.new_zeros(x.shape[:-1])
     flat = x.reshape(-1, x.shape[-1])
     rows, classes = flat.shape
-    step = max(1, _LSE_CHUNK_ELEMENTS // classes)
+    step = max(1, chunk_elements(flat.device, LOGSUMEXP_ROWS) // classes)
     ones = flat.new_ones(classes)
     buffer = flat.new_empty(min(step, rows), classes)
     total = flat.new_empty(rows)

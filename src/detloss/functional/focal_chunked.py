@@ -28,16 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._chunking import chunk_elements
+from .._chunking import FOCAL_LOGITS, chunk_elements
 from .._memory import new_like
 from ..boxes import accumulate_dtype
 
-# Logit elements per chunk when ``chunk_size`` is not given: on the CPU in eager mode 256 KiB
-# of float32, so the chunk's few temporaries stay in cache; on accelerators and under
-# torch.compile (the loop unrolled into the graph, each chunk fused) large chunks, so the
-# pass launches few kernels.
-FOCAL_CHUNK_ELEMENTS = 1 << 16
-LARGE_FOCAL_CHUNK_ELEMENTS = 1 << 21
 # softplus(x) = x above this (exp(-40) is below float64 resolution at 40; no overflow below).
 _SOFTPLUS_THRESHOLD = 40.0
 
@@ -147,7 +141,7 @@ def chunked_sigmoid_focal_sum(
     num_classes = logits.shape[-1]
     flat = logits.reshape(-1, num_classes)
     if chunk_size is None:
-        elements = chunk_elements(logits.device, FOCAL_CHUNK_ELEMENTS, LARGE_FOCAL_CHUNK_ELEMENTS)
+        elements = chunk_elements(logits.device, FOCAL_LOGITS)
         chunk_size = max(1, elements // max(1, num_classes))
     if flat.shape[0] == 0 or num_classes == 0:
         return (flat.sum() * 0).to(accumulate_dtype(logits.dtype))

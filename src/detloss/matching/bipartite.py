@@ -25,16 +25,11 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from .._chunking import chunk_elements
+from .._chunking import PRIOR_IOU, chunk_elements
 from .._validate import as_bool_mask, require_boxes, require_choice, require_shape
-from ..boxes import ChunkedPairwiseIoU, compute_dtype, cxcywh_to_xyxy
+from ..boxes import ChunkedPairwiseIoU, cxcywh_to_xyxy, pair_dtype
 
 FORCED_IOU = 2.0
-# Number of (image, GT, prior) IoU entries computed at once (:func:`detloss._chunking.chunk_elements`):
-# on the CPU small enough for the temporaries to stay in cache (benchmarks/README.md, "IoU chunk
-# size"), on accelerators large enough to amortise kernel launches while bounding memory.
-_IOU_CHUNK_ELEMENTS = 1 << 17
-_IOU_CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
 
 
 @dataclass
@@ -95,7 +90,7 @@ def _iou_maxima(
     p = iou_of.columns[0].shape[-1]
     like = iou_of.row_area  # the GTs' compute dtype and device
     if chunk_size is None:
-        budget = chunk_elements(like.device, _IOU_CHUNK_ELEMENTS, _IOU_CHUNK_ELEMENTS_ACCELERATOR)
+        budget = chunk_elements(like.device, PRIOR_IOU)
         chunk_size = max(256, budget // max(b * m, 1))
     slot_key = torch.arange(m, device=like.device, dtype=like.dtype).expand(b, m).unsqueeze(2)
     prior_iou = like.new_empty(b, p)
@@ -178,7 +173,7 @@ def match_priors(
     if neg_iou is not None and neg_iou > pos_iou:
         raise ValueError(f"neg_iou: expected a value <= pos_iou={pos_iou}, got {neg_iou}")
 
-    dtype = torch.promote_types(compute_dtype(gt_boxes), compute_dtype(priors))
+    dtype = pair_dtype(gt_boxes, priors)
     gt_boxes = gt_boxes.to(dtype)
     priors_xyxy = priors.to(dtype)
     if priors_format == "cxcywh":

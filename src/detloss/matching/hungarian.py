@@ -46,28 +46,25 @@ from torch import Tensor
 
 from .. import _chunking
 from .._validate import (
+    ValueChecks,
     as_bool_mask,
-    require_boxes,
     require_choice,
-    require_finite,
     require_floating,
-    require_integer,
+    require_padded_gt,
     require_positive,
-    require_range,
     require_shape,
 )
-from ..boxes import accumulate_dtype, aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
+from ..boxes import accumulate_dtype, aligned_box_iou_unchecked, cxcywh_to_xyxy, pair_dtype
 
 ClassCost = Literal["softmax", "focal"]
 CLASS_COSTS = ("softmax", "focal")
 Solver = Callable[[np.ndarray], tuple]
 
-# (problem, query, GT) cost entries computed at once on the CPU: about 20 float32 temporaries of
-# this size stay in a 2-core machine's cache while the per-chunk Python overhead stays small.
-# Accelerators and torch.compile take large blocks (:func:`detloss._chunking.chunk_elements`).
-COST_CHUNK_ELEMENTS = 1 << 18
-ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 FOCAL_EPS = 1e-8
+#: what a NaN (or +-inf) cost entry becomes for the solver (predictions that overflowed): the
+#: matching stays defined, and the loss, computed from the same non-finite predictions, is
+#: non-finite, so a ``GradScaler`` skips the step
+NON_FINITE_COST = 1e30
 
 
 @dataclass
@@ -133,16 +130,11 @@ def detr_matching_cost(
     dims = require_shape(pred_logits, "pred_logits", ("N", "Q", "K"))
     require_floating(pred_boxes, "pred_boxes")
     require_shape(pred_boxes, "pred_boxes", ("N", "Q", 4), dims)
-    require_boxes(gt_boxes, "gt_boxes", ndim=3)
-    require_shape(gt_boxes, "gt_boxes", ("N", "M", 4), dims)
-    require_integer(gt_labels, "gt_labels")
-    require_shape(gt_labels, "gt_labels", ("N", "M"), dims)
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_shape(gt_valid, "gt_valid", ("N", "M"), dims)
+    require_shape(gt_boxes, "gt_boxes", ("N", "M", 4), dims)  # one row of GTs per problem
+    checks = ValueChecks()
     num_classes = dims["K"] - (1 if class_cost == "softmax" else 0)
-    require_range(gt_labels, "gt_labels", 0, num_classes - 1, where=gt_valid)
-    require_finite(pred_logits, "pred_logits")
-    require_finite(pred_boxes, "pred_boxes")
+    _, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, checks=checks, label_range=(0, num_classes - 1))
+    checks.run()
     for value, name in ((cls_weight, "cls_weight"), (l1_weight, "l1_weight"), (giou_weight, "giou_weight")):
         require_positive(value, name, allow_zero=True)
     require_positive(gamma, "gamma", allow_zero=True)
@@ -175,7 +167,7 @@ def matching_cost_unchecked(
     with torch.no_grad(), torch.autocast(pred_logits.device.type, enabled=False):
         n, q, k = pred_logits.shape
         m = gt_boxes.shape[1]
-        dtype = torch.promote_types(compute_dtype(pred_logits), compute_dtype(pred_boxes))
+        dtype = pair_dtype(pred_logits, pred_boxes)
         # 1. class cost of every (query, class), then of every (query, GT) by the GT's class
         per_class = _class_cost(pred_logits.detach().to(dtype), class_cost, alpha, gamma)  # (N, Q, K)
         labels = torch.where(gt_valid, gt_labels, 0).clamp(0, k - 1)
@@ -203,7 +195,7 @@ def _blocks(n: int, q: int, m: int, chunk_elements: Optional[int], device: torch
     part of the ``(N, Q, M)`` output of at most ``chunk_elements`` entries (or one query row):
     whole problems while they fit, else query ranges of one problem."""
     if chunk_elements is None:
-        chunk_elements = _chunking.chunk_elements(device, COST_CHUNK_ELEMENTS, ACCELERATOR_CHUNK_ELEMENTS)
+        chunk_elements = _chunking.chunk_elements(device, _chunking.DETR_COST)
     if n * q * m == 0:
         return []
     if q * m <= chunk_elements:
@@ -301,11 +293,8 @@ def _solve_all(cost: Tensor, gt_valid: Tensor, solver: Solver, pack: Optional[bo
         if columns.size == 0 or q == 0:
             continue
         block = host_cost[i] if columns.size == m else host_cost[i][:, columns]
-        if not np.isfinite(block.sum()) and not np.isfinite(block).all():
-            raise ValueError(
-                f"cost: expected finite values on valid GT columns, problem {i} has "
-                f"{int((~np.isfinite(block)).sum())} NaN/inf entries"
-            )
+        if not np.isfinite(block.sum()):  # a diverging model: a defined matching, never a crash
+            block = np.nan_to_num(block, nan=NON_FINITE_COST, posinf=NON_FINITE_COST, neginf=-NON_FINITE_COST)
         rows, cols = solver(block)
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         if rows.shape != cols.shape or rows.size != min(q, columns.size):

@@ -33,16 +33,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._chunking import chunk_elements
+from .._chunking import ANCHOR_IOU, chunk_elements
 from .._constants import device_constant
-from .._validate import as_bool_mask, require_boxes, require_integer, require_range, require_shape
-from ..boxes import ChunkedPairwiseIoU, compute_dtype
+from .._validate import ValueChecks, as_bool_mask, require_boxes, require_padded_gt, require_shape
+from ..boxes import ChunkedPairwiseIoU, pair_dtype
 
-# Elements of one IoU chunk (B x M x chunk) on the CPU when ``chunk_size`` is not given: the
-# few chunk temporaries (512 KiB each in float32) stay in cache, and the per-operation overhead
-# of the chunk loop stays small (how it was chosen: benchmarks/README.md, "IoU chunk size").
-# Accelerators and torch.compile take large chunks (:func:`detloss._chunking.chunk_elements`).
-DEFAULT_CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -61,25 +56,6 @@ class MaxIoUAssignment:
     matched_gt: Tensor
     max_iou: Tensor
     low_quality: Tensor
-
-
-def require_padded_gt(
-    gt_boxes: Tensor, gt_valid: Tensor, gt_labels: Optional[Tensor] = None, *,
-    dims: Optional[dict[str, int]] = None, label_range: Optional[tuple[int, int]] = None,
-) -> tuple[dict[str, int], Tensor]:
-    """Check padded ground truth ``gt_boxes (B, M, 4)``, ``gt_valid (B, M)`` and optional
-    ``gt_labels (B, M)`` integers (in ``label_range`` on valid rows, if given) against each
-    other and the sizes already bound in ``dims``; returns ``(dims, gt_valid as bool)``."""
-    require_boxes(gt_boxes, "gt_boxes", ndim=3)
-    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-    if gt_labels is not None:
-        require_integer(gt_labels, "gt_labels")
-        require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
-        if label_range is not None:
-            require_range(gt_labels, "gt_labels", *label_range, where=gt_valid)
-    return dims, gt_valid
 
 
 def gather_boxes(boxes: Tensor, index: Tensor, fallback: Tensor) -> Tensor:
@@ -102,7 +78,7 @@ def _chunks(
     num: int, batch: int, num_gt: int, chunk_size: Optional[int], device: torch.device
 ) -> list[tuple[int, int]]:
     if chunk_size is None:
-        chunk_size = max(1, chunk_elements(device, DEFAULT_CHUNK_ELEMENTS) // max(1, batch * num_gt))
+        chunk_size = max(1, chunk_elements(device, ANCHOR_IOU) // max(1, batch * num_gt))
     if chunk_size <= 0:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}")
     return [(s, min(s + chunk_size, num)) for s in range(0, num, chunk_size)]
@@ -160,20 +136,48 @@ def max_iou_match(
     (tensor([[1, 0, 0]]), tensor([[0.8333, 0.1892, 0.0000]]))
     """
     require_boxes(anchors, "anchors")
-    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid)
-    if anchors.dim() == 2:
-        anchors = anchors.unsqueeze(0).expand(dims["B"], -1, -1)
-    require_shape(anchors, "anchors", ("B", "A", 4), dims)
+    checks = ValueChecks().finite(anchors, "anchors")
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, checks=checks)
+    require_shape(anchors if anchors.dim() == 3 else anchors[None].expand(dims["B"], -1, -1), "anchors",
+                  ("B", "A", 4), dims)
     if neg_iou > pos_iou:
         raise ValueError(f"neg_iou: expected at most pos_iou={pos_iou}, got {neg_iou}")
-    batch, num_anchors, num_gt = dims["B"], dims["A"], dims["M"]
     if anchor_valid is not None:
         anchor_valid = as_bool_mask(anchor_valid, "anchor_valid")
-        if anchor_valid.dim() == 1:
-            anchor_valid = anchor_valid.unsqueeze(0).expand(batch, -1)
-        require_shape(anchor_valid, "anchor_valid", ("B", "A"), dims)
+        require_shape(anchor_valid if anchor_valid.dim() == 2 else anchor_valid[None].expand(dims["B"], -1),
+                      "anchor_valid", ("B", "A"), dims)
+    checks.run()
+    return max_iou_match_unchecked(
+        anchors, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou, allow_low_quality=allow_low_quality,
+        low_quality_zero_iou=low_quality_zero_iou, clobber_positives=clobber_positives, anchor_valid=anchor_valid,
+        pixel_offset=pixel_offset, chunk_size=chunk_size,
+    )
 
-    dtype = torch.promote_types(compute_dtype(anchors), compute_dtype(gt_boxes))
+
+def max_iou_match_unchecked(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    *,
+    pos_iou: float,
+    neg_iou: float,
+    allow_low_quality: bool = True,
+    low_quality_zero_iou: bool = False,
+    clobber_positives: bool = False,
+    anchor_valid: Optional[Tensor] = None,
+    pixel_offset: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> MaxIoUAssignment:
+    """:func:`max_iou_match` without its checks, for callers that validated the inputs
+    (``gt_valid`` and ``anchor_valid`` bool)."""
+    batch, num_gt = gt_valid.shape
+    if anchors.dim() == 2:
+        anchors = anchors.unsqueeze(0).expand(batch, -1, -1)
+    num_anchors = anchors.shape[1]
+    if anchor_valid is not None and anchor_valid.dim() == 1:
+        anchor_valid = anchor_valid.unsqueeze(0).expand(batch, -1)
+
+    dtype = pair_dtype(anchors, gt_boxes)
     device = anchors.device
     max_iou = torch.zeros((batch, num_anchors), dtype=dtype, device=device)
     matched = torch.zeros((batch, num_anchors), dtype=torch.int64, device=device)

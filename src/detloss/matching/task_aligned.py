@@ -56,21 +56,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._chunking import chunk_elements
+from .._chunking import TASK_ALIGNED_PAIRS, chunk_elements
 from ..strategy import host_sync_is_free
 from .._validate import (
+    ValueChecks,
     require_boxes,
-    require_finite,
     require_floating,
+    require_padded_gt,
     require_positive,
     require_shape,
 )
-from .max_iou import require_padded_gt
+from ..boxes import pair_dtype
 
-#: elements of one chunk of the (B, G, A) pair space on the CPU (about 4 MiB per float32
-#: tensor); accelerators and torch.compile take larger ones (:mod:`detloss._chunking`)
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
-ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 INSIDE_EPS = 1e-9
 CIOU_EPS = 1e-7
 
@@ -200,10 +197,12 @@ def match_task_aligned(
     require_shape(pred_boxes, "pred_boxes", ("B", "A", 4), dims)
     require_floating(anchor_points, "anchor_points")
     require_shape(anchor_points, "anchor_points", ("A", 2), dims)
-    require_finite(anchor_points, "anchor_points")
-    require_finite(pred_scores, "pred_scores")
-    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, gt_labels, dims=dims, label_range=(0, dims["C"] - 1))
+    checks = ValueChecks().finite(anchor_points, "anchor_points")
+    dims, gt_valid = require_padded_gt(
+        gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=(0, dims["C"] - 1)
+    )
     check_task_aligned_options(topk, alpha, beta, topk2, min_box_side, eps, chunk_size)
+    checks.run()
     return match_task_aligned_unchecked(
         pred_scores, pred_boxes, anchor_points, gt_boxes, gt_labels, gt_valid, topk=topk, alpha=alpha,
         beta=beta, topk2=topk2, min_box_side=min_box_side, eps=eps, background_label=background_label,
@@ -250,9 +249,7 @@ def match_task_aligned_unchecked(
     """:func:`match_task_aligned` without the input checks (for callers that checked them)."""
     b, a, c = pred_scores.shape
     m = gt_boxes.shape[1]
-    dtype = torch.promote_types(pred_boxes.dtype, gt_boxes.dtype)
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
+    dtype = pair_dtype(pred_boxes, gt_boxes)
     device = pred_scores.device
     gt_xyxy, pred_xyxy = gt_boxes.to(dtype), pred_boxes.to(dtype)
     labels = gt_labels.long().clamp(0, c - 1)
@@ -273,7 +270,7 @@ def match_task_aligned_unchecked(
     best_u = torch.full((b, a), -1.0, dtype=dtype, device=device)
     best_gt = torch.zeros(b, a, dtype=torch.long, device=device)
     if chunk_size is None:
-        chunk_size = max(1, chunk_elements(device, DEFAULT_CHUNK_ELEMENTS, ACCELERATOR_CHUNK_ELEMENTS) // max(1, b * a))
+        chunk_size = max(1, chunk_elements(device, TASK_ALIGNED_PAIRS) // max(1, b * a))
     for start in range(0, m, chunk_size):
         stop = min(m, start + chunk_size)
         sl = slice(start, stop)

@@ -36,15 +36,13 @@ from torch import Tensor
 
 from .._constants import device_constant
 from .._validate import (
+    ValueChecks,
     as_bool_mask,
-    require_boxes,
     require_floating,
     require_integer,
     require_positive,
-    require_range,
     require_shape,
     require_tensor,
-    value_checks_active,
 )
 from ..boxes import aligned_box_iou_unchecked, cxcywh_to_xyxy, xyxy_to_cxcywh
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
@@ -100,46 +98,28 @@ class YoloTargets(NamedTuple):
 
 
 def check_yolo_ground_truth(
-    gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, num_classes: int, hw: tuple[int, int]
+    gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, num_classes: int, hw: tuple[int, int], checks: ValueChecks
 ) -> Tensor:
-    """The checks of a YOLO loss's padded ground truth (shapes, dtypes, and one host read of the
-    values, see :func:`_values_usable`); returns ``gt_valid`` as bool ``(B, M)``."""
+    """The checks of a YOLO loss's padded ground truth: shapes and dtypes now, and on
+    ``checks`` every box finite and every valid row with a class id in ``[0, C)``, its centre
+    inside the input (``0 <= cx <= W``, ``0 <= cy <= H``; a box may stick out of the image after
+    augmentation, the original takes it) and ``x1 <= x2``, ``y1 <= y2``. Returns ``gt_valid``
+    as bool ``(B, M)``."""
     require_floating(require_tensor(gt_boxes, "gt_boxes"), "gt_boxes")
     dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
     require_integer(gt_labels, "gt_labels")
     require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
     valid = as_bool_mask(gt_valid, "gt_valid")
     require_shape(valid, "gt_valid", ("B", "M"), dims)
-    if value_checks_active() and not _values_usable(gt_boxes, gt_labels, valid, num_classes, hw):
-        _require_usable_values(gt_boxes, gt_labels, valid, num_classes, hw)  # raises, naming the problem
-    return valid
-
-
-def _values_usable(gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, num_classes: int, hw: tuple[int, int]) -> bool:
-    """Every box finite, and every valid row with a class id in ``[0, C)``, ``x1 <= x2``, ``y1 <= y2``
-    and its centre inside the input (``0 <= cx <= W``, ``0 <= cy <= H``; a box may stick out of the
-    image after augmentation, the original takes it), in one host read
-    (:func:`_require_usable_values` names a failure)."""
     h, w = hw
     centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
-    inside = (centre >= 0) & (centre <= centre.new_tensor([w, h]))
-    ordered = gt_boxes[..., 2:] >= gt_boxes[..., :2]
-    row_ok = (gt_labels >= 0) & (gt_labels < num_classes) & inside.all(-1) & ordered.all(-1)
-    return bool((row_ok | ~valid).all() & torch.isfinite(gt_boxes).all())
-
-
-def _require_usable_values(
-    gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, num_classes: int, hw: tuple[int, int]
-) -> None:
-    """The conditions of :func:`_values_usable` one by one, raising ``ValueError`` at the first failing one."""
-    require_boxes(gt_boxes, "gt_boxes")
-    require_range(gt_labels, "gt_labels (class ids of valid boxes)", 0, num_classes - 1, where=valid)
-    h, w = hw
-    centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2
-    require_range(centre[..., 0], f"gt_boxes centre x (valid boxes, input width {w})", 0, w, where=valid)
-    require_range(centre[..., 1], f"gt_boxes centre y (valid boxes, input height {h})", 0, h, where=valid)
+    checks.finite(gt_boxes, "gt_boxes")
+    checks.in_range(gt_labels, "gt_labels (class ids of valid boxes)", 0, num_classes - 1, where=valid)
+    checks.in_range(centre[..., 0], f"gt_boxes centre x (valid boxes, input width {w})", 0, w, where=valid)
+    checks.in_range(centre[..., 1], f"gt_boxes centre y (valid boxes, input height {h})", 0, h, where=valid)
     size = gt_boxes[..., 2:] - gt_boxes[..., :2]
-    require_range(size, "gt_boxes width/height (x2 - x1, y2 - y1 of valid boxes)", 0, None, where=valid)
+    checks.in_range(size, "gt_boxes width/height (x2 - x1, y2 - y1 of valid boxes)", 0, None, where=valid)
+    return valid
 
 
 def assign_yolo_anchors(
@@ -183,7 +163,9 @@ def assign_yolo_anchors(
     hw = yolo_input_hw(input_size, strides)
     require_positive(num_classes, "num_classes")
     require_positive(max_boxes_per_scale, "max_boxes_per_scale")
-    valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, num_classes, hw)
+    checks = ValueChecks()
+    valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, num_classes, hw, checks)
+    checks.run()
     if anchors is None:
         anchors = yolov3_anchors(grid_units=True, strides=strides)
     anchors = require_floating(require_tensor(anchors, "anchors"), "anchors")
