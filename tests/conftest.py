@@ -12,10 +12,9 @@ import torch
 import detloss
 
 HERE = Path(__file__).resolve().parent
-# Golden data: $DETLOSS_GOLDEN, ../shared/golden beside the checkout, then the small copy in tests/data.
-GOLDEN_DIRS = [
-    Path(p) for p in [os.environ.get("DETLOSS_GOLDEN", "")] if p
-] + [HERE.parent.parent / "shared" / "golden", HERE / "data" / "golden"]
+# Golden data: the cases the tests use, copied into the repository (tests/data/golden/README.md),
+# so that a plain clone proves parity. A missing file fails its test.
+GOLDEN_DIR = HERE / "data" / "golden"
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -37,24 +36,30 @@ def strategy(request: pytest.FixtureRequest):
         yield request.param
 
 
-def golden_path(name: str) -> Path | None:
-    """Path of golden file ``name`` (e.g. ``"torch/ssd_box_utils.npz"``), or None."""
-    for root in GOLDEN_DIRS:
-        candidate = root / name
-        if candidate.exists():
-            return candidate
-    return None
+def golden_path(name: str) -> Path:
+    """Path of golden file ``name`` (e.g. ``"torch/ssd_box_utils.npz"``) under ``tests/data/golden``;
+    the calling test fails when it is missing (never skips)."""
+    path = GOLDEN_DIR / name
+    if not path.is_file():
+        pytest.fail(f"golden file {name} missing from {GOLDEN_DIR} (see its README.md)", pytrace=False)
+    return path
+
+
+def golden_cases(pattern: str) -> list[str]:
+    """Names (without the suffix) of the golden files matching ``pattern`` (e.g. ``"torch/ssd300_*.npz"``),
+    sorted: case lists are globbed, so a new case file is picked up. Fails collection when none match."""
+    found = sorted(p.name.split(".")[0] for p in GOLDEN_DIR.glob(pattern))
+    if not found:
+        raise FileNotFoundError(f"no golden file matches {pattern} under {GOLDEN_DIR}")
+    return found
 
 
 @pytest.fixture
 def golden() -> Callable[[str], dict[str, np.ndarray]]:
-    """Load a golden ``.npz`` as a dict of arrays; skips the test when the file is absent."""
+    """Load a golden ``.npz`` as a dict of arrays; the test fails when the file is missing."""
 
     def load(name: str) -> dict[str, np.ndarray]:
-        path = golden_path(name)
-        if path is None:
-            pytest.skip(f"golden file {name} not found in {[str(d) for d in GOLDEN_DIRS]}")
-        with np.load(path) as data:
+        with np.load(golden_path(name)) as data:
             return {k: data[k] for k in data.files}
 
     return load

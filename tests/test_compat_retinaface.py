@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import golden_path
+from conftest import golden_cases, golden_path
 from detloss.compat.retinaface import MultiBoxLoss
 from detloss.priors import retinaface_priors
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
-CASES = ["retina_mnet_a_typical", "retina_mnet_b_image_all_ignored", "retina_mnet_c_zero_positives"]
+CASES = golden_cases("torch/retina_mnet_*.npz")
 
 
 def _inputs(g, dtype=torch.float32):

@@ -13,23 +13,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import golden_path
+from conftest import golden_cases, golden_path
 from detloss.compat.ssd_keras import DegenerateBoxError, SSDInputEncoder, SSDLoss
 from oracles import ssd_keras as O
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 SETTINGS = settings(max_examples=200, deadline=None)
-CASES = ["ssd_typical", "ssd_zero_gt_image", "ssd_n_neg_min5", "ssd_many_gt"]
+CASES = golden_cases("tf/ssd_*.npz")
 GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def _config(name: str) -> dict:
-    path = golden_path("tf/index.json")
-    if path is None:
-        pytest.skip("golden tf/index.json not found")
-    files = json.loads(path.read_text())["files"]
+    files = json.loads(golden_path("tf/index.json").read_text())["files"]
     return next(f["config"] for f in files if f["file"] == name + ".npz")
 
 

@@ -10,10 +10,11 @@ from detloss.coders import encode_deltas
 from detloss.compat import tf_faster_rcnn as tfr
 from detloss.detectors.faster_rcnn import ProposalTargets
 from detloss.matching.max_iou import max_iou_match
+from conftest import golden_cases
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
-CASES = ["tf/frcnn_typical.npz", "tf/frcnn_large_boxes.npz"]
+CASES = [f"tf/{name}.npz" for name in golden_cases("tf/frcnn_*.npz")]
 LOSSES = ["cross_entropy", "loss_box", "rpn_cross_entropy", "rpn_loss_box", "total_loss"]
 PREDS = ["rpn_cls_score", "rpn_bbox_pred", "cls_score", "bbox_pred"]
 

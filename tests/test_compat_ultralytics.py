@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from detloss.compat.ultralytics import TaskAlignedAssigner, v8DetectionLoss
+from conftest import golden_cases
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
-V8_CASES = [
-    "v8_a_typical", "v8_b_image_without_gt", "v8_c_batch_without_gt", "v8_d_tiny_boxes", "v8_e_crowded_80cls",
-    "v8_f_one_to_one_topk2", "v8_g_reg_max1_l1", "v8_h_duplicate_gt", "v8_i_rectangular_gains",
-]
+V8_CASES = golden_cases("ultralytics/v8_*.npz")
 
 
 def fake_model(nc=5, reg_max=16, strides=(8.0, 16.0, 32.0), gains=(7.5, 0.5, 1.5), class_weights=None):

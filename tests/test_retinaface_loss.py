@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 from detloss import RetinaFaceLoss, pad_ground_truth
 from oracles import ssd as O
 from test_ssd_loss import small_priors
+from conftest import golden_cases
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 SETTINGS = settings(max_examples=200, deadline=None)
-CASES = ["retina_mnet_a_typical", "retina_mnet_b_image_all_ignored", "retina_mnet_c_zero_positives"]
+CASES = golden_cases("torch/retina_mnet_*.npz")
 UNWEIGHTED = dict(box_weight=1.0, cls_weight=1.0, landmark_weight=1.0)
 
 

@@ -12,10 +12,11 @@ from detloss import TaskAlignedAssignment, match_task_aligned
 from detloss.compat.ultralytics import TaskAlignedAssigner
 from detloss.priors import anchor_points
 from oracles import task_aligned as O
+from conftest import golden_cases
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
-TAL_CASES = ["tal_a_typical", "tal_b_alpha_beta", "tal_c_duplicate_gt", "tal_d_topk2", "tal_e_many_gt"]
+TAL_CASES = golden_cases("ultralytics/tal_*.npz")
 IMAGE = 64
 STRIDES = (8, 16, 32)
 

@@ -11,10 +11,11 @@ from detloss import build_yolo_targets
 from detloss.matching.yolo import assign_yolo_anchors
 from detloss.priors import yolov3_anchors
 from oracles import yolov3 as oracle
+from conftest import golden_cases
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
-CASES = ["yolo_typical_c80", "yolo_span_scales_c20", "yolo_crowded_c80"]
+CASES = golden_cases("tf/yolo_*_c*.npz")
 STRIDES = (8, 16, 32)
 ANCHORS = yolov3_anchors(grid_units=True, dtype=torch.float64)
 

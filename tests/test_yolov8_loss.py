@@ -12,6 +12,7 @@ from torch.autograd import gradcheck
 from detloss import YOLOv8Loss, match_task_aligned
 from detloss.priors import anchor_points
 from oracles import task_aligned as O
+from conftest import golden_cases
 from detloss.functional import (
     binary_cross_entropy_with_logits,
     distribution_focal_loss,
@@ -22,10 +23,7 @@ from detloss.functional import (
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
-V8_CASES = [
-    "v8_a_typical", "v8_b_image_without_gt", "v8_c_batch_without_gt", "v8_d_tiny_boxes", "v8_e_crowded_80cls",
-    "v8_f_one_to_one_topk2", "v8_g_reg_max1_l1", "v8_h_duplicate_gt", "v8_i_rectangular_gains",
-]
+V8_CASES = golden_cases("ultralytics/v8_*.npz")
 
 
 def native_inputs(g):

@@ -9,16 +9,9 @@ import math
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from conftest import golden_cases
 
-DETR_GOLDEN_CASES = [
-    "detr_a_typical",
-    "detr_b_image_without_gt",
-    "detr_c_batch_without_gt",
-    "detr_d_crowded",
-    "detr_e_no_aux_other_weights",
-    "detr_f_late_training",
-    "detr_g_one_query_per_gt",
-]
+DETR_GOLDEN_CASES = golden_cases("detr/detr_*.npz")
 
 
 def cfg_float(value) -> float:

@@ -7,6 +7,7 @@ detloss native semantics selected by the same options as :func:`detloss.match_pr
 from __future__ import annotations
 
 import numpy as np
+from conftest import golden_cases
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -148,11 +149,4 @@ def retinaface_loss(loc, conf, landm, priors, gt_boxes, gt_landmarks, gt_has_lan
 
 
 # The golden ssd.pytorch cases (../shared/golden/torch), shared by the native and drop-in tests.
-SSD_GOLDEN_CASES = [
-    "ssd300_voc_a_typical",
-    "ssd300_voc_b_forced_match",
-    "ssd300_voc_b2_tiny_rounding_tie",
-    "ssd300_voc_c_tie_last_gt_wins",
-    "ssd300_voc_d_30_gts",
-    "ssd300_voc_e_batch1_single_gt",
-]
+SSD_GOLDEN_CASES = golden_cases("torch/ssd300_*.npz")

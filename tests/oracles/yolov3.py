@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from conftest import golden_cases
 
 
 def iou_cxcywh(a, b):
@@ -165,7 +166,7 @@ def yolov3_loss(convs, boxes, labels, counts, *, num_classes, anchors, strides, 
 
 
 # ---------------------------------------------------------------- helpers shared by the YOLOv3 tests
-GOLDEN_CASES = ["yolo_typical_c80", "yolo_span_scales_c20", "yolo_crowded_c80"]
+GOLDEN_CASES = golden_cases("tf/yolo_*_c*.npz")
 
 
 def assert_grad_close(got, want, mask=None):
