@@ -17,6 +17,15 @@ from .boxes import (
     xyxy_to_cxcywh,
     xyxy_to_xywh,
 )
+from .rotated_boxes import (
+    aligned_probiou,
+    corners_to_xywhr,
+    probiou,
+    rotated_box_covariance,
+    rotated_gwd,
+    rotated_kld,
+    xywhr_to_corners,
+)
 from .coders import (
     encode_corner_offsets,
     decode_boxes,

@@ -401,3 +401,15 @@ class ChunkedPairwiseIoU:
         if self.column_shift is not None:
             iou.add_(self.column_shift[..., start:stop])
         return iou
+
+
+# Rotated (xywhr) boxes live in their own module; re-exported here (imported last: it uses pair_dtype).
+from .rotated_boxes import (  # noqa: E402
+    aligned_probiou,
+    corners_to_xywhr,
+    probiou,
+    rotated_box_covariance,
+    rotated_gwd,
+    rotated_kld,
+    xywhr_to_corners,
+)
