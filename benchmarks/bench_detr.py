@@ -146,7 +146,7 @@ def step(impl, loss_fn, logits, boxes, gt, labels, valid, targets):
     if impl == "baseline":
         total = baseline_loss(lg, bx, targets)
     else:
-        total = loss_fn(lg, bx, gt, labels, valid)["loss"]
+        total = loss_fn(bx, lg, gt, labels, valid)["loss"]
     total.backward()
     return total.detach()
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import detloss
 from detloss.compat import detr as compat
 from detloss.matching import hungarian as H
 from oracles import detr as O
@@ -155,9 +156,22 @@ def test_bad_targets_are_named():
         matcher(outputs, [{"labels": torch.tensor([3]), "boxes": torch.rand(1, 4)}] * 2)
 
 
-def test_empty_weight_buffer_as_the_original():
-    criterion = compat.SetCriterion(4, compat.HungarianMatcher(), {}, 0.25, ["labels"])
-    assert criterion.empty_weight.tolist() == [1, 1, 1, 1, 0.25]
+def test_pixel_boxes_refused_with_detr_loss_message():
+    """The drop-ins share DETRLoss's ground-truth check: same message for pixel boxes."""
+    outputs = {"pred_logits": torch.randn(2, 5, 4), "pred_boxes": torch.rand(2, 5, 4) * 0.5 + 0.1}
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[320.0, 240.0, 50.0, 40.0]])}] * 2
+    messages = []
+    for call in (lambda: compat.HungarianMatcher()(outputs, targets),
+                 lambda: compat.SetCriterion(3, compat.HungarianMatcher(), {}, 0.1, ["labels"])(outputs, targets),
+                 lambda: detloss.DETRLoss(3)(outputs["pred_boxes"][None], outputs["pred_logits"][None],
+                                             torch.stack([t["boxes"] for t in targets]),
+                                             torch.stack([t["labels"] for t in targets]), torch.ones(2, 1, dtype=torch.bool))):
+        with pytest.raises(ValueError, match=r"gt_boxes: expected normalised coordinates") as info:
+            call()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] == messages[2]
+    assert "empty_weight" not in compat.SetCriterion(3, compat.HungarianMatcher(), {}, 0.1, ["labels"]).state_dict()
+    assert set(compat.__all__) == {"HungarianMatcher", "SetCriterion", "pad_targets"}
 
 
 @pytest.mark.parametrize("other_rank_objects", [0, 1, None], ids=["other-empty", "other-one", "other-same"])

@@ -23,8 +23,8 @@ SETTINGS = settings(max_examples=200, deadline=None)
 def golden_inputs(g, dtype=torch.float32):
     m = g["in_labels"].shape[1]
     return dict(
-        pred_logits=torch.from_numpy(g["in_pred_logits"]).to(dtype).requires_grad_(),
-        pred_boxes=torch.from_numpy(g["in_pred_boxes"]).to(dtype).requires_grad_(),
+        box_pred=torch.from_numpy(g["in_pred_boxes"]).to(dtype).requires_grad_(),
+        cls_logits=torch.from_numpy(g["in_pred_logits"]).to(dtype).requires_grad_(),
         gt_boxes=torch.from_numpy(g["in_boxes"]),
         gt_labels=torch.from_numpy(g["in_labels"]).long(),
         gt_valid=torch.arange(m)[None] < torch.from_numpy(g["in_num_gt"])[:, None],
@@ -45,7 +45,7 @@ def test_golden_native(golden, case):
     g = golden(f"detr/{case}.npz")
     x = golden_inputs(g)
     out = golden_loss(g)(**x, return_assignment=True)
-    num_layers = x["pred_logits"].shape[0]
+    num_layers = x["cls_logits"].shape[0]
     for native, original in (("loss_cls", "loss_ce"), ("loss_l1", "loss_bbox"), ("loss_giou", "loss_giou")):
         for layer in range(num_layers):
             suffix = "" if layer == num_layers - 1 else f"_{layer}"
@@ -62,8 +62,8 @@ def test_golden_native(golden, case):
             assert {(int(a.gt_to_query[l, b, j]), j) for j in range(n)} == expected
     assert a.num_boxes.item() == max(1, g["in_num_gt"].sum())
     out["loss"].backward()
-    np.testing.assert_allclose(x["pred_logits"].grad.numpy(), g["out_grad_pred_logits"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(x["pred_boxes"].grad.numpy(), g["out_grad_pred_boxes"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(x["cls_logits"].grad.numpy(), g["out_grad_pred_logits"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(x["box_pred"].grad.numpy(), g["out_grad_pred_boxes"], rtol=1e-4, atol=1e-6)
 
 
 # -------------------------------------------------------------------------- float64 oracle
@@ -99,7 +99,7 @@ def test_equals_float64_oracle(x):
     loss = DETRLoss(3, **options, cls_weight=weights[0], l1_weight=weights[1], giou_weight=weights[2],
                     match_cls_weight=cost_weights[0], match_l1_weight=cost_weights[1], match_giou_weight=cost_weights[2])
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    out = loss(t(logits), t(boxes), t(gt), t(labels), t(valid), return_assignment=True)
+    out = loss(t(boxes), t(logits), t(gt), t(labels), t(valid), return_assignment=True)
     cls, l1, giou, total, pairs = O.detr_loss(logits, boxes, gt, labels, counts, weights=weights,
                                               cost_weights=cost_weights, **options)
     for layer in range(num_layers):
@@ -125,7 +125,7 @@ def test_gradcheck_terms_on_matched_pairs(class_loss):
     del rng, valid
     for term in range(3):
         def f(lg, bx, term=term):
-            return D.detr_set_loss(lg, bx, t(gt), t(labels), query_to_gt, torch.tensor(5.0, dtype=torch.float64),
+            return D.detr_set_loss(bx, lg, t(gt), t(labels), query_to_gt, torch.tensor(5.0, dtype=torch.float64),
                                    class_loss=class_loss, eos_coef=0.3)[term]
         lg, bx = t(logits).requires_grad_(), t(boxes).requires_grad_()
         assert torch.autograd.gradcheck(f, (lg, bx), fast_mode=True)
@@ -135,7 +135,7 @@ def test_unmatched_queries_get_no_box_gradient():
     logits, boxes, gt, labels, valid = _random_case(1, 1, 5, [2], 12, "ce")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     bx = t(boxes).requires_grad_()
-    out = DETRLoss(3)(t(logits), bx, t(gt), t(labels), t(valid), return_assignment=True)
+    out = DETRLoss(3)(bx, t(logits), t(gt), t(labels), t(valid), return_assignment=True)
     (out["loss_l1"] + out["loss_giou"]).backward()
     unmatched = out["assignment"].query_to_gt < 0
     assert (bx.grad[unmatched] == 0).all() and (bx.grad[~unmatched] != 0).any()
@@ -150,7 +150,7 @@ def test_images_without_objects(class_loss, counts):
     lg, bx = t(logits).requires_grad_(), t(boxes).requires_grad_()
     if counts == [0]:
         gt, labels, valid = np.zeros((1, 0, 4)), np.zeros((1, 0), np.int64), np.zeros((1, 0), bool)
-    out = DETRLoss(3, class_loss=class_loss)(lg, bx, t(gt), torch.from_numpy(labels), torch.from_numpy(valid))
+    out = DETRLoss(3, class_loss=class_loss)(bx, lg, t(gt), torch.from_numpy(labels), torch.from_numpy(valid))
     out["loss"].backward()
     assert all(torch.isfinite(v) for v in out.values())
     assert torch.isfinite(lg.grad).all() and torch.isfinite(bx.grad).all()
@@ -165,7 +165,7 @@ def test_images_without_objects(class_loss, counts):
 def test_more_objects_than_queries():
     logits, boxes, gt, labels, valid = _random_case(2, 2, 3, [5, 2], 14, "ce")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    out = DETRLoss(3)(t(logits), t(boxes), t(gt), t(labels), t(valid), return_assignment=True)
+    out = DETRLoss(3)(t(boxes), t(logits), t(gt), t(labels), t(valid), return_assignment=True)
     a = out["assignment"]
     assert (a.query_to_gt[:, 0] >= 0).all()  # every query of the crowded image is matched
     assert ((a.gt_to_query[:, 0] >= 0).sum(-1) == 3).all()  # 2 of its 5 objects stay unmatched
@@ -178,13 +178,13 @@ def test_padding_rows_anywhere_change_nothing():
     logits, boxes, gt, labels, valid = _random_case(2, 2, 5, [3, 2], 20, "ce")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     lg1, bx1, lg2, bx2 = (t(a).requires_grad_() for a in (logits, boxes, logits, boxes))
-    plain = DETRLoss(3)(lg1, bx1, t(gt), t(labels), t(valid))
+    plain = DETRLoss(3)(bx1, lg1, t(gt), t(labels), t(valid))
     # five junk padding rows (3 .. 7) inserted before, between and after the real ones (0, 1, 2)
     order = [5, 0, 1, 6, 2, 3, 4, 7]  # position -> row of the extended arrays
     gt_x = np.concatenate((gt, np.full((2, 5, 4), 0.9)), 1)[:, order]
     labels_x = np.concatenate((labels, np.full((2, 5), -1)), 1)[:, order]
     valid_x = np.concatenate((valid, np.zeros((2, 5), bool)), 1)[:, order]
-    padded = DETRLoss(3)(lg2, bx2, t(gt_x), t(labels_x), t(valid_x))
+    padded = DETRLoss(3)(bx2, lg2, t(gt_x), t(labels_x), t(valid_x))
     for k in plain:
         assert torch.equal(plain[k], padded[k]), k
     plain["loss"].backward()
@@ -199,14 +199,14 @@ def test_every_layer_and_image_in_one_solve(monkeypatch):
     monkeypatch.setattr(H, "_solve_all", lambda cost, *a: calls.append(tuple(cost.shape)) or real(cost, *a))
     logits, boxes, gt, labels, valid = _random_case(6, 4, 10, [3, 0, 5, 2], 15, "ce")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
-    DETRLoss(3)(t(logits), t(boxes), t(gt), torch.from_numpy(labels), torch.from_numpy(valid))
+    DETRLoss(3)(t(boxes), t(logits), t(gt), torch.from_numpy(labels), torch.from_numpy(valid))
     assert calls == [(24, 10, 5)]
 
 
 def test_custom_solver():
     logits, boxes, gt, labels, valid = _random_case(2, 2, 6, [3, 4], 16, "ce")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
-    args = (t(logits), t(boxes), t(gt), torch.from_numpy(labels), torch.from_numpy(valid))
+    args = (t(boxes), t(logits), t(gt), torch.from_numpy(labels), torch.from_numpy(valid))
     seen = []
 
     def solver(cost):
@@ -233,8 +233,8 @@ def test_cost_and_set_loss_compile_separately_fullgraph(strategy):
     loss_fn = torch.compile(D.detr_set_loss, backend="aot_eager", fullgraph=True)
     n = torch.tensor(4.0)
     lg1, lg2 = lg.clone().requires_grad_(), lg.clone().requires_grad_()
-    got = loss_fn(lg1, bx, g, lb, q2g, n, class_loss="focal")
-    ref = D.detr_set_loss(lg2, bx, g, lb, q2g, n, class_loss="focal")
+    got = loss_fn(bx, lg1, g, lb, q2g, n, class_loss="focal")
+    ref = D.detr_set_loss(bx, lg2, g, lb, q2g, n, class_loss="focal")
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
     got[0].sum().backward()
@@ -248,7 +248,7 @@ def test_distributed_reduces_both_normalisers(monkeypatch):
 
     logits, boxes, gt, labels, valid = _random_case(2, 2, 6, [3, 2], 18, "ce")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    args = (t(logits), t(boxes), t(gt), t(labels), t(valid))
+    args = (t(boxes), t(logits), t(gt), t(labels), t(valid))
     local = DETRLoss(3)(*args)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
@@ -265,15 +265,16 @@ def test_distributed_reduces_both_normalisers(monkeypatch):
 def _args(**change):
     logits, boxes, gt, labels, valid = _random_case(2, 2, 5, [2, 3], 19, "ce")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
-    args = dict(pred_logits=t(logits), pred_boxes=t(boxes), gt_boxes=t(gt), gt_labels=torch.from_numpy(labels),
+    args = dict(box_pred=t(boxes), cls_logits=t(logits), gt_boxes=t(gt), gt_labels=torch.from_numpy(labels),
                 gt_valid=torch.from_numpy(valid))
     return {**args, **change}
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (lambda a: dict(pred_logits=a["pred_logits"][..., :3]), ValueError, r"pred_logits: expected shape \(L, B, Q, 4\)"),
-    (lambda a: dict(pred_logits=a["pred_logits"][0]), ValueError, r"pred_logits: expected shape \(L, B, Q, 4\)"),
-    (lambda a: dict(pred_boxes=a["pred_boxes"][:, :, :4]), ValueError, r"pred_boxes: expected shape \(L=2, B=2, Q=5, 4\)"),
+    (lambda a: dict(cls_logits=a["cls_logits"][..., :3]), ValueError, r"cls_logits: expected shape \(L=2, B=2, Q=5, 4\)"),
+    (lambda a: dict(cls_logits=a["cls_logits"][0]), ValueError, r"cls_logits: expected shape \(L=2, B=2, Q=5, 4\)"),
+    (lambda a: dict(box_pred=a["box_pred"][..., :3]), ValueError, r"box_pred: expected shape \(L, B, Q, 4\)"),
+    (lambda a: dict(box_pred=a["box_pred"][:, :, :4]), ValueError, r"cls_logits: expected shape \(L=2, B=2, Q=4, 4\)"),
     (lambda a: dict(gt_labels=a["gt_labels"].clamp(min=0) + 3), ValueError, r"gt_labels: expected values in \[0, 2\]"),
     (lambda a: dict(gt_boxes=a["gt_boxes"] * 640), ValueError, r"gt_boxes: expected normalised coordinates"),
     (lambda a: dict(gt_valid=a["gt_valid"][:1]), ValueError, r"gt_valid: expected shape \(B=2, M=3\)"),

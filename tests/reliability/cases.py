@@ -207,7 +207,7 @@ def make_case(
         sizes = torch.rand(*shape, 2, generator=gen) * 0.4 + 0.05
         pred_boxes = torch.cat((centres, sizes), -1).to(dtype).requires_grad_(True)
         module = detloss.DETRLoss(c, **options)
-        args = [pred(*shape, c + 1), pred_boxes, gt, labels(0, c - 1), valid]
+        args = [pred_boxes, pred(*shape, c + 1), gt, labels(0, c - 1), valid]
         return Case(family, module, args, [True] * 5, [0, 1], batch, batch_dims=[1, 1, 0, 0, 0])
 
     if family == "yolov8":

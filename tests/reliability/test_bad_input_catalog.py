@@ -109,8 +109,8 @@ KINDS = [
     # --- DETR (normalised cxcywh boxes, predictions (L, B, Q, ...))
     ("detr-label-range", _call("detr", 3, lambda t: t + 3), ValueError, r"gt_labels: expected values in \[0, 2\]"),
     ("detr-pixel-gt-boxes", _call("detr", 2, lambda t: t * 640), ValueError, r"gt_boxes: expected normalised coordinates"),
-    ("detr-logits-class-count", _call("detr", 0, lambda t: t[..., :3]), ValueError, r"pred_logits: expected shape \(L, B, Q, 4\)"),
-    ("detr-unstacked-layers", _call("detr", 1, lambda t: t[0]), ValueError, r"pred_boxes: expected shape \(L=3, B=2, Q=6, 4\)"),
+    ("detr-logits-class-count", _call("detr", 1, lambda t: t[..., :3]), ValueError, r"cls_logits: expected shape \(L=3, B=2, Q=6, 4\)"),
+    ("detr-unstacked-layers", _call("detr", 0, lambda t: t[0]), ValueError, r"box_pred: expected shape \(L, B, Q, 4\)"),
     ("detr-matching-cost-shape", lambda: detloss.match_hungarian(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool)), ValueError,
      r"cost: expected shape \(N, Q, M\)"),
     # --- YOLOv8 (pixel boxes, anchor points) and its ultralytics drop-in

@@ -25,11 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._validate import require_tensor
-from ..detectors.detr import detr_set_loss
+from .._validate import require_floating, require_shape, require_tensor
+from ..detectors.detr import check_detr_gt, detr_set_loss
 from ..functional import positive_normalizer
-from ..matching.hungarian import HungarianMatch, detr_matching_cost, match_hungarian_unchecked
+from ..matching.hungarian import HungarianMatch, match_hungarian_unchecked, matching_cost_unchecked
 from ..targets import pad_ground_truth
+
+__all__ = ["HungarianMatcher", "SetCriterion", "pad_targets"]
 
 LOSSES = ("labels", "boxes", "cardinality")
 
@@ -82,10 +84,19 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
 
     def match_layers(self, pred_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
-                     gt_valid: Tensor) -> HungarianMatch:
+                     gt_valid: Tensor, *, checked: bool = False) -> HungarianMatch:
         """Match ``N`` problems at once: ``pred_logits (N, Q, C + 1)``, ``pred_boxes (N, Q, 4)``
-        against padded ``gt_boxes (N, M, 4)``, ``gt_labels (N, M)``, ``gt_valid (N, M)``."""
-        cost = detr_matching_cost(
+        against padded ``gt_boxes (N, M, 4)``, ``gt_labels (N, M)``, ``gt_valid (N, M)``
+        (``checked``: the ground truth's values were already checked by the caller)."""
+        require_floating(pred_logits, "pred_logits")
+        dims = require_shape(pred_logits, "pred_logits", ("B", "Q", "K"))
+        require_floating(pred_boxes, "pred_boxes")
+        require_shape(pred_boxes, "pred_boxes", ("B", "Q", 4), dims)
+        if checked:
+            gt_valid = gt_valid.bool()
+        else:  # the ground-truth checks (and messages) of DETRLoss, pixel boxes included
+            _, gt_valid = check_detr_gt(gt_boxes, gt_labels, gt_valid, max(dims["K"] - 1, 1), dims)
+        cost = matching_cost_unchecked(
             pred_logits, pred_boxes, gt_boxes, gt_labels, gt_valid,
             cls_weight=self.cost_class, l1_weight=self.cost_bbox, giou_weight=self.cost_giou,
         )
@@ -124,9 +135,6 @@ class SetCriterion(nn.Module):
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
         self.losses = list(losses)
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
-        self.register_buffer("empty_weight", empty_weight)
 
     def forward(self, outputs: Mapping, targets: Sequence[Mapping]) -> dict:
         layers = list(outputs.get("aux_outputs", [])) + [outputs]
@@ -134,6 +142,7 @@ class SetCriterion(nn.Module):
         boxes = torch.stack([require_tensor(o["pred_boxes"], 'outputs["pred_boxes"]') for o in layers])
         num_layers, batch, queries, _ = logits.shape
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, logits[0])
+        _, gt_valid = check_detr_gt(gt_boxes, gt_labels, gt_valid, self.num_classes)
         # 1. the matching of every layer: one solve with detloss's matcher, else the user's
         #    matcher once per layer (final first), as the original calls it
         query_to_gt = self._match(layers, logits, boxes, gt_boxes, gt_labels, gt_valid, targets)
@@ -142,7 +151,7 @@ class SetCriterion(nn.Module):
         num_boxes = positive_normalizer(gt_valid.sum(), distributed=True, min_value=float(world))
         # 3. the terms of every layer (the cross-entropy is each layer's weighted mean)
         loss_ce, loss_bbox, loss_giou, target_class = detr_set_loss(
-            logits, boxes, gt_boxes, gt_labels, query_to_gt, num_boxes, eos_coef=self.eos_coef,
+            boxes, logits, gt_boxes, gt_labels, query_to_gt, num_boxes, eos_coef=self.eos_coef,
         )
         terms = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         with torch.no_grad():
@@ -169,7 +178,7 @@ class SetCriterion(nn.Module):
             stack = lambda t: t.unsqueeze(0).expand(num_layers, *t.shape).flatten(0, 1)  # noqa: E731
             match = self.matcher.match_layers(
                 logits.detach().flatten(0, 1), boxes.detach().flatten(0, 1),
-                stack(gt_boxes), stack(gt_labels), stack(gt_valid),
+                stack(gt_boxes), stack(gt_labels), stack(gt_valid), checked=True,
             )
             return match.query_to_gt.view(num_layers, batch, queries)
         query_to_gt = torch.full((num_layers, batch, queries), -1, dtype=torch.int64)

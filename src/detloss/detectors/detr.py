@@ -65,8 +65,8 @@ class DETRAssignment:
 
 
 def detr_set_loss(
-    pred_logits: Tensor,
-    pred_boxes: Tensor,
+    box_pred: Tensor,
+    cls_logits: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor,
     query_to_gt: Tensor,
@@ -81,8 +81,8 @@ def detr_set_loss(
     """The per-layer terms given a matching (no checks; sync-free, ``torch.compile``-able).
 
     Args:
-        pred_logits: ``(L, B, Q, K)``, ``K = C + 1`` for ``"ce"``, ``C`` for ``"focal"``.
-        pred_boxes: ``(L, B, Q, 4)`` normalised cxcywh.
+        box_pred: ``(L, B, Q, 4)`` normalised cxcywh.
+        cls_logits: ``(L, B, Q, K)``, ``K = C + 1`` for ``"ce"``, ``C`` for ``"focal"``.
         gt_boxes, gt_labels: ``(B, M, 4)`` cxcywh and ``(B, M)`` classes.
         query_to_gt: ``(L, B, Q)`` int64 matched GT of each query, -1 for none.
         num_boxes: 0-d divisor of the box terms (and of the focal term).
@@ -93,8 +93,8 @@ def detr_set_loss(
         ``(loss_cls, loss_l1, loss_giou)`` each ``(L,)`` float32 (float64 stays float64), and
         ``target_class (L, B, Q)`` int64.
     """
-    num_layers, batch, queries, k = pred_logits.shape
-    dtype = compute_dtype(pred_boxes)
+    num_layers, batch, queries, k = cls_logits.shape
+    dtype = compute_dtype(box_pred)
     matched = query_to_gt >= 0  # (L, B, Q)
     index = query_to_gt.clamp(min=0)
     layer_gt_labels = gt_labels.unsqueeze(0).expand(num_layers, -1, -1)  # (L, B, M)
@@ -102,7 +102,7 @@ def detr_set_loss(
     # 1. targets of every query: the matched GT's class and box ("no object" and the
     #    prediction itself where unmatched, so unmatched terms are finite before masking)
     none = k - 1 if class_loss == "ce" else -1
-    pred = pred_boxes.to(dtype)
+    pred = box_pred.to(dtype)
     if gt_labels.shape[1]:
         target_class = torch.where(matched, layer_gt_labels.gather(2, index), none)
         target_box = layer_gt_boxes.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, 4))
@@ -112,14 +112,14 @@ def detr_set_loss(
         target_box = pred.detach()
     # 2. class term
     if class_loss == "ce":
-        ce = cross_entropy(pred_logits, target_class, reduction="none")  # (L, B, Q)
+        ce = cross_entropy(cls_logits, target_class, reduction="none")  # (L, B, Q)
         weight = torch.where(matched, ce.new_ones(()), ce.new_full((), eos_coef))
         if cls_normalizer is None:
             cls_normalizer = weight.sum((1, 2)).clamp(min=1e-12)
         loss_cls = (ce * weight).sum((1, 2)) / cls_normalizer
     else:
         onehot = one_hot(target_class, k, dtype) * matched.unsqueeze(-1).to(dtype)  # (L, B, Q, C)
-        focal = sigmoid_focal_loss(pred_logits, onehot, alpha, gamma, reduction="none")
+        focal = sigmoid_focal_loss(cls_logits, onehot, alpha, gamma, reduction="none")
         loss_cls = focal.sum((1, 2, 3)) / num_boxes
     # 3. box terms over matched pairs
     l1 = (pred - target_box).abs().sum(-1)  # (L, B, Q)
@@ -127,6 +127,22 @@ def detr_set_loss(
     loss_l1 = torch.where(matched, l1, 0.0).sum((1, 2)) / num_boxes
     loss_giou = torch.where(matched, 1 - giou, 0.0).sum((1, 2)) / num_boxes
     return loss_cls, loss_l1, loss_giou, target_class
+
+
+def check_detr_gt(
+    gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, num_classes: int, dims: Optional[dict] = None,
+    checks: Optional[ValueChecks] = None,
+) -> tuple[dict, Tensor]:
+    """The ground-truth checks of every DETR-family entry point (native and drop-ins): padded
+    ``gt_boxes (B, M, 4)`` normalised cxcywh (pixel boxes are refused), ``gt_labels (B, M)`` in
+    ``[0, num_classes - 1]``, ``gt_valid (B, M)``; values read in one host read (the queued
+    ``checks`` too, when given). Returns the named dimensions and ``gt_valid`` as bool."""
+    checks = ValueChecks() if checks is None else checks
+    dims, gt_valid = require_padded_gt(
+        gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=(0, num_classes - 1)
+    )
+    checks.normalised(gt_boxes, "gt_boxes", box_format="cxcywh", where=gt_valid).run()
+    return dims, gt_valid
 
 
 def layer_keys(name: str, num_layers: int) -> list[str]:
@@ -142,7 +158,7 @@ class DETRLoss(nn.Module):
         num_classes: ``C``, object classes (without "no object").
         class_loss: ``"ce"`` (DETR: ``C + 1`` logit columns, softmax matching cost) or
             ``"focal"`` (Deformable DETR / DINO: ``C`` columns, focal matching cost).
-        eos_coef: class weight of "no object" in ``"ce"`` (0.1).
+        eos_coef: ``"ce"``'s weight of "no object" (0.1; the rule: the module doc, step 2).
         alpha, gamma: focal loss and focal matching cost (0.25, 2).
         cls_weight, l1_weight, giou_weight: loss weights (DETR: 1, 5, 2; Deformable DETR 2, 5, 2).
         match_cls_weight, match_l1_weight, match_giou_weight: matching-cost weights (same
@@ -152,7 +168,7 @@ class DETRLoss(nn.Module):
         distributed: all-reduce the normalisers (DDP).
         chunk_elements: entries per matching-cost block (see :func:`detloss.detr_matching_cost`).
 
-    ``forward(pred_logits (L, B, Q, K), pred_boxes (L, B, Q, 4) normalised cxcywh, gt_boxes
+    ``forward(box_pred (L, B, Q, 4) normalised cxcywh, cls_logits (L, B, Q, K), gt_boxes
     (B, M, 4) normalised cxcywh, gt_labels (B, M) in [0, C-1], gt_valid (B, M) bool, *,
     return_assignment=False)`` returns ``loss_cls``, ``loss_l1``, ``loss_giou`` of the final
     layer, the same with suffix ``_{i}`` for auxiliary layer ``i``, ``loss`` (the weighted sum
@@ -161,9 +177,9 @@ class DETRLoss(nn.Module):
     float16/bfloat16: costs, matching and losses run in float32.
 
     >>> loss_fn = DETRLoss(num_classes=2)
-    >>> logits, boxes = torch.zeros(2, 1, 3, 3), torch.full((2, 1, 3, 4), 0.5)  # L=2, B=1, Q=3
+    >>> boxes, logits = torch.full((2, 1, 3, 4), 0.5), torch.zeros(2, 1, 3, 3)  # L=2, B=1, Q=3
     >>> gt = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])
-    >>> out = loss_fn(logits, boxes, gt, torch.tensor([[1]]), torch.tensor([[True]]))
+    >>> out = loss_fn(boxes, logits, gt, torch.tensor([[1]]), torch.tensor([[True]]))
     >>> sorted(out), round(out["loss"].item(), 4)
     (['loss', 'loss_cls', 'loss_cls_0', 'loss_giou', 'loss_giou_0', 'loss_l1', 'loss_l1_0'], 11.5572)
     """
@@ -203,8 +219,8 @@ class DETRLoss(nn.Module):
 
     def forward(
         self,
-        pred_logits: Tensor,
-        pred_boxes: Tensor,
+        box_pred: Tensor,
+        cls_logits: Tensor,
         gt_boxes: Tensor,
         gt_labels: Tensor,
         gt_valid: Tensor,
@@ -213,16 +229,12 @@ class DETRLoss(nn.Module):
     ) -> dict:
         # 0. checks, once
         k = self.num_classes + (1 if self.class_loss == "ce" else 0)
-        require_floating(pred_logits, "pred_logits")
-        dims = require_shape(pred_logits, "pred_logits", ("L", "B", "Q", k))
-        require_floating(pred_boxes, "pred_boxes")
-        require_shape(pred_boxes, "pred_boxes", ("L", "B", "Q", 4), dims)
-        checks = ValueChecks()
-        dims, gt_valid = require_padded_gt(
-            gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=(0, self.num_classes - 1)
-        )
-        checks.normalised(gt_boxes, "gt_boxes", box_format="cxcywh", where=gt_valid).run()
-        num_layers, batch, queries, _ = pred_logits.shape
+        require_floating(box_pred, "box_pred")
+        dims = require_shape(box_pred, "box_pred", ("L", "B", "Q", 4))
+        require_floating(cls_logits, "cls_logits")
+        require_shape(cls_logits, "cls_logits", ("L", "B", "Q", k), dims)
+        dims, gt_valid = check_detr_gt(gt_boxes, gt_labels, gt_valid, self.num_classes, dims)
+        num_layers, batch, queries, _ = cls_logits.shape
         # 1. one matching cost for every layer x image, one solve
         stacked = dict(
             gt_boxes=gt_boxes.unsqueeze(0).expand(num_layers, -1, -1, -1).flatten(0, 1),
@@ -230,12 +242,12 @@ class DETRLoss(nn.Module):
             gt_valid=gt_valid.unsqueeze(0).expand(num_layers, -1, -1).flatten(0, 1),
         )
         cost = matching_cost_unchecked(
-            pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), **stacked, **self.cost_options
+            cls_logits.flatten(0, 1), box_pred.flatten(0, 1), **stacked, **self.cost_options
         )
         match = match_hungarian_unchecked(cost, stacked["gt_valid"], solver=self.solver)
         query_to_gt = match.query_to_gt.view(num_layers, batch, queries)
         # 2. normalisers: the objects of the batch; with "ce" and DDP the weight sum too
-        dtype = pair_dtype(pred_logits, pred_boxes)
+        dtype = pair_dtype(cls_logits, box_pred)
         num_boxes = positive_normalizer(gt_valid.sum(), distributed=self.distributed)
         cls_normalizer = None
         if self.class_loss == "ce" and self.distributed:
@@ -244,7 +256,7 @@ class DETRLoss(nn.Module):
             cls_normalizer = positive_normalizer(weight_sum, distributed=True, min_value=1e-12).to(dtype)
         # 3. the terms of every layer, then the weighted total
         loss_cls, loss_l1, loss_giou, target_class = detr_set_loss(
-            pred_logits, pred_boxes, gt_boxes, gt_labels, query_to_gt, num_boxes.to(dtype),
+            box_pred, cls_logits, gt_boxes, gt_labels, query_to_gt, num_boxes.to(dtype),
             class_loss=self.class_loss, eos_coef=self.eos_coef, alpha=self.alpha, gamma=self.gamma,
             cls_normalizer=cls_normalizer,
         )
