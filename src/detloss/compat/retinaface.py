@@ -22,6 +22,8 @@ from ..detectors.retinaface import RetinaFaceLoss
 from ..targets import pad_ground_truth
 from .ssd_pytorch import VARIANCES, MultiBoxDropIn, split_targets
 
+__all__ = ["MultiBoxLoss"]
+
 IGNORE_GT_IOU = 0.2
 
 

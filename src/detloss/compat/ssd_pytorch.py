@@ -24,6 +24,8 @@ from .._validate import require_tensor
 from ..detectors.ssd import SSDLoss
 from ..targets import pad_ground_truth
 
+__all__ = ["MultiBoxLoss"]
+
 VARIANCES = (0.1, 0.2)
 
 
