@@ -75,6 +75,8 @@ from .sampling import mine_hard_negatives, mine_hard_negatives_batchwide, sample
 from .detectors import (
     DETRAssignment,
     DETRLoss,
+    RTDETRAssignment,
+    RTDETRLoss,
     FasterRCNNLoss,
     MultiBoxAssignment,
     ProposalTargets,

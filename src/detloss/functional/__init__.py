@@ -12,6 +12,14 @@ from .classification import (
     softmax_focal_loss,
 )
 from .dice import dice_loss
+from .detr_terms import (
+    decoupled_distillation_loss,
+    detr_varifocal_loss,
+    fine_grained_localization_loss,
+    iou_aware_bce_loss,
+    matchability_aware_loss,
+    weighting_function,
+)
 from .distribution import distribution_focal_loss, quality_focal_loss, varifocal_loss
 from .iou import iou_loss
 from .reduce import positive_normalizer, weighted_reduce
@@ -20,10 +28,15 @@ from .regression import l1_loss, smooth_l1_loss, smooth_l1_sum
 __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "decoupled_distillation_loss",
+    "detr_varifocal_loss",
     "dice_loss",
     "distribution_focal_loss",
+    "fine_grained_localization_loss",
+    "iou_aware_bce_loss",
     "iou_loss",
     "l1_loss",
+    "matchability_aware_loss",
     "positive_normalizer",
     "probability_cross_entropy",
     "quality_focal_loss",
@@ -33,4 +46,5 @@ __all__ = [
     "softmax_focal_loss",
     "varifocal_loss",
     "weighted_reduce",
+    "weighting_function",
 ]

@@ -16,7 +16,15 @@ the unmatched queries are "no object". Every decoder layer is matched on its own
 2. :func:`match_hungarian` solves all ``N`` problems with one round trip to the host: the
    stacked cost goes to the host in one copy (with the validity mask; on the CPU it is only a
    view), each problem's padding columns are dropped there (NumPy), the solver runs once per
-   problem (SciPy has no batched API), and the result comes back in one copy.
+   problem (SciPy has no batched API), and the result comes back in one copy. Problems may
+   also drop padding *rows* (``query_valid``): sets of different query counts (decoder layers,
+   the encoder's top-k output, query groups) share the one solve.
+
+Non-finite costs (NaN / inf from predictions that overflowed, e.g. fp16 under autocast) never
+raise: on the host each NaN or ``+inf`` entry becomes ``NON_FINITE_COST`` (1e30) and ``-inf``
+becomes ``-1e30``, so the matching is defined (the finite pairs are preferred) and
+deterministic; the loss, computed from the same non-finite predictions, is non-finite, so a
+``GradScaler`` skips the step.
 
 This host round trip is the one synchronisation of the DETR loss. Under ``torch.compile``
 the default solver is a custom operator (``torch.ops.detloss.hungarian``), opaque to the
@@ -261,61 +269,77 @@ def match_hungarian(cost: Tensor, gt_valid: Tensor, *, solver: Optional[Solver] 
     return match_hungarian_unchecked(cost, gt_valid, solver=solver)
 
 
-def match_hungarian_unchecked(cost: Tensor, gt_valid: Tensor, *, solver: Optional[Solver] = None) -> HungarianMatch:
-    """:func:`match_hungarian` without its metadata checks (``gt_valid`` must be bool)."""
+def match_hungarian_unchecked(
+    cost: Tensor, gt_valid: Tensor, *, solver: Optional[Solver] = None, query_valid: Optional[Tensor] = None,
+) -> HungarianMatch:
+    """:func:`match_hungarian` without its metadata checks (``gt_valid`` must be bool).
+
+    ``query_valid (N, Q)`` bool (optional) drops rows too: problems with fewer queries than
+    others (an encoder output beside the decoder layers) share one padded ``(N, Q, M)`` cost,
+    and each is solved on exactly its own ``(q_i, n_i)`` block; its padding rows stay -1."""
     n, q, m = cost.shape
     cost = cost.detach()
     if solver is None:
-        packed = torch.ops.detloss.hungarian(cost, gt_valid)
+        packed = torch.ops.detloss.hungarian(cost, gt_valid, query_valid)
     else:
-        packed = _solve_all(cost, gt_valid, solver)
+        packed = _solve_all(cost, gt_valid, solver, None, query_valid)
     return HungarianMatch(gt_to_query=packed[:, :m], query_to_gt=packed[:, m:])
 
 
-def _solve_all(cost: Tensor, gt_valid: Tensor, solver: Solver, pack: Optional[bool] = None) -> Tensor:
+def _solve_all(
+    cost: Tensor, gt_valid: Tensor, solver: Solver, pack: Optional[bool] = None, query_valid: Optional[Tensor] = None,
+) -> Tensor:
     """``(N, M + Q)`` int64 on ``cost``'s device: ``gt_to_query`` then ``query_to_gt``.
 
-    ``pack`` (default: off the CPU) sends the cost and the mask to the host as one tensor."""
+    ``pack`` (default: off the CPU) sends the cost and the masks to the host as one tensor."""
     n, q, m = cost.shape
     host_dtype = accumulate_dtype(cost)
-    # 1. one device -> host copy: the cost and the validity mask packed together (on the CPU
-    #    both are only viewed as NumPy arrays)
+    # 1. one device -> host copy: the cost and the validity masks packed together (on the CPU
+    #    they are only viewed as NumPy arrays)
     if not (cost.device.type != "cpu" if pack is None else pack):
         host_cost, host_valid = cost.to(host_dtype).numpy(), gt_valid.numpy()
+        host_rows = None if query_valid is None else query_valid.numpy()
     else:
-        packed = torch.cat((cost.reshape(n, q * m).to(host_dtype), gt_valid.to(host_dtype)), dim=1)
-        host = packed.cpu().numpy()
-        host_cost, host_valid = host[:, : q * m].reshape(n, q, m), host[:, q * m :] > 0.5
-    # 2. one solve per problem on the host, its padding columns dropped
+        parts = [cost.reshape(n, q * m).to(host_dtype), gt_valid.to(host_dtype)]
+        if query_valid is not None:
+            parts.append(query_valid.to(host_dtype))
+        host = torch.cat(parts, dim=1).cpu().numpy()
+        host_cost, host_valid = host[:, : q * m].reshape(n, q, m), host[:, q * m : q * m + m] > 0.5
+        host_rows = None if query_valid is None else host[:, q * m + m :] > 0.5
+    # 2. one solve per problem on the host, its padding columns (and rows) dropped
     out = np.full((n, m + q), -1, dtype=np.int64)
+    all_rows = np.arange(q)
     for i in range(n):
         columns = np.flatnonzero(host_valid[i])
-        if columns.size == 0 or q == 0:
+        rows_kept = all_rows if host_rows is None else np.flatnonzero(host_rows[i])
+        if columns.size == 0 or rows_kept.size == 0:
             continue
         block = host_cost[i] if columns.size == m else host_cost[i][:, columns]
+        if rows_kept.size != q:
+            block = block[rows_kept]
         if not np.isfinite(block.sum()):  # a diverging model: a defined matching, never a crash
             block = np.nan_to_num(block, nan=NON_FINITE_COST, posinf=NON_FINITE_COST, neginf=-NON_FINITE_COST)
         rows, cols = solver(block)
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-        if rows.shape != cols.shape or rows.size != min(q, columns.size):
+        if rows.shape != cols.shape or rows.size != min(rows_kept.size, columns.size):
             raise ValueError(
-                f"solver: expected min(Q, n) = {min(q, columns.size)} (row, column) pairs for "
+                f"solver: expected min(Q, n) = {min(rows_kept.size, columns.size)} (row, column) pairs for "
                 f"problem {i}, got {rows.size} rows and {cols.size} columns"
             )
-        gts = columns[cols]
-        out[i, gts] = rows
-        out[i, m + rows] = gts
+        gts, queries = columns[cols], rows_kept[rows]
+        out[i, gts] = queries
+        out[i, m + queries] = gts
     # 3. one host -> device copy
     return torch.from_numpy(out).to(cost.device)
 
 
 @torch.library.custom_op("detloss::hungarian", mutates_args=())
-def _hungarian_op(cost: Tensor, gt_valid: Tensor) -> Tensor:
+def _hungarian_op(cost: Tensor, gt_valid: Tensor, query_valid: Optional[Tensor] = None) -> Tensor:
     """The default (SciPy) solve as an operator opaque to ``torch.compile``."""
-    return _solve_all(cost, gt_valid, scipy_solver())
+    return _solve_all(cost, gt_valid, scipy_solver(), None, query_valid)
 
 
 @_hungarian_op.register_fake
-def _(cost: Tensor, gt_valid: Tensor) -> Tensor:
+def _(cost: Tensor, gt_valid: Tensor, query_valid: Optional[Tensor] = None) -> Tensor:
     n, q, m = cost.shape
     return cost.new_empty((n, m + q), dtype=torch.int64)
