@@ -260,7 +260,7 @@ class RTDETRLoss(nn.Module):
             rep = lambda t: t.unsqueeze(0).expand(reps, *t.shape).flatten(0, 1)  # noqa: E731
             cost = matching_cost_unchecked(logits, boxes, rep(gt_boxes), rep(gt_labels), rep(gt_valid),
                                            **self.cost_options)
-            costs.append(cost.view(-1, cost.shape[1] // g, m))
+            costs.append(cost.view(cost.shape[0] * g, cost.shape[1] // g, m))
             valids.append(rep(gt_valid).repeat_interleave(g, dim=0))
             rows.append(cost.shape[1] // g)
         width = max(rows)
