@@ -29,7 +29,7 @@ import bench_yolov3
 # modules whose gathered paths can be switched off one at a time
 CANDIDATE_MODULES = (
     "detloss.functional.selection",
-    "detloss.detectors.ssd",
+    "detloss.functional.multibox",
     "detloss.matching.bipartite",
     "detloss.sampling.hard_negative",
     "detloss.detectors.yolov3",

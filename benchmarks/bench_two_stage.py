@@ -63,7 +63,7 @@ def build(name: str):
 
         def step():
             pt = detloss.proposal_targets(proposals, gt, gt_labels, gt_valid, num_classes=classes, generator=gen)
-            out = loss(rpn_cls, rpn_box, anchors, gt, gt_valid, (600, 800), cls, box, pt, generator=gen)
+            out = loss(rpn_box, rpn_cls, anchors, gt, gt_valid, (600, 800), box, cls, pt, generator=gen)
             out["loss"].backward()
             for t in (rpn_cls, rpn_box, cls, box):
                 t.grad = None
@@ -83,11 +83,11 @@ def build(name: str):
 
     if name == "retinanet":
         def step():
-            loss(logits, deltas, anchors, gt, gt_labels, gt_valid)["loss"].backward()
+            loss(deltas, logits, anchors, gt, gt_labels, gt_valid)["loss"].backward()
             logits.grad = deltas.grad = None
     else:
         def step():
-            assign = loss(logits.detach()[:, :, :1].expand(-1, -1, classes), deltas.detach(), anchors, gt,
+            assign = loss(deltas.detach(), logits.detach()[:, :, :1].expand(-1, -1, classes), anchors, gt,
                           gt_labels, gt_valid, return_assignment=True)["assignment"]
             onehot = torch.nn.functional.one_hot(assign.target_class.clamp(min=0), classes).float()
             onehot = onehot * (assign.target_class >= 0).unsqueeze(-1)

@@ -55,7 +55,7 @@ def _retinanet():
     gt = torch.cat((xy, xy + 20 + torch.rand(2, 6, 2, generator=g) * 90), -1)
     logits = torch.randn(2, anchors.shape[0], 80, generator=g, dtype=torch.float64, requires_grad=True)
     deltas = (0.1 * torch.randn(2, anchors.shape[0], 4, generator=g, dtype=torch.float64)).requires_grad_()
-    out = detloss.RetinaNetLoss(80)(logits, deltas, anchors.double(), gt.double(), torch.randint(0, 80, (2, 6), generator=g),
+    out = detloss.RetinaNetLoss(80)(deltas, logits, anchors.double(), gt.double(), torch.randint(0, 80, (2, 6), generator=g),
                                     torch.ones(2, 6, dtype=torch.bool))
     return (out["loss"], *torch.autograd.grad(out["loss"], (logits, deltas)))
 

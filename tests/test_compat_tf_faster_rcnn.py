@@ -8,7 +8,7 @@ import torch
 from detloss import box_iou
 from detloss.coders import encode_deltas
 from detloss.compat import tf_faster_rcnn as tfr
-from detloss.detectors.faster_rcnn import ProposalTargets
+from detloss.matching.rcnn_targets import ProposalTargets
 from detloss.matching.max_iou import max_iou_match
 from conftest import golden_cases
 

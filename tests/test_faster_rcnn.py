@@ -7,14 +7,9 @@ import torch
 
 from detloss import rcnn_anchors
 from detloss.compat import tf_faster_rcnn as tfr
-from detloss.detectors.faster_rcnn import (
-    FasterRCNNLoss,
-    RCNNLoss,
-    RPNLoss,
-    inside_outside_smooth_l1,
-    proposal_targets,
-    rpn_targets,
-)
+from detloss.detectors.faster_rcnn import FasterRCNNLoss, RCNNLoss, RPNLoss
+from detloss.functional import inside_outside_smooth_l1
+from detloss.matching.rcnn_targets import proposal_targets, rpn_targets
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
@@ -59,9 +54,9 @@ def test_rpn_empty_image():
     assert bool((t.box_targets[1] == 0).all()) and bool((t.inside_weights[1] == 0).all())
     cls = torch.randn(2, anchors.shape[0], 2, requires_grad=True)
     box = torch.randn(2, anchors.shape[0], 4, requires_grad=True)
-    empty = RPNLoss()(cls[1:], box[1:], anchors, boxes[1:], valid[1:], (160, 192), generator=g)
+    empty = RPNLoss()(box[1:], cls[1:], anchors, boxes[1:], valid[1:], (160, 192), generator=g)
     assert empty["loss_rpn_box"].item() == 0.0 and torch.isfinite(empty["loss"]).item()
-    out = RPNLoss()(cls, box, anchors, boxes, valid, (160, 192), generator=g, return_assignment=True)
+    out = RPNLoss()(box, cls, anchors, boxes, valid, (160, 192), generator=g, return_assignment=True)
     out["loss"].backward()
     assert bool((box.grad[1] == 0).all()) and bool(torch.isfinite(cls.grad).all())
 
@@ -76,7 +71,7 @@ def test_rpn_sigmoid_objectness_and_outside_weights():
     torch.testing.assert_close(t.outside_weights[neg][:, 0], torch.full((int(neg.sum()),), 0.75 / int(neg.sum())))
     logit = torch.randn(1, anchors.shape[0], dtype=torch.float64)
     loss = RPNLoss(pixel_offset=0.0)
-    got = loss(logit, torch.zeros(1, anchors.shape[0], 4), anchors, boxes, torch.ones(1, 2, dtype=torch.bool),
+    got = loss(torch.zeros(1, anchors.shape[0], 4), logit, anchors, boxes, torch.ones(1, 2, dtype=torch.bool),
                (320, 400), generator=torch.Generator().manual_seed(0), return_assignment=True)
     lab = got["assignment"].labels
     keep = lab >= 0
@@ -142,11 +137,11 @@ def test_roi_targets_and_class_layout():
     # the class-specific loss equals the original's inside/outside formula on the 4C layout
     cls = torch.randn(1, 4, 6, dtype=torch.float64)
     pred = torch.randn(1, 4, 24, dtype=torch.float64)
-    got = RCNNLoss()(cls, pred, t)
+    got = RCNNLoss()(pred, cls, t)
     want_box = tfr.smooth_l1_loss(pred[0], targets[0].double(), inside[0].double(), outside[0].double())
     torch.testing.assert_close(got["loss_box"], want_box)
     torch.testing.assert_close(got["loss_cls"], torch.nn.functional.cross_entropy(cls[0], t.labels[0]))
-    agnostic = RCNNLoss()(cls, pred[..., 4:8], t)
+    agnostic = RCNNLoss()(pred[..., 4:8], cls, t)
     assert torch.isfinite(agnostic["loss_box"]).item()
 
 
@@ -191,7 +186,7 @@ def test_faster_rcnn_loss_dict(golden):
     preds = [torch.randn(2, a, 2), torch.randn(2, a, 4), torch.randn(2, 128, 21), torch.randn(2, 128, 84)]
     for p in preds:
         p.requires_grad_()
-    out = FasterRCNNLoss(**ORIGINAL)(preds[0], preds[1], anchors, boxes, valid, (600, 800), preds[2], preds[3], pt,
+    out = FasterRCNNLoss(**ORIGINAL)(preds[1], preds[0], anchors, boxes, valid, (600, 800), preds[3], preds[2], pt,
                                      generator=g, return_assignment=True)
     parts = ["loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"]
     torch.testing.assert_close(out["loss"], sum(out[k] for k in parts))
@@ -210,7 +205,7 @@ def test_errors():
     with pytest.raises(ValueError, match="box_pred"):
         t = rpn_targets(anchors, boxes, valid, (64, 64))
         from detloss.detectors.faster_rcnn import rpn_loss
-        rpn_loss(torch.zeros(1, anchors.shape[0], 2), torch.zeros(1, 3, 4), t)
+        rpn_loss(torch.zeros(1, 3, 4), torch.zeros(1, anchors.shape[0], 2), t)
 
 
 @pytest.mark.slow
@@ -225,7 +220,7 @@ def test_rpn_compiles_fullgraph():
 
     def total(c, b):
         t = rpn_targets(anchors, boxes, valid, (320, 400), generator=None, batch_size_per_image=10**6)
-        return sum(rpn_loss(c, b, t).values())
+        return sum(rpn_loss(b, c, t).values())
 
     torch.testing.assert_close(torch.compile(total, fullgraph=True)(cls, box), total(cls, box))
 
@@ -236,7 +231,7 @@ def test_rcnn_image_without_gt():
                          torch.zeros(1, 0, dtype=torch.bool), num_samples=8, generator=torch.Generator().manual_seed(0))
     assert bool((t.labels == 0).all()) and int(t.num_fg[0]) == 0
     pred = torch.randn(1, 8, 12, requires_grad=True)
-    out = RCNNLoss()(torch.randn(1, 8, 3), pred, t)
+    out = RCNNLoss()(pred, torch.randn(1, 8, 3), t)
     assert out["loss_box"].item() == 0.0 and torch.isfinite(out["loss"]).item()
     out["loss"].backward()
     assert bool((pred.grad == 0).all())

@@ -146,7 +146,7 @@ def test_faster_rcnn_anchors_for_small_and_large_feature_maps(feature):
     a = anchors.shape[0]
     gt = torch.tensor([[[-10.0, 20, 90, 120], [image[1] * 0.5, image[0] * 0.5, image[1] + 30.0, image[0] * 0.9]]])
     preds = [torch.randn(1, a, 2, generator=gen).requires_grad_(), torch.randn(1, a, 4, generator=gen).requires_grad_()]
-    out = detloss.RPNLoss()(*preds, anchors, gt, torch.ones(1, 2, dtype=torch.bool), image)
+    out = detloss.RPNLoss()(*preds[::-1], anchors, gt, torch.ones(1, 2, dtype=torch.bool), image)
     finite_grads(out["loss"], preds)
     score = np.zeros((1, height, width, 18), dtype=np.float32)
     rows = np.concatenate((gt[0].numpy(), np.ones((2, 1), dtype=np.float32)), 1)
@@ -165,5 +165,5 @@ def test_retinanet_anchors_at_every_size(size):
     a = anchors.shape[0]
     gt = torch.tensor([[[-8.0, 4, size * 0.3, size * 0.4], [size * 0.2, size * 0.1, size + 16.0, size * 0.95]]])
     preds = [torch.randn(1, a, 3, generator=gen).requires_grad_(), torch.randn(1, a, 4, generator=gen).requires_grad_()]
-    out = detloss.RetinaNetLoss(3)(*preds, anchors, gt, torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.bool))
+    out = detloss.RetinaNetLoss(3)(*preds[::-1], anchors, gt, torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.bool))
     finite_grads(out["loss"], preds)

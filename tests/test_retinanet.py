@@ -48,7 +48,7 @@ def test_matches_oracle(data, focal, box_loss, chunk):
     anchors, gt, labels, valid, logits, deltas = data
     alpha, gamma = focal
     loss = RetinaNetLoss(logits.shape[2], alpha=alpha, gamma=gamma, box_loss=box_loss, beta=0.1, cls_chunk_size=chunk)
-    out = loss(torch.tensor(logits), torch.tensor(deltas), torch.tensor(anchors), torch.tensor(gt),
+    out = loss(torch.tensor(deltas), torch.tensor(logits), torch.tensor(anchors), torch.tensor(gt),
                torch.tensor(labels), torch.tensor(valid))
     want_cls, want_box = O.retinanet_loss(logits, deltas, anchors, gt, labels, valid, alpha=alpha, gamma=gamma,
                                           beta=0.1, box_loss=box_loss)
@@ -70,7 +70,7 @@ def _scene(dtype=torch.float64, seed=0):
 
 def test_alpha_minus_one_gamma_zero_is_bce():
     logits, deltas, anchors, gt, labels, valid = _scene()
-    out = RetinaNetLoss(3, alpha=-1, gamma=0)(logits, deltas, anchors, gt, labels, valid, return_assignment=True)
+    out = RetinaNetLoss(3, alpha=-1, gamma=0)(deltas, logits, anchors, gt, labels, valid, return_assignment=True)
     a = out["assignment"]
     onehot = F.one_hot(a.target_class.clamp(min=0), 3).double() * (a.target_class >= 0).unsqueeze(-1)
     keep = (a.labels >= 0).unsqueeze(-1).double()
@@ -116,7 +116,7 @@ def test_empty_images(box_loss):
     logits, deltas, anchors, gt, labels, valid = _scene()
     for m in (0, 3):
         out = RetinaNetLoss(3, box_loss=box_loss)(
-            logits, deltas, anchors, gt[:, :m] * 0, labels[:, :m], torch.zeros(2, m, dtype=torch.bool),
+            deltas, logits, anchors, gt[:, :m] * 0, labels[:, :m], torch.zeros(2, m, dtype=torch.bool),
             return_assignment=True,
         )
         assert out["loss_box"].item() == 0.0 and math.isfinite(out["loss"].item())
@@ -128,7 +128,7 @@ def test_empty_images(box_loss):
 
 def test_normalizer_and_giou_finite():
     logits, deltas, anchors, gt, labels, valid = _scene()
-    out = RetinaNetLoss(3, box_loss="giou")(logits, deltas, anchors, gt, labels, valid, return_assignment=True)
+    out = RetinaNetLoss(3, box_loss="giou")(deltas, logits, anchors, gt, labels, valid, return_assignment=True)
     a = out["assignment"]
     assert int(a.num_pos) == int((a.labels == 1).sum()) > 0
     assert bool((a.labels[1] == 0).all())  # the empty second image is all negative
@@ -139,8 +139,8 @@ def test_normalizer_and_giou_finite():
 def test_half_precision_close_to_float32():
     logits, deltas, anchors, gt, labels, valid = _scene(torch.float32)
     loss = RetinaNetLoss(3)
-    ref = loss(logits, deltas, anchors, gt, labels, valid)
-    half = loss(logits.detach().half().requires_grad_(), deltas.detach().half(), anchors, gt, labels, valid)
+    ref = loss(deltas, logits, anchors, gt, labels, valid)
+    half = loss(deltas.detach().half(), logits.detach().half().requires_grad_(), anchors, gt, labels, valid)
     assert half["loss"].dtype == torch.float32
     torch.testing.assert_close(half["loss"], ref["loss"], rtol=2e-3, atol=1e-3)
 
@@ -149,11 +149,11 @@ def test_errors():
     logits, deltas, anchors, gt, labels, valid = _scene()
     loss = RetinaNetLoss(3)
     with pytest.raises(ValueError, match="cls_logits"):
-        loss(logits[..., :2], deltas, anchors, gt, labels, valid)
+        loss(deltas, logits[..., :2], anchors, gt, labels, valid)
     with pytest.raises(ValueError, match="anchors"):
-        loss(logits, deltas, anchors[:-1], gt, labels, valid)
+        loss(deltas, logits, anchors[:-1], gt, labels, valid)
     with pytest.raises(ValueError, match="gt_labels"):
-        loss(logits, deltas, anchors, gt, labels + 3, valid)
+        loss(deltas, logits, anchors, gt, labels + 3, valid)
     with pytest.raises(ValueError, match="box_loss"):
         RetinaNetLoss(3, box_loss="iou")
     with pytest.raises(ValueError, match="num_classes"):
@@ -166,7 +166,7 @@ def test_compiles_fullgraph():
     loss = RetinaNetLoss(3)
 
     def total(c, b):
-        return loss(c, b, anchors, gt, labels, valid)["loss"]
+        return loss(b, c, anchors, gt, labels, valid)["loss"]
 
     compiled = torch.compile(total, fullgraph=True)(logits, deltas)
     torch.testing.assert_close(compiled, total(logits, deltas))
@@ -191,7 +191,7 @@ def test_forward_backward_allocates_at_most_1_2x_the_logits():
     loss = RetinaNetLoss(80)
 
     def step():
-        loss(logits, deltas, anchors, gt, labels, valid)["loss"].backward()
+        loss(deltas, logits, anchors, gt, labels, valid)["loss"].backward()
         logits.grad = deltas.grad = None
 
     with PeakAllocated():

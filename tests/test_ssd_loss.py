@@ -252,8 +252,6 @@ def test_half_precision_runs_in_float32():
         (lambda x: x.update(box_pred=x["box_pred"][0]), ValueError, r"box_pred: expected shape \(B, P, 4\)"),
         (lambda x: x.update(cls_logits=x["cls_logits"][..., :5]), ValueError, r"cls_logits: expected shape .*C=21"),
         (lambda x: x.update(gt_boxes=x["gt_boxes"] * 300), ValueError, "gt_boxes: expected normalised.*divide pixel boxes"),
-        (lambda x: x.update(box_pred=x["box_pred"].detach().index_fill(1, torch.tensor([5]), float("nan"))), ValueError, "box_pred: expected finite"),
-        (lambda x: x.update(cls_logits=x["cls_logits"].detach().index_fill(1, torch.tensor([5]), float("inf"))), ValueError, "cls_logits.*finite"),
         (lambda x: x.update(gt_boxes=x["gt_boxes"].index_fill(1, torch.tensor([0]), float("inf"))), ValueError, "gt_boxes: expected finite"),
         (lambda x: x.update(gt_valid=x["gt_valid"][:, :1]), ValueError, r"gt_valid: expected shape \(B=4, M=4\)"),
         (lambda x: x.update(box_pred=x["box_pred"].long()), TypeError, "box_pred: expected a floating"),

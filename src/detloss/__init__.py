@@ -57,6 +57,8 @@ from .matching import (
     HungarianMatch,
     MaxIoUAssignment,
     PriorMatch,
+    ProposalTargets,
+    RPNTargets,
     TaskAlignedAssignment,
     YoloAssignment,
     YoloTargets,
@@ -70,6 +72,8 @@ from .matching import (
     match_priors,
     match_task_aligned,
     max_iou_match,
+    proposal_targets,
+    rpn_targets,
 )
 from .sampling import mine_hard_negatives, mine_hard_negatives_batchwide, sample_balanced, top_k_mask
 from .detectors import (
@@ -79,17 +83,13 @@ from .detectors import (
     RTDETRLoss,
     FasterRCNNLoss,
     MultiBoxAssignment,
-    ProposalTargets,
     RCNNLoss,
     RetinaFaceLoss,
     RetinaNetAssignment,
     RetinaNetLoss,
     RPNLoss,
-    RPNTargets,
     SSDLoss,
     YOLOv3Loss,
     YOLOv3LossAssignment,
     YOLOv8Loss,
-    proposal_targets,
-    rpn_targets,
 )

@@ -15,24 +15,23 @@ Under ``torch.compile`` every strategy runs dense. ::
         out = loss_fn(...)            # the accelerator path, on the CPU too
     detloss.set_execution_strategy("auto")
 
-The gathered paths that remain, each with the slowdown of its family's CPU forward + backward
-when it alone is replaced by its dense form (``benchmarks/ab_gathered_paths.py``: paired A/B,
-alternating rounds in one process, torch 2.13, this project's 2-core machine; the bar is 10 %):
+The gathered paths that remain, each kept because replacing it alone by its dense form slows
+its family's CPU forward + backward by more than the 10 % bar (``benchmarks/ab_gathered_paths.py``:
+paired A/B, alternating rounds in one process; the measured slowdowns, with the machine they
+came from, are in ``benchmarks/README.md``):
 
 * ``functional.selection.RowSelection``: the SSD / RetinaFace box and class terms on the
   gathered rows that carry loss (positives and mined negatives, ~4 % of the priors) instead of
-  masks over every prior. SSD300 b32 +42-56 %, RetinaFace 640 b32 +182 %.
-* ``detectors.ssd.mined_cross_entropy``: negatives ranked by a no-grad ``exp`` + BLAS
+  masks over every prior.
+* ``functional.multibox.mined_cross_entropy``: negatives ranked by a no-grad ``exp`` + BLAS
   log-sum-exp (:func:`detloss.functional.classification.class_cross_entropy_no_grad`), the
-  differentiable cross-entropy only on the gathered rows. SSD300 +25-45 %, RetinaFace +42 %.
+  differentiable cross-entropy only on the gathered rows.
 * ``_memory.new_like``: head-sized CPU gradients above 32 MiB allocated by NumPy (``calloc``:
-  no page-by-page faulting and second clearing of a fresh mapping). YOLOv3 416 b32 +74 %.
+  no page-by-page faulting and second clearing of a fresh mapping).
 * ``sampling.hard_negative.top_k_mask``: hard negatives by one ``topk`` per group of images of
-  similar counts (``detloss._grouping``) instead of the radix select. RetinaFace +16 %, SSD
-  +11.5 % (2 threads, quiet machine).
-* ``matching.task_aligned``: each GT chunk's CIoU and metric on its candidate pairs only.
-  YOLOv8 loss +6 / +117 / +385 % at 10 / 100 / 1000 objects per image (below the bar at 10,
-  never slower).
+  similar counts (``detloss._grouping``) instead of the radix select.
+* ``matching.task_aligned``: each GT chunk's CIoU and metric on its candidate pairs only
+  (below the bar at 10 objects per image, far above it at 100 and 1000, never slower).
 
 Deleted because they stayed below the bar (same harness): the matcher's GT compaction, count
 grouping and has-GT skip with the IoU kernel's skipped degenerate rule (SSD +2 %, RetinaFace

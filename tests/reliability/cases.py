@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import detloss
-from detloss.detectors.faster_rcnn import ProposalTargets, proposal_targets
+from detloss.matching.rcnn_targets import ProposalTargets, proposal_targets
 from detloss.priors import anchor_points
 
 FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_rcnn", "detr", "yolov8")
@@ -249,13 +249,15 @@ def make_case(
     boxes, valid = random_gt(gen, counts, float(IMAGE), degenerate=degenerate, min_size=0.2)
     if family == "retinanet":
         module = detloss.RetinaNetLoss(c, **options)
-        args = [pred(batch, a, c), pred(batch, a, 4), anchors, boxes, labels(0, c - 1), valid]
+        cls_logits, box_pred = pred(batch, a, c), pred(batch, a, 4)
+        args = [box_pred, cls_logits, anchors, boxes, labels(0, c - 1), valid]
         return Case(family, module, args, [True, True, False, True, True, True], [0, 1], batch)
 
     rpn_options = dict(batch_size_per_image=a, positive_fraction=1.0) if sample_all else dict(batch_size_per_image=32)
     if family == "rpn":
         module = detloss.RPNLoss(**rpn_options, **options)
-        args = [pred(batch, a, 2), pred(batch, a, 4), anchors, boxes, valid, (IMAGE, IMAGE)]
+        cls_logits, box_pred = pred(batch, a, 2), pred(batch, a, 4)
+        args = [box_pred, cls_logits, anchors, boxes, valid, (IMAGE, IMAGE)]
         return Case(family, module, args, [True, True, False, True, True, False], [0, 1], batch, generator_seed=seed)
 
     gt_labels = labels(1, c - 1)
@@ -268,12 +270,14 @@ def make_case(
         proposals, boxes, gt_labels, valid, num_samples=RCNN_SAMPLES, num_classes=c,
         fg_fraction=1.0 if sample_all else 0.25, generator=torch.Generator().manual_seed(seed),
     )
-    head = [pred(batch, RCNN_SAMPLES, c), pred(batch, RCNN_SAMPLES, 4 * c)]
+    cls_logits, box_pred = pred(batch, RCNN_SAMPLES, c), pred(batch, RCNN_SAMPLES, 4 * c)
+    head = [box_pred, cls_logits]
     if family == "rcnn":
         module = detloss.RCNNLoss(**options)
         return Case(family, module, [*head, targets], [True, True, True], [0, 1], batch)
     module = detloss.FasterRCNNLoss(**rpn_options, **options)
-    args = [pred(batch, a, 2), pred(batch, a, 4), anchors, boxes, valid, (IMAGE, IMAGE), *head, targets]
+    rpn_cls_logits, rpn_box_pred = pred(batch, a, 2), pred(batch, a, 4)
+    args = [rpn_box_pred, rpn_cls_logits, anchors, boxes, valid, (IMAGE, IMAGE), *head, targets]
     batched = [True, True, False, True, True, False, True, True, True]
     return Case(family, module, args, batched, [0, 1, 6, 7], batch, generator_seed=seed)
 

@@ -15,7 +15,7 @@ import detloss
 from detloss.compat import retinaface as compat_rf
 from detloss.compat import ssd_pytorch as compat_ssd
 from detloss.compat import ultralytics as compat_ul
-from detloss.detectors.faster_rcnn import proposal_targets
+from detloss.matching.rcnn_targets import proposal_targets
 
 from .cases import make_case
 
@@ -100,9 +100,9 @@ KINDS = [
      r"gt_boxes: expected finite values"),
     ("retinanet-box-loss-choice", lambda: detloss.RetinaNetLoss(3, box_loss="iou"), ValueError, r"box_loss: expected one of"),
     ("rpn-image-size", _call("rpn", 5, lambda t: torch.ones(3, 2) * 64), ValueError, r"image_size: expected \(height, width\)"),
-    ("rpn-objectness-shape", _call("rpn", 0, lambda t: torch.cat((t, t[..., :1]), -1)), ValueError,
+    ("rpn-objectness-shape", _call("rpn", 1, lambda t: torch.cat((t, t[..., :1]), -1)), ValueError,
      r"cls_logits: expected shape \(B=2, A=128, 2\)"),
-    ("rcnn-box-pred-shape", _call("rcnn", 1, lambda t: t[..., :5]), ValueError, r"box_pred: expected shape \(B=2, S=8, 4\)"),
+    ("rcnn-box-pred-shape", _call("rcnn", 0, lambda t: t[..., :5]), ValueError, r"box_pred: expected shape \(B=2, S=8, 4\)"),
     ("proposal-label-range",
      lambda: proposal_targets(_boxes()[None] * 64, _boxes(1)[None] * 64, torch.tensor([[0]]), torch.ones(1, 1, dtype=torch.bool),
                               num_classes=4), ValueError, r"gt_labels: expected values in \[1, 3\]"),

@@ -41,7 +41,7 @@ def test_sampling_follows_the_generator(family):
 
 
 def test_proposal_sampling_follows_the_generator():
-    from detloss.detectors.faster_rcnn import proposal_targets
+    from detloss.matching.rcnn_targets import proposal_targets
 
     case = make_case("rcnn", batch=2, num_gt=3, seed=44)
     gt = make_case("retinanet", batch=2, num_gt=3, seed=44)

@@ -107,10 +107,9 @@ def test_fm02_loss_is_sum_over_float_positive_count(family, monkeypatch):
     import importlib
 
     mod = importlib.import_module(f"detloss.detectors.{module}")
-    monkeypatch.setattr(mod, "positive_normalizer", lambda count, **kw: torch.ones((), dtype=torch.float32))
-    if family == "ssd":
-        monkeypatch.setattr(mod, "multibox_normalizer", lambda *a, **k: torch.ones(()))
-    if family == "retinaface":
+    if family != "ssd":
+        monkeypatch.setattr(mod, "positive_normalizer", lambda count, **kw: torch.ones((), dtype=torch.float32))
+    if family in ("ssd", "retinaface"):
         monkeypatch.setattr(mod, "multibox_normalizer", lambda *a, **k: torch.ones(()))
     raw = case.call()
     terms = ("loss_box", "loss_cls") if family != "yolov3" else ("loss_box", "loss_obj", "loss_cls")
@@ -559,7 +558,7 @@ def test_fm13_retinanet_label_k_is_sigmoid_column_k_no_background():
     pos = a.labels == 1
     assert torch.equal(a.target_class[pos], case.args[4].gather(1, a.matched_gt)[pos])
     onehot = F.one_hot(a.target_class.clamp(min=0), 3).double() * pos.unsqueeze(-1)
-    logits = case.args[0].detach().double()
+    logits = case.args[1].detach().double()
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     p_t = p * onehot + (1 - p) * (1 - onehot)
@@ -590,7 +589,7 @@ def test_fm13_rcnn_class_0_is_background_and_label_is_column():
     targets = case.args[2]
     assert (targets.labels >= 0).all() and (targets.labels[:, : int(targets.num_fg.min())] >= 1).all()
     out = case.call()
-    logits = case.args[0].detach().double()
+    logits = case.args[1].detach().double()
     ref = F.cross_entropy(logits.flatten(0, 1), targets.labels.flatten(), ignore_index=-1)
     torch.testing.assert_close(out["loss_cls"].double(), ref, rtol=1e-5, atol=1e-6)
 
@@ -599,7 +598,7 @@ def test_fm13_rpn_column_1_is_object():
     case = make_case("rpn", num_gt=3, seed=20)
     out = case.call(return_assignment=True)
     labels = out["assignment"].labels
-    logits = case.args[0].detach().double()
+    logits = case.args[1].detach().double()
     ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-1)
     torch.testing.assert_close(out["loss_rpn_cls"].double(), ref, rtol=1e-5, atol=1e-6)
 

@@ -112,7 +112,7 @@ class RetinaNetHead(nn.Module):
 
     def loss(self, raw: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         return self.criterion(
-            raw["cls"], raw["box"], self.anchors, batch.boxes, batch.labels.clamp(min=0), batch.valid
+            raw["box"], raw["cls"], self.anchors, batch.boxes, batch.labels.clamp(min=0), batch.valid
         )
 
     def predict(self, raw: dict[str, Tensor]) -> list[Detections]:
@@ -261,7 +261,7 @@ def roi_features(feature: Tensor, rois: Tensor, stride: int, output: int = 7) ->
 
 class FasterRCNNHead(nn.Module):
     """Faster R-CNN: an RPN (9 anchors per cell on the stride-16 map, 2-way softmax), proposals
-    by decoding + NMS, ROIs sampled by :func:`detloss.detectors.faster_rcnn.proposal_targets`,
+    by decoding + NMS, ROIs sampled by :func:`detloss.proposal_targets`,
     RoI features pooled with ``grid_sample`` from the stride-8 map, a two-layer MLP with
     class-specific boxes; :class:`detloss.FasterRCNNLoss`. R-CNN labels are ``label + 1``
     (0 is background)."""
@@ -312,7 +312,7 @@ class FasterRCNNHead(nn.Module):
         return self.cls(x), self.box(x)
 
     def loss(self, raw: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-        from ..detectors.faster_rcnn import RCNN_STDS, proposal_targets
+        from ..matching.rcnn_targets import RCNN_STDS, proposal_targets
 
         props, valid = self.proposals(raw, self.TRAIN_PROPOSALS)
         targets = proposal_targets(props, batch.boxes, batch.labels.clamp(min=0) + 1, batch.valid, valid,
@@ -320,11 +320,11 @@ class FasterRCNNHead(nn.Module):
                                    generator=self.generator)
         cls_logits, box_pred = self.roi_head(raw["p3"], targets.rois.detach())
         size = (self.image_size, self.image_size)
-        return self.criterion(raw["rpn_cls"], raw["rpn_box"], self.anchors, batch.boxes, batch.valid, size,
-                              cls_logits, box_pred, targets, generator=self.generator)
+        return self.criterion(raw["rpn_box"], raw["rpn_cls"], self.anchors, batch.boxes, batch.valid, size,
+                              box_pred, cls_logits, targets, generator=self.generator)
 
     def predict(self, raw: dict[str, Tensor]) -> list[Detections]:
-        from ..detectors.faster_rcnn import RCNN_STDS
+        from ..matching.rcnn_targets import RCNN_STDS
 
         rois, valid = self.proposals(raw, self.TEST_PROPOSALS)
         cls_logits, box_pred = self.roi_head(raw["p3"], rois)

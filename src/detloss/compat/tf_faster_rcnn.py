@@ -29,13 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..detectors.faster_rcnn import (
-    inside_outside_smooth_l1,
-    objectness_loss,
-    proposal_targets,
-    rpn_targets,
-)
-from ..functional import cross_entropy
+from .._validate import ValueChecks
+from ..functional import cross_entropy, inside_outside_smooth_l1, objectness_loss
+from ..matching.rcnn_targets import proposal_targets, rpn_targets
 from ..priors import rcnn_anchors, rcnn_base_anchors
 
 __all__ = [
@@ -298,11 +294,8 @@ def add_losses(
     label = _tensor(labels, "labels", torch.int64).reshape(-1)
     if label.shape[0] != cls_score.shape[0]:
         raise ValueError(f"labels: expected {cls_score.shape[0]} labels (one per ROI), got {label.shape[0]}")
-    if label.numel() and bool(((label < 0) | (label >= cls_score.shape[-1])).any()):
-        raise ValueError(
-            f"labels: expected values in [0, {cls_score.shape[-1] - 1}], "
-            f"got min {int(label.min())} and max {int(label.max())}"
-        )
+    checks = ValueChecks().in_range(label, "labels", 0, cls_score.shape[-1] - 1)
+    checks.in_range(rpn_label, "rpn_labels", -1, 1).run()
     losses = {
         "cross_entropy": cross_entropy(cls_score, label),
         "loss_box": smooth_l1_loss(bbox_pred, bbox_targets, bbox_inside_weights, bbox_outside_weights),

@@ -1,7 +1,7 @@
 """Composite losses, one module per detector family (assignment, terms, normalisation)."""
 from .detr import DETRAssignment, DETRLoss
 from .rt_detr import RTDETRAssignment, RTDETRLoss
-from .faster_rcnn import FasterRCNNLoss, ProposalTargets, RCNNLoss, RPNLoss, RPNTargets, proposal_targets, rpn_targets
+from .faster_rcnn import FasterRCNNLoss, RCNNLoss, RPNLoss
 from .retinaface import RetinaFaceLoss
 from .retinanet import RetinaNetAssignment, RetinaNetLoss
 from .ssd import MultiBoxAssignment, SSDLoss

@@ -28,19 +28,13 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_finite, require_floating, require_positive, require_shape
+from .._validate import ValueChecks, as_bool_mask, require_floating, require_positive, require_shape
 from ..coders import DEFAULT_VARIANCES, encode_landmarks
 from ..functional import positive_normalizer
+from ..functional.multibox import mined_cross_entropy, multibox_normalizer, smooth_l1_over
 from ..functional.selection import gather_matched
-from ..matching.bipartite import match_priors
-from .ssd import (
-    MultiBoxAssignment,
-    MultiBoxLossBase,
-    mined_cross_entropy,
-    multibox_normalizer,
-    smooth_l1_over,
-    validate_multibox_inputs,
-)
+from ..matching.bipartite import match_priors_unchecked
+from .ssd import MultiBoxAssignment, MultiBoxLossBase, queue_multibox_checks
 
 NUM_LANDMARK_COORDS = 10
 
@@ -117,19 +111,19 @@ class RetinaFaceLoss(MultiBoxLossBase):
         *,
         return_assignment: bool = False,
     ) -> dict:
-        dims, gt_valid = validate_multibox_inputs(box_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
+        checks = ValueChecks()
+        dims, gt_valid = queue_multibox_checks(box_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes, checks)
         require_floating(landmark_pred, "landmark_pred")
         require_floating(gt_landmarks, "gt_landmarks")
         require_shape(landmark_pred, "landmark_pred", ("B", "P", NUM_LANDMARK_COORDS), dims)
         require_shape(gt_landmarks, "gt_landmarks", ("B", "M", NUM_LANDMARK_COORDS), dims)
         require_shape(gt_has_landmarks, "gt_has_landmarks", ("B", "M"), dims)
         gt_has_landmarks = as_bool_mask(gt_has_landmarks, "gt_has_landmarks")
-        require_finite(landmark_pred, "landmark_pred")
-        require_finite(gt_landmarks, "gt_landmarks")
+        checks.finite(gt_landmarks, "gt_landmarks").run()
 
         # 1. match: each prior's face (threshold + bipartite forcing, faces below min_best_iou
         #    ignored); N = positives
-        match = match_priors(
+        match = match_priors_unchecked(
             priors, gt_boxes, gt_valid,
             pos_iou=self.pos_iou, min_best_iou=self.min_best_iou,
             drop_degenerate_gt=self.drop_degenerate_gt,

@@ -71,14 +71,14 @@ class RetinaNetLoss(nn.Module):
         distributed: all-reduce the positive count (DDP).
         chunk_size: anchors per IoU chunk; cls_chunk_size: rows per focal-loss chunk.
 
-    ``forward(cls_logits (B, A, K), box_pred (B, A, 4) deltas, anchors (A, 4) xyxy pixels,
+    ``forward(box_pred (B, A, 4) deltas, cls_logits (B, A, K), anchors (A, 4) xyxy pixels,
     gt_boxes (B, M, 4) xyxy pixels, gt_labels (B, M) in [0, K-1], gt_valid (B, M) bool, *,
     return_assignment=False)`` returns ``{"loss_cls", "loss_box", "loss"}`` (0-d float32, or
     float64 for float64 input) and ``"assignment"`` (:class:`RetinaNetAssignment`) when asked.
 
     >>> anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [20.0, 20.0, 30.0, 30.0]])
     >>> gt_boxes, gt_labels, gt_valid = torch.tensor([[[0.0, 0.0, 10.0, 12.0]]]), torch.tensor([[1]]), torch.tensor([[True]])
-    >>> out = RetinaNetLoss(2)(torch.zeros(1, 3, 2), torch.zeros(1, 3, 4), anchors, gt_boxes, gt_labels, gt_valid)
+    >>> out = RetinaNetLoss(2)(torch.zeros(1, 3, 4), torch.zeros(1, 3, 2), anchors, gt_boxes, gt_labels, gt_valid)
     >>> {k: round(float(v), 4) for k, v in out.items()}
     {'loss_cls': 0.6931, 'loss_box': 0.1823, 'loss': 0.8755}
     """
@@ -118,8 +118,8 @@ class RetinaNetLoss(nn.Module):
 
     def forward(
         self,
-        cls_logits: Tensor,
         box_pred: Tensor,
+        cls_logits: Tensor,
         anchors: Tensor,
         gt_boxes: Tensor,
         gt_labels: Tensor,

@@ -28,30 +28,25 @@ original where it matters):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._validate import (
-    as_bool_mask,
+    ValueChecks,
     require_choice,
-    require_finite,
     require_floating,
     require_int,
     require_integer,
+    require_padded_gt,
     require_positive,
-    require_normalised,
-    require_range,
     require_shape,
 )
-from ..strategy import host_sync_is_free
 from ..coders import DEFAULT_VARIANCES, encode_boxes
-from ..functional import cross_entropy, positive_normalizer, smooth_l1_loss, weighted_reduce
-from ..functional.classification import class_cross_entropy_no_grad
-from ..functional.selection import RowSelection, gather_matched
-from ..matching.bipartite import PriorMatch, match_priors
-from ..sampling.hard_negative import mine_hard_negatives
+from ..functional.multibox import mined_cross_entropy, multibox_normalizer, smooth_l1_over
+from ..functional.selection import gather_matched
+from ..matching.bipartite import PriorMatch, match_priors_unchecked
 
 NORMALIZE_BY = ("num_pos", "none")
 
@@ -82,79 +77,29 @@ class MultiBoxAssignment:
     landmark_targets: Optional[Tensor] = None
 
 
-def validate_multibox_inputs(
+def queue_multibox_checks(
     box_pred: Tensor,
     cls_logits: Tensor,
     priors: Tensor,
     gt_boxes: Tensor,
     gt_valid: Tensor,
     num_classes: int,
+    checks: ValueChecks,
 ) -> tuple[dict[str, int], Tensor]:
-    """Shared input checks of the SSD and RetinaFace losses; returns ``(dims, gt_valid as bool)``."""
+    """The SSD and RetinaFace input checks: shapes and dtypes now, the values of the priors
+    (finite, normalised cxcywh, positive sizes) and of the padded GT (finite, normalised) queued
+    on ``checks``; the predictions are never read. Returns ``(dims, gt_valid as bool)``."""
     require_floating(box_pred, "box_pred")
     require_floating(cls_logits, "cls_logits")
     require_floating(priors, "priors")
-    require_floating(gt_boxes, "gt_boxes")
-    dims = {"C": num_classes}
-    require_shape(box_pred, "box_pred", ("B", "P", 4), dims)
+    dims = require_shape(box_pred, "box_pred", ("B", "P", 4), {"C": num_classes})
     require_shape(cls_logits, "cls_logits", ("B", "P", "C"), dims)
     require_shape(priors, "priors", ("P", 4), dims)
-    require_shape(gt_boxes, "gt_boxes", ("B", "M", 4), dims)
-    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
-    require_finite(box_pred, "box_pred")
-    require_finite(priors, "priors")
-    require_finite(gt_boxes, "gt_boxes")
-    require_normalised(priors, "priors", box_format="cxcywh", positive_size=True)
-    require_normalised(gt_boxes, "gt_boxes", where=gt_valid)
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, checks=checks, dims=dims)
+    checks.finite(priors, "priors")
+    checks.normalised(priors, "priors", box_format="cxcywh", positive_size=True)
+    checks.normalised(gt_boxes, "gt_boxes", where=gt_valid)
     return dims, gt_valid
-
-
-def mined_cross_entropy(
-    cls_logits: Tensor,
-    labels: Tensor,
-    positive: Tensor,
-    *,
-    neg_pos_ratio: float,
-    normalizer: Tensor,
-    candidates: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """Softmax cross-entropy over positives and per-image hard negatives, summed / ``normalizer``.
-
-    ``cls_logits (B, P, C)``, ``labels (B, P)`` int64 (0 = background), ``positive (B, P)``
-    bool. Negatives are ranked by their cross-entropy against the background
-    (:func:`detloss.mine_hard_negatives`). Returns ``(loss (0-d float32/64), negative (B, P)
-    bool)``. A non-finite cross-entropy (NaN/inf logits) is reported as a ``ValueError`` (a
-    value check).
-
-    Two strategies with the same result (up to summation order), chosen like
-    :class:`detloss.functional.selection.RowSelection`:
-
-    * gathered (CPU): the ranking scores ``logsumexp(x) - x_0`` of every prior come from
-      :func:`detloss.functional.classification.class_cross_entropy_no_grad`; the
-      differentiable cross-entropy is computed on the ~4 % of rows that are selected;
-    * dense (accelerators, ``torch.compile``): the cross-entropy of every prior is computed
-      once, with autograd, and its detached value ranks the negatives.
-    """
-    if host_sync_is_free(cls_logits):
-        mining_loss = class_cross_entropy_no_grad(cls_logits, 0)
-        require_finite(mining_loss, "cls_logits (per-prior cross-entropy)")
-        negative = mine_hard_negatives(mining_loss, positive, neg_pos_ratio=neg_pos_ratio, candidates=candidates)
-        chosen = RowSelection(positive | negative, gather=True)
-        loss = cross_entropy(chosen.take(cls_logits), chosen.take(labels), reduction="sum", normalizer=normalizer)
-        return loss, negative
-    ce = cross_entropy(cls_logits, labels, reduction="none")
-    require_finite(ce, "cls_logits (per-prior cross-entropy)")
-    negative = mine_hard_negatives(ce.detach(), positive, neg_pos_ratio=neg_pos_ratio, candidates=candidates)
-    loss = weighted_reduce(ce, positive | negative, "sum", normalizer)
-    return loss, negative
-
-
-def multibox_normalizer(positive: Tensor, kind: str, distributed: bool) -> Tensor:
-    """``N``: the batch's positive count clamped at 1 (all-reduced if ``distributed``), or 1."""
-    if kind == "none":
-        return torch.ones((), device=positive.device)
-    return positive_normalizer(positive.sum(), distributed=distributed)
 
 
 class MultiBoxLossBase(nn.Module):
@@ -188,29 +133,6 @@ class MultiBoxLossBase(nn.Module):
     def encode_boxes(self, matched: Tensor, priors: Tensor) -> Tensor:
         """The variance coder's regression targets of ``matched`` xyxy boxes against cxcywh ``priors``."""
         return encode_boxes(matched, priors, self.variances)
-
-
-def smooth_l1_over(
-    mask: Tensor,
-    pred: Tensor,
-    gt_values: Tensor,
-    matched_gt: Tensor,
-    priors: Tensor,
-    encode: Callable[[Tensor, Tensor], Tensor],
-    normalizer: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``sum over the priors in mask of smooth_l1(pred, encode(their GT's values, prior)) / normalizer``.
-
-    ``mask (B, P)`` bool, ``pred (B, P, K)``, ``gt_values (B, M, K')`` per-GT boxes or landmarks,
-    ``matched_gt (B, P)`` each prior's GT slot, ``priors (P, 4)``; smooth L1 with beta 1 (both
-    originals). Returns the 0-d loss and the encoded targets ``(B, P, K)`` (detached, 0 outside
-    ``mask``). Only the masked rows are encoded and compared where that is cheap
-    (:class:`detloss.functional.selection.RowSelection`).
-    """
-    rows = RowSelection(mask)
-    targets = encode(rows.take_matched(gt_values, matched_gt), rows.take_priors(priors))
-    loss = smooth_l1_loss(rows.take(pred), targets, 1.0, weight=rows.weight(1), reduction="sum", normalizer=normalizer)
-    return loss, rows.scatter(targets.detach())
 
 
 class SSDLoss(MultiBoxLossBase):
@@ -274,13 +196,14 @@ class SSDLoss(MultiBoxLossBase):
         *,
         return_assignment: bool = False,
     ) -> dict:
-        dims, gt_valid = validate_multibox_inputs(box_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes)
+        checks = ValueChecks()
+        dims, gt_valid = queue_multibox_checks(box_pred, cls_logits, priors, gt_boxes, gt_valid, self.num_classes, checks)
         require_integer(gt_labels, "gt_labels")
         require_shape(gt_labels, "gt_labels", ("B", "M"), dims)
-        require_range(gt_labels, "gt_labels", 0, self.num_classes - 2, where=gt_valid)
+        checks.in_range(gt_labels, "gt_labels", 0, self.num_classes - 2, where=gt_valid).run()
 
         # 1. match: each prior's GT (threshold + bipartite forcing); N = positives
-        match = match_priors(
+        match = match_priors_unchecked(
             priors, gt_boxes, gt_valid,
             pos_iou=self.pos_iou, neg_iou=self.neg_iou, drop_degenerate_gt=self.drop_degenerate_gt,
         )

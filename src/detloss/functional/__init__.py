@@ -7,6 +7,7 @@ hands it over.
 from .classification import (
     binary_cross_entropy_with_logits,
     cross_entropy,
+    objectness_loss,
     probability_cross_entropy,
     sigmoid_focal_loss,
     softmax_focal_loss,
@@ -23,7 +24,7 @@ from .detr_terms import (
 from .distribution import distribution_focal_loss, quality_focal_loss, varifocal_loss
 from .iou import iou_loss
 from .reduce import positive_normalizer, weighted_reduce
-from .regression import l1_loss, smooth_l1_loss, smooth_l1_sum
+from .regression import inside_outside_smooth_l1, l1_loss, smooth_l1_loss, smooth_l1_sum
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -34,9 +35,11 @@ __all__ = [
     "distribution_focal_loss",
     "fine_grained_localization_loss",
     "iou_aware_bce_loss",
+    "inside_outside_smooth_l1",
     "iou_loss",
     "l1_loss",
     "matchability_aware_loss",
+    "objectness_loss",
     "positive_normalizer",
     "probability_cross_entropy",
     "quality_focal_loss",

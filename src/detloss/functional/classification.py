@@ -14,7 +14,7 @@ from torch import Tensor
 from .._chunking import CROSS_ENTROPY_ROWS, LOGSUMEXP_ROWS, chunk_elements
 from .._ties import at_least
 from .._validate import require_floating, require_integer, require_positive, require_same_shape
-from ..boxes import accumulate_dtype
+from ..boxes import accumulate_dtype, compute_dtype
 from .reduce import Reduction, require_weight_shape, weighted_reduce
 
 
@@ -291,3 +291,20 @@ def probability_cross_entropy(
     p, t = _acc(probs), _acc(target)
     loss = -(t * torch.log(at_least(p, eps))).sum(dim=-1)
     return weighted_reduce(loss, weight, reduction, normalizer)
+
+
+def objectness_loss(cls_logits: Tensor, labels: Tensor, normalizer: Optional[Tensor] = None) -> Tensor:
+    """Mean objectness cross-entropy over the anchors with ``labels (B, A)`` >= 0.
+
+    ``cls_logits`` is ``(B, A, 2)`` ``[background, object]`` (softmax) or ``(B, A)`` (sigmoid).
+    With ``normalizer`` the sum is divided by it instead (the all-reduced sample count).
+    ``labels`` are targets the library built (1 object, 0 background, -1 ignored); like every
+    term of :mod:`detloss.functional`, their values are not read on the host.
+    """
+    reduction = "mean" if normalizer is None else "sum"
+    if cls_logits.shape == labels.shape:
+        keep = (labels >= 0).to(compute_dtype(cls_logits))
+        return binary_cross_entropy_with_logits(
+            cls_logits, labels.clamp(min=0).to(keep.dtype), weight=keep, reduction=reduction, normalizer=normalizer
+        )
+    return cross_entropy(cls_logits, labels, ignore_index=-1, reduction=reduction, normalizer=normalizer)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._validate import require_floating, require_positive, require_same_shape
-from ..boxes import accumulate_dtype
+from ..boxes import accumulate_dtype, compute_dtype
 from .reduce import Reduction, weighted_reduce
 
 
@@ -128,4 +128,22 @@ def l1_loss(
     """
     return smooth_l1_loss(
         input, target, 0.0, weight=weight, reduction=reduction, normalizer=normalizer
+    )
+
+
+def inside_outside_smooth_l1(
+    pred: Tensor, target: Tensor, inside_weight: Tensor, outside_weight: Tensor, *,
+    sigma: Optional[float] = None, beta: Optional[float] = None,
+) -> Tensor:
+    """Element-wise ``outside * smoothL1(inside * (pred - target))`` (Faster R-CNN's form).
+
+    All four tensors have the same shape ``(...)``; give ``sigma`` (``beta = 1 / sigma**2``)
+    or ``beta``. Computed in float32 for half inputs. Returns the unreduced ``(...)`` loss.
+    """
+    require_floating(pred, "pred")
+    for name, t in (("target", target), ("inside_weight", inside_weight), ("outside_weight", outside_weight)):
+        require_same_shape(t, name, pred, "pred")
+    diff = inside_weight * (pred.to(compute_dtype(pred)) - target)
+    return smooth_l1_loss(
+        diff, torch.zeros_like(diff), beta, sigma=sigma, weight=outside_weight, reduction="none"
     )

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._chunking import PRIOR_IOU, chunk_elements
-from .._validate import as_bool_mask, require_boxes, require_choice, require_shape
+from .._validate import ValueChecks, require_boxes, require_choice, require_padded_gt, require_shape
 from ..boxes import ChunkedPairwiseIoU, cxcywh_to_xyxy, pair_dtype
 
 FORCED_IOU = 2.0
@@ -163,12 +163,33 @@ def match_priors(
     >>> match.positive
     tensor([[ True, False, False]])
     """
-    dims = require_shape(gt_boxes, "gt_boxes", ("B", "M", 4))
-    require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-    require_shape(priors, "priors", ("P", 4), dims)
-    require_boxes(gt_boxes, "gt_boxes")
     require_boxes(priors, "priors")
-    gt_valid = as_bool_mask(gt_valid, "gt_valid")
+    checks = ValueChecks().finite(priors, "priors")
+    dims, gt_valid = require_padded_gt(gt_boxes, gt_valid, checks=checks)
+    require_shape(priors, "priors", ("P", 4), dims)
+    checks.run()
+    return match_priors_unchecked(
+        priors, gt_boxes, gt_valid, pos_iou=pos_iou, neg_iou=neg_iou, min_best_iou=min_best_iou,
+        priors_format=priors_format, drop_degenerate_gt=drop_degenerate_gt,
+        ignored_gt_claims_prior=ignored_gt_claims_prior, chunk_size=chunk_size,
+    )
+
+
+def match_priors_unchecked(
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    *,
+    pos_iou: float,
+    neg_iou: Optional[float] = None,
+    min_best_iou: Optional[float] = None,
+    priors_format: Literal["cxcywh", "xyxy"] = "cxcywh",
+    drop_degenerate_gt: bool = True,
+    ignored_gt_claims_prior: bool = False,
+    chunk_size: Optional[int] = None,
+) -> PriorMatch:
+    """:func:`match_priors` on inputs already checked (shapes, ``gt_valid`` a bool mask, values
+    finite): the body the detectors call after their own fused checks."""
     require_choice(priors_format, "priors_format", ("cxcywh", "xyxy"))
     if neg_iou is not None and neg_iou > pos_iou:
         raise ValueError(f"neg_iou: expected a value <= pos_iou={pos_iou}, got {neg_iou}")

@@ -67,3 +67,44 @@ def sample_balanced(
     neg_quota = batch_size_per_image - pos_quota
     keep = (positive & (rank < pos_quota)) | (negative & (rank - num_pos < neg_quota))
     return torch.where(keep, labels, torch.full_like(labels, -1))
+
+
+def sample_rois(
+    fg: Tensor, bg: Tensor, num_samples: int, fg_fraction: float, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """R-CNN's ROI draw: ``num_samples`` slots per image from the candidates marked ``fg (B, N)``
+    and ``bg (B, N)`` (bool), foreground first.
+
+    With both kinds present, ``min(round(num_samples * fg_fraction), #fg)`` foreground slots are
+    drawn without replacement and background fills the rest (with replacement if there are too
+    few); with one kind only, every slot is drawn from it (with replacement if too few).
+    Returns ``(index (B, S) into N, num_fg (B,), filled (B, S) bool)``; a slot is unfilled when
+    its image has no candidate of its kind.
+
+    Candidates are put in random order (fg first, then bg, via sorted random keys); a slot
+    without replacement takes the next candidate of its kind, a slot with replacement a
+    uniformly random one of its kind.
+    """
+    batch, n = fg.shape
+    keys = torch.rand((batch, n), generator=generator, device=fg.device)
+    keys = torch.where(fg, keys, torch.where(bg, keys + 1.0, keys.new_full((), 3.0)))
+    order = torch.argsort(keys, dim=1)
+    n_fg, n_bg = fg.sum(dim=1), bg.sum(dim=1)
+    quota = int(round(num_samples * fg_fraction))
+    num_fg = torch.where(n_bg > 0, n_fg.clamp(max=quota), torch.where(n_fg > 0, num_samples, 0))
+    slot = torch.arange(num_samples, device=fg.device).unsqueeze(0)
+    draw = torch.rand((batch, num_samples), generator=generator, device=fg.device)
+    is_fg = slot < num_fg.unsqueeze(1)
+
+    def random_pick(count: Tensor) -> Tensor:
+        c = count.unsqueeze(1)
+        return torch.minimum((draw * c).long(), (c - 1).clamp(min=0))
+
+    replace_fg = ((n_bg == 0) & (n_fg < num_samples)).unsqueeze(1)
+    pos_fg = torch.where(replace_fg, random_pick(n_fg), slot)
+    bg_slot = slot - num_fg.unsqueeze(1)
+    replace_bg = (n_bg < num_samples - num_fg).unsqueeze(1)
+    pos_bg = n_fg.unsqueeze(1) + torch.where(replace_bg, random_pick(n_bg), bg_slot)
+    position = torch.where(is_fg, pos_fg, pos_bg).clamp(0, n - 1)
+    filled = torch.where(is_fg, (n_fg > 0).unsqueeze(1), (n_bg > 0).unsqueeze(1))
+    return order.gather(1, position), num_fg, filled
