@@ -19,7 +19,7 @@ from oracles import rt_detr as O
 
 pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
-SETTINGS = settings(max_examples=60, deadline=None)
+SETTINGS = settings(max_examples=30, deadline=None)
 
 
 def _boxes(rng, *shape):

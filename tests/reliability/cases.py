@@ -20,6 +20,9 @@ Families and their conventions (see each module's docstring):
   ``(B, A, 4 * YOLOV8_REG_MAX)``, GT xyxy pixels, labels ``[0, C-1]`` (sigmoid column k).
 * ``detr``: ``DETR_LAYERS`` decoder layers x ``DETR_QUERIES`` queries, predictions
   ``(L, B, Q, ...)`` (batch dimension 1), GT normalised cxcywh, labels ``[0, C-1]``.
+* ``rt_detr``, ``d_fine`` (:data:`RT_DETR_FAMILIES`): :class:`detloss.RTDETRLoss` with the
+  encoder output and denoising groups (``d_fine``: MAL, dense one-to-one, FGL / DDF); its
+  keyword inputs are positional here (``_KeywordLoss``).
 """
 from __future__ import annotations
 
@@ -38,13 +41,16 @@ FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_r
 # Families whose positional arguments are normalised boxes.
 NORMALISED = ("ssd", "retinaface", "detr")
 IMAGE = 64  # pixel side of the synthetic images
-NUM_CLASSES = {"ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4, "detr": 3, "yolov8": 3}
+NUM_CLASSES = {"rt_detr": 3, "d_fine": 3, "ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4, "detr": 3, "yolov8": 3}
 YOLOV8_REG_MAX = 8
 YOLO_STRIDES = (8, 16, 32)
 RCNN_SAMPLES = 8
 RCNN_PROPOSALS = 12
 DETR_LAYERS = 3
 DETR_QUERIES = 6
+#: real-time DETR families (not in FAMILIES: their reliability tests are in test_rt_detr_reliability.py)
+RT_DETR_FAMILIES = ("rt_detr", "d_fine")
+RT_DETR_BINS = 8
 
 
 def small_priors() -> Tensor:
@@ -199,6 +205,9 @@ def make_case(
         m = max(counts, default=0)
         return torch.randint(low, high + 1, (batch, m), generator=gen)
 
+    if family in RT_DETR_FAMILIES:
+        return _rt_detr_case(family, gen, counts, c, options, pred, labels, degenerate, dtype)
+
     if family == "detr":
         boxes, valid = random_gt(gen, counts, 1.0, degenerate=degenerate)
         gt = torch.where(valid.unsqueeze(-1), detloss.xyxy_to_cxcywh(boxes), torch.zeros(()))
@@ -280,6 +289,55 @@ def make_case(
     args = [rpn_box_pred, rpn_cls_logits, anchors, boxes, valid, (IMAGE, IMAGE), *head, targets]
     batched = [True, True, False, True, True, False, True, True, True]
     return Case(family, module, args, batched, [0, 1, 6, 7], batch, generator_seed=seed)
+
+
+class _KeywordLoss(nn.Module):
+    """A loss whose keyword-only inputs are taken positionally (the reliability tests slice, cast and
+    differentiate positional arguments): ``forward(*args)`` -> ``loss(*args[:n], **dict(zip(names, rest)))``."""
+
+    def __init__(self, loss: nn.Module, positional: int, names: Sequence[str]) -> None:
+        super().__init__()
+        self.loss, self.positional, self.names = loss, positional, list(names)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict:
+        return self.loss(*args[: self.positional], **dict(zip(self.names, args[self.positional:])), **kwargs)
+
+
+def _rt_detr_case(family, gen, counts, c, options, pred, labels, degenerate, dtype) -> Case:
+    """``rt_detr``: decoder layers, encoder output and denoising groups (VFL); ``d_fine``: MAL with
+    DEIM's dense one-to-one, FGL and DDF (``RT_DETR_BINS`` bins) on every layer."""
+    batch = len(counts)
+    boxes, valid = random_gt(gen, counts, 1.0, degenerate=degenerate)
+    gt = torch.where(valid.unsqueeze(-1), detloss.xyxy_to_cxcywh(boxes), torch.zeros(()))
+    m, layers, q, dn_groups = max(counts, default=0), DETR_LAYERS, DETR_QUERIES, 2
+    d = dn_groups * 2 * max(m, 1)  # positive and negative query per object and group
+
+    def boxes_pred(*shape: int) -> Tensor:
+        centres = torch.rand(*shape, 2, generator=gen) * 0.8 + 0.1
+        sizes = torch.rand(*shape, 2, generator=gen) * 0.4 + 0.05
+        return torch.cat((centres, sizes), -1).to(dtype).requires_grad_(True)
+
+    q2g = torch.full((batch, d), -1, dtype=torch.int64)
+    for b, n in enumerate(counts):
+        for g in range(dn_groups):
+            q2g[b, g * 2 * max(m, 1): g * 2 * max(m, 1) + n] = torch.arange(n)
+    if family == "d_fine":
+        options = {"class_loss": "mal", "dense_one_to_one": True, "max_num_bins": RT_DETR_BINS, **options}
+    module = detloss.RTDETRLoss(c, **options)
+    args = [boxes_pred(layers, batch, q), pred(layers, batch, q, c), gt, labels(0, c - 1), valid,
+            boxes_pred(batch, q), pred(batch, q, c), boxes_pred(layers, batch, d), pred(layers, batch, d, c), q2g, dn_groups]
+    names = ["enc_box_pred", "enc_cls_logits", "dn_box_pred", "dn_cls_logits", "dn_query_to_gt", "dn_groups"]
+    preds, dims = [0, 1, 5, 6, 7, 8], [1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0]
+    batched = [True] * 10 + [False]
+    if family == "d_fine":
+        r = 4 * (RT_DETR_BINS + 1)
+        refs = lambda *shape: boxes_pred(*shape).detach()  # noqa: E731  (the decoder's reference boxes)
+        args += [pred(layers, batch, q, r), refs(layers, batch, q), pred(layers, batch, d, r), refs(layers, batch, d)]
+        names += ["pred_corners", "ref_points", "dn_pred_corners", "dn_ref_points"]
+        preds += [11, 13]
+        dims += [1, 1, 1, 1]
+        batched += [True] * 4
+    return Case(family, _KeywordLoss(module, 5, names), args, batched, preds, batch, batch_dims=dims)
 
 
 def loss_and_grads(case: Case, **extra: Any) -> tuple[dict, list[Tensor]]:

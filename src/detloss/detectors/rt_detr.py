@@ -41,7 +41,8 @@ Steps of :meth:`RTDETRLoss.forward`:
    layer's own DDF is 0.
 
 ``N``: the number of objects in the batch times ``G`` (at least 1; all-reduced over processes
-with ``distributed=True``).
+with ``distributed=True``, as are DDF's matched / unmatched edge counts and batch size, so DDP
+gradients equal the single-process gradients of the whole batch).
 
 Non-finite predictions never raise: NaN or inf matching costs get a defined matching (see
 :mod:`detloss.matching.hungarian`), and the loss is non-finite, so a ``GradScaler`` skips the
@@ -59,6 +60,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._validate import (
@@ -349,14 +351,25 @@ class RTDETRLoss(nn.Module):
         kl = kl * weight.unsqueeze(-1)  # (Sc, B, Q, 4)
         batch, queries = matched.shape[1:]
         pos = matched.sum((1, 2)).to(kl.dtype) * 4  # matched edges per layer
-        neg = batch * queries * 4 - pos
+        counts = torch.cat((pos, batch * queries * 4 - pos, pos.new_full((1,), batch)))
+        counts, world = self._global(counts)  # DDP: the batch's counts, this process's share of the sums
+        pos, neg, batch_all = counts[:sc], counts[sc:-1], counts[-1]
         mean_pos = torch.where(matched.unsqueeze(-1), kl, 0.0).sum((1, 2, 3)) / pos.clamp(min=1)
         mean_neg = torch.where(matched.unsqueeze(-1), 0.0, kl).sum((1, 2, 3)) / neg.clamp(min=1)
-        w_pos, w_neg = (pos / batch).sqrt(), (neg / batch).sqrt()
-        ddf = (mean_pos * w_pos + mean_neg * w_neg) / (w_pos + w_neg)
+        w_pos, w_neg = (pos / batch_all).sqrt(), (neg / batch_all).sqrt()
+        ddf = (mean_pos * w_pos + mean_neg * w_neg) / (w_pos + w_neg) * world
         if teacher_is_last:  # the teacher's own DDF is 0 (kept in the graph)
             ddf = torch.cat((ddf[:-1], (corners[-1].sum() * 0).to(ddf.dtype).reshape(1)))
         return fgl, ddf
+
+    def _global(self, counts: Tensor) -> tuple[Tensor, int]:
+        """``counts`` summed over processes (``distributed`` and an initialised process group)
+        and the world size; else ``(counts, 1)``."""
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            counts = counts.detach().clone()
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            return counts, dist.get_world_size()
+        return counts, 1
 
     # ------------------------------------------------------------------------------ checks
     def _check_shapes(self, a: dict) -> dict:

@@ -1,0 +1,149 @@
+"""Reliability of the real-time DETR families (``rt_detr``, ``d_fine`` in :mod:`.cases`):
+autocast fp16 / bf16 with overflowing predictions, ``torch.compile(fullgraph=True)`` with the
+Hungarian solve as the one opaque operator, determinism, 2-process gloo gradients equal to the
+single process (a process without objects included), and bad input."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .cases import RT_DETR_FAMILIES, loss_and_grads, make_case, scalar_items
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------ autocast
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", RT_DETR_FAMILIES)
+def test_autocast_low_precision_predictions(family, dtype):
+    """Low-precision predictions under autocast: float32 terms close to the float32 run."""
+    ref, _ = loss_and_grads(make_case(family, seed=71).leaves())
+    case = make_case(family, seed=71).leaves(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = loss_and_grads(case)
+    for k, v in scalar_items(out).items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+    assert all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", RT_DETR_FAMILIES)
+def test_autocast_overflowed_predictions_do_not_crash(family, dtype):
+    """Logits that overflowed to inf (fp16) or huge (bf16), a NaN box and a NaN logit: the matcher
+    gets a defined assignment, the loss is returned, non-finite, and nothing raises."""
+    case = make_case(family, seed=72, logit_scale=1e6).leaves(dtype)
+    boxes = case.args[0].detach().clone()
+    boxes[0, 0, 0, 0] = float("nan")
+    case.args[0] = boxes.requires_grad_(True)
+    logits = case.args[1].detach().clone()
+    logits[1, 0, 2, 0] = float("nan")  # every query takes part in the class term: the loss is NaN
+    case.args[1] = logits.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = loss_and_grads(case)
+    assert out["loss"].dtype == torch.float32
+    assert not torch.isfinite(out["loss"])  # a GradScaler skips this step
+
+
+# ------------------------------------------------------------------------------- compile
+@pytest.mark.parametrize("family", ["rt_detr", pytest.param("d_fine", marks=pytest.mark.slow)])
+def test_fullgraph_compile_equals_eager(family):
+    torch._dynamo.reset()
+    case = make_case(family, seed=73, num_gt=[3, 0])
+    ref, ref_grads = loss_and_grads(case.leaves())
+    compiled = torch.compile(case.module, backend="aot_eager", fullgraph=True)
+    leaves = case.leaves()
+    out = leaves.call(module=compiled)
+    grads = torch.autograd.grad(out["loss"], leaves.pred_tensors(), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves.pred_tensors(), grads)]
+    for k, v in scalar_items(ref).items():
+        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("family", RT_DETR_FAMILIES)
+def test_deterministic(family):
+    case = make_case(family, seed=74, num_gt=[4, 1])
+    a, ga = loss_and_grads(case.leaves())
+    b, gb = loss_and_grads(case.leaves())
+    for k, v in scalar_items(a).items():
+        assert torch.equal(v, b[k]), k
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+# --------------------------------------------------------------------------- distributed
+WORLD = 2
+SCENARIOS = {"both": [3, 1, 2, 4], "one-empty": [2, 3, 0, 0]}
+
+
+def _case(family: str, counts: list, distributed: bool):
+    return make_case(family, batch=4, num_gt=counts, seed=75, options={"distributed": distributed})
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for family in RT_DETR_FAMILIES:
+            for scenario, counts in SCENARIOS.items():
+                case = _case(family, counts, True).slice(rank * 2, rank * 2 + 2).leaves()
+                _, grads = loss_and_grads(case)
+                torch.save([g.detach() for g in grads], os.path.join(out_dir, f"{family}-{scenario}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_grads():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(port, out_dir), nprocs=WORLD, join=True)
+        yield {name[:-3]: torch.load(os.path.join(out_dir, name)) for name in os.listdir(out_dir)}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("family", RT_DETR_FAMILIES)
+def test_ddp_gradients_equal_single_process(rank_grads, family, scenario):
+    """Each process holds 2 of 4 images ("one-empty": the second process has no objects)."""
+    single = _case(family, SCENARIOS[scenario], False)
+    _, grads = loss_and_grads(single.leaves())
+    for rank in range(WORLD):
+        for g_rank, g_all, dim in zip(rank_grads[f"{family}-{scenario}-{rank}"], grads, single.pred_batch_dims()):
+            torch.testing.assert_close(g_rank / WORLD, g_all.narrow(dim, rank * 2, 2), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ bad input
+def _call(family, index, change):
+    def run():
+        case = make_case(family, seed=76)
+        case.args[index] = change(case.args[index])
+        case.call()
+    return run
+
+
+BAD = [
+    ("labels-out-of-range", 3, lambda t: t + 3, r"gt_labels: expected values in \[0, 2\]"),
+    ("pixel-gt-boxes", 2, lambda t: t * 640, r"gt_boxes: expected normalised coordinates"),
+    ("logits-class-count", 1, lambda t: t[..., :2], r"cls_logits: expected shape \(L=3, B=2, Q=6, 3\)"),
+    ("unstacked-layers", 0, lambda t: t[0], r"box_pred: expected shape \(L, B, Q, 4\)"),
+    ("dn-meta-query-count", 9, lambda t: t[:, :-2], r"dn_query_to_gt: expected shape \(B=2, D=12\)"),
+    ("dn-meta-object-index", 9, lambda t: t + 4, r"dn_query_to_gt: expected values in \[-1, 2\]"),
+]
+
+
+@pytest.mark.parametrize("family", RT_DETR_FAMILIES)
+@pytest.mark.parametrize("name, index, change, match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_value_error(family, name, index, change, match):
+    with pytest.raises(ValueError, match=match):
+        _call(family, index, change)()
