@@ -70,6 +70,7 @@ from .matching import (
     match_greedy_boxes,
     match_hungarian,
     match_priors,
+    match_rotated_task_aligned,
     match_task_aligned,
     max_iou_match,
     proposal_targets,
@@ -92,4 +93,7 @@ from .detectors import (
     YOLOv3Loss,
     YOLOv3LossAssignment,
     YOLOv8Loss,
+    YOLOOBBLoss,
+    YOLO26Loss,
+    yolo26_branch_weights,
 )

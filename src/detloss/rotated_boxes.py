@@ -102,12 +102,15 @@ def corners_to_xywhr(corners: Tensor) -> Tensor:
     return torch.cat((centre, torch.stack((w, h, r), dim=-1)), dim=-1)
 
 
-def gaussian_terms(boxes: Tensor) -> tuple[Tensor, ...]:
+def gaussian_terms(boxes: Tensor, variance: float = 0.0) -> tuple[Tensor, ...]:
     """Per-box Gaussian terms ``(cx, cy, a, b, c, det)`` of ``(..., 5)`` boxes: the covariance
-    ``[[a, c], [c, b]]`` and its determinant clamped at 0. Pairwise functions build every value
+    ``[[a, c], [c, b]]`` (``variance`` added to both principal variances ``w^2 / 12`` and
+    ``h^2 / 12``) and its determinant clamped at 0. Pairwise functions build every value
     from these with elementwise operations, so a chunked pass gives the same bits."""
     cx, cy, w, h, r = boxes.unbind(-1)
     vw, vh = w * w / 12, h * h / 12
+    if variance:
+        vw, vh = vw + variance, vh + variance
     cos, sin = torch.cos(r), torch.sin(r)
     cos2, sin2 = cos * cos, sin * sin
     a = vw * cos2 + vh * sin2
@@ -146,13 +149,14 @@ def _pair(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     return boxes1.to(dtype), boxes2.to(dtype)
 
 
-def probiou(boxes1: Tensor, boxes2: Tensor, eps: float = PROBIOU_EPS) -> Tensor:
+def probiou(boxes1: Tensor, boxes2: Tensor, eps: float = PROBIOU_EPS, variance: float = 0.0) -> Tensor:
     """Pairwise ProbIoU of ``boxes1 (..., N, 5)`` and ``boxes2 (..., M, 5)`` -> ``(..., N, M)``.
 
     ProbIoU (arXiv:2106.06072) is ``1 - H`` where ``H`` is the Hellinger distance between the
     boxes' Gaussians: 1 for identical boxes, towards 0 for distant ones, never negative. It is
     smooth in every coordinate, the angle included, and equal for a box and the box rotated by
-    ``pi`` (a square: by ``pi / 2``). ``eps`` as ultralytics places it (1e-7).
+    ``pi`` (a square: by ``pi / 2``). ``eps`` as ultralytics places it (1e-7); ``variance`` is
+    added to both principal variances of every box (ultralytics' OBB box loss: 0.01).
 
     >>> box = torch.tensor([[10.0, 10.0, 8.0, 4.0, 0.3]])
     >>> flipped = box + torch.tensor([0.0, 0.0, 0.0, 0.0, torch.pi])
@@ -161,13 +165,15 @@ def probiou(boxes1: Tensor, boxes2: Tensor, eps: float = PROBIOU_EPS) -> Tensor:
     """
     boxes1, boxes2 = _pair(boxes1, boxes2)
     require_positive(eps, "eps", allow_zero=True)
-    t1 = tuple(t.unsqueeze(-1) for t in gaussian_terms(boxes1))
-    t2 = tuple(t.unsqueeze(-2) for t in gaussian_terms(boxes2))
+    require_positive(variance, "variance", allow_zero=True)
+    t1 = tuple(t.unsqueeze(-1) for t in gaussian_terms(boxes1, variance))
+    t2 = tuple(t.unsqueeze(-2) for t in gaussian_terms(boxes2, variance))
     return probiou_from_terms(t1, t2, eps)
 
 
-def aligned_probiou(boxes1: Tensor, boxes2: Tensor, eps: float = PROBIOU_EPS) -> Tensor:
-    """ProbIoU of corresponding boxes: ``(..., 5)`` and ``(..., 5)`` (broadcast) -> ``(...)``.
+def aligned_probiou(boxes1: Tensor, boxes2: Tensor, eps: float = PROBIOU_EPS, variance: float = 0.0) -> Tensor:
+    """ProbIoU of corresponding boxes: ``(..., 5)`` and ``(..., 5)`` (broadcast) -> ``(...)``
+    (``eps`` and ``variance`` as :func:`probiou`).
 
     >>> a = torch.tensor([[0.0, 0.0, 4.0, 4.0, 0.0], [0.0, 0.0, 4.0, 4.0, 0.0]])
     >>> b = torch.tensor([[0.0, 0.0, 4.0, 4.0, 1.5707964], [40.0, 0.0, 4.0, 4.0, 0.0]])
@@ -176,7 +182,8 @@ def aligned_probiou(boxes1: Tensor, boxes2: Tensor, eps: float = PROBIOU_EPS) ->
     """
     boxes1, boxes2 = _pair(boxes1, boxes2)
     require_positive(eps, "eps", allow_zero=True)
-    return probiou_from_terms(gaussian_terms(boxes1), gaussian_terms(boxes2), eps)
+    require_positive(variance, "variance", allow_zero=True)
+    return probiou_from_terms(gaussian_terms(boxes1, variance), gaussian_terms(boxes2, variance), eps)
 
 
 def rotated_box_covariance(boxes: Tensor) -> Tensor:

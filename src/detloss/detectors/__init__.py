@@ -7,3 +7,5 @@ from .retinanet import RetinaNetAssignment, RetinaNetLoss
 from .ssd import MultiBoxAssignment, SSDLoss
 from .yolov3 import YOLOv3Loss, YOLOv3LossAssignment
 from .yolov8 import YOLOv8Loss
+from .yolo_obb import YOLOOBBLoss
+from .yolo26 import YOLO26Loss, yolo26_branch_weights

@@ -130,6 +130,23 @@ class YOLOv8Loss(nn.Module):
         image_size: Optional[Sequence[int]] = None,
         return_assignment: bool = False,
     ) -> dict:
+        checks = ValueChecks()
+        gt_valid, image_size = self.check_inputs(
+            checks, box_pred, cls_logits, anchor_points, anchor_strides, gt_boxes, gt_labels, gt_valid, image_size
+        )
+        checks.run()
+        return self.forward_unchecked(
+            box_pred, cls_logits, anchor_points, anchor_strides, gt_boxes, gt_labels, gt_valid,
+            image_size=image_size, return_assignment=return_assignment,
+        )
+
+    def check_inputs(
+        self, checks: ValueChecks, box_pred: Tensor, cls_logits: Tensor, anchor_points: Tensor,
+        anchor_strides: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+        image_size: Optional[Sequence[int]],
+    ) -> tuple[Tensor, Optional[tuple[float, float]]]:
+        """Metadata checks of every argument, value checks of the ground truth queued on ``checks``
+        (the caller runs them, once); returns ``gt_valid`` as bool and the checked image size."""
         require_floating(box_pred, "box_pred")
         dims = require_shape(box_pred, "box_pred", ("B", "A", 4 * self.reg_max))
         require_floating(cls_logits, "cls_logits")
@@ -138,7 +155,7 @@ class YOLOv8Loss(nn.Module):
         require_shape(anchor_points, "anchor_points", ("A", 2), dims)
         require_floating(anchor_strides, "anchor_strides")
         require_shape(anchor_strides, "anchor_strides", ("A",), dims)
-        checks = ValueChecks().finite(anchor_points, "anchor_points")
+        checks.finite(anchor_points, "anchor_points")
         checks.in_range(anchor_strides, "anchor_strides", 1e-12, None)
         dims, gt_valid = require_padded_gt(
             gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=(0, self.num_classes - 1)
@@ -150,16 +167,12 @@ class YOLOv8Loss(nn.Module):
             rows = gt_valid.unsqueeze(-1)
             checks.in_range(gt_boxes[..., 0::2], "gt_boxes (x)", 0, w, where=rows)
             checks.in_range(gt_boxes[..., 1::2], "gt_boxes (y)", 0, h, where=rows)
-        checks.run()
-        return self.forward_unchecked(
-            box_pred, cls_logits, anchor_points, anchor_strides, gt_boxes, gt_labels, gt_valid,
-            image_size=image_size, return_assignment=return_assignment,
-        )
+        return gt_valid, image_size
 
     def forward_unchecked(
         self, box_pred: Tensor, cls_logits: Tensor, anchor_points: Tensor, anchor_strides: Tensor, gt_boxes: Tensor,
         gt_labels: Tensor, gt_valid: Tensor, *, image_size: Optional[Sequence[int]] = None,
-        return_assignment: bool = False, assign_extra: Optional[dict] = None,
+        return_assignment: bool = False,
     ) -> dict:
         """:meth:`forward` without the input checks (the drop-in checked its own input)."""
         dtype = compute_dtype(cls_logits)
@@ -174,7 +187,7 @@ class YOLOv8Loss(nn.Module):
         # 2. assign on detached probabilities and pixel boxes
         assignment = match_task_aligned_unchecked(
             cls_logits.detach().sigmoid(), (pred_boxes.detach() * stride).to(gt_boxes.dtype),
-            anchor_points.to(dtype), gt_boxes, gt_labels, gt_valid, **self.assign_options, **(assign_extra or {}),
+            anchor_points.to(dtype), gt_boxes, gt_labels, gt_valid, **self.assign_options,
         )
         scores = assignment.scores.to(dtype)  # (B, A, C)
         tss = positive_normalizer(scores.sum(), distributed=self.distributed).to(dtype)

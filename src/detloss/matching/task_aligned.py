@@ -43,6 +43,10 @@ test on the block, then the CIoU and metric of the candidate pairs only (one hos
 their count): a box covers a few hundred of 8400 anchors, so this skips most of the work
 (measured in ``benchmarks/README.md``). Both forms give the same bits.
 
+Rotated boxes (:func:`match_rotated_task_aligned`, ``(cx, cy, w, h, angle)`` pixels): the same
+steps and the same chunked core; only the overlap (ProbIoU) and the candidate test (anchor
+centre inside the rotated box) differ, through a small table of per-geometry functions.
+
 The assigner's CIoU follows ultralytics' placement of the epsilons (``1e-7`` added to the
 union and the squared diagonal, heights clamped at ``1e-7``), so metrics equal its own to
 the last bits and the top-k orders agree.
@@ -51,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -67,6 +71,7 @@ from .._validate import (
     require_shape,
 )
 from ..boxes import pair_dtype
+from ..rotated_boxes import gaussian_terms, probiou_from_terms, require_rotated_boxes
 
 INSIDE_EPS = 1e-9
 CIOU_EPS = 1e-7
@@ -81,11 +86,13 @@ class TaskAlignedAssignment:
       the slot's index is meaningless there: read it with ``foreground``).
     * ``labels (B, A)`` int64: the GT class on foreground, ``background_label`` elsewhere
       (slot 0's class with ``background_from_slot0``).
-    * ``boxes (B, A, 4)``: the matched GT box (xyxy pixels, ``gt_boxes``' dtype); zeros on
+    * ``boxes (B, A, 4)``: the matched GT box (xyxy pixels, ``gt_boxes``' dtype; ``(B, A, 5)``
+      xywhr for :func:`match_rotated_task_aligned`); zeros on
       background (slot 0's box with ``background_from_slot0``).
     * ``scores (B, A, C)``: the soft target, normalised metric in the label's column, 0 elsewhere.
     * ``metric (B, A)``: the alignment metric ``t`` of the matched pair (0 on background).
-    * ``overlap (B, A)``: ``u = max(CIoU, 0)`` of the matched pair (0 on background).
+    * ``overlap (B, A)``: ``u = max(CIoU, 0)`` (rotated: ``max(ProbIoU, 0)``) of the matched pair
+      (0 on background).
     """
 
     foreground: Tensor
@@ -140,6 +147,62 @@ def _power(x: Tensor, p: float) -> Tensor:
                 base = base * base
         return out
     return x.pow(p)
+
+
+def _candidate_corners(boxes: Tensor, valid: Tensor, side: Optional[float]) -> tuple[Tensor, ...]:
+    """Per-box terms of the axis-aligned inside test: the (floored) corners ``x1, y1, x2, y2``."""
+    return _floored(boxes, valid, side).unbind(-1)
+
+
+def _inside_corners(box: tuple[Tensor, ...], ax: Tensor, ay: Tensor) -> Tensor:
+    """Anchor centres strictly inside axis-aligned boxes (margin ``INSIDE_EPS``); ``(B, G, 1)`` terms."""
+    x1, y1, x2, y2 = box
+    inside = ((ax - x1) > INSIDE_EPS) & ((ay - y1) > INSIDE_EPS)
+    return inside & ((x2 - ax) > INSIDE_EPS) & ((y2 - ay) > INSIDE_EPS)
+
+
+def _candidate_rotated(boxes: Tensor, valid: Tensor, side: Optional[float]) -> tuple[Tensor, ...]:
+    """Per-box terms of the rotated inside test: a corner ``p0``, the edge vectors ``e1 = p1 - p0``
+    (along the width) and ``e2 = p3 - p0`` and their squared lengths."""
+    cx, cy, w, h, r = boxes.unbind(-1)
+    if side is not None:  # sides shorter than the floor widened to it, for this test only
+        w = torch.where((w < side) & valid, torch.full_like(w, side), w)
+        h = torch.where((h < side) & valid, torch.full_like(h, side), h)
+    cos, sin = torch.cos(r), torch.sin(r)
+    ux, uy, vx, vy = w / 2 * cos, w / 2 * sin, -h / 2 * sin, h / 2 * cos
+    x0, y0 = cx - ux - vx, cy - uy - vy
+    e1x, e1y = (cx + ux - vx) - x0, (cy + uy - vy) - y0
+    e2x, e2y = (cx - ux + vx) - x0, (cy - uy + vy) - y0
+    return x0, y0, e1x, e1y, e2x, e2y, e1x * e1x + e1y * e1y, e2x * e2x + e2y * e2y
+
+
+def _inside_rotated(box: tuple[Tensor, ...], ax: Tensor, ay: Tensor) -> Tensor:
+    """Anchor centres inside rotated boxes (closed: the projections of ``p - p0`` on both edges lie
+    within the edges, as ultralytics tests it); ``(B, G, 1)`` terms."""
+    x0, y0, e1x, e1y, e2x, e2y, n1, n2 = box
+    dx, dy = ax - x0, ay - y0
+    along1 = dx * e1x + dy * e1y
+    along2 = dx * e2x + dy * e2y
+    return (along1 >= 0) & (along1 <= n1) & (along2 >= 0) & (along2 <= n2)
+
+
+def _probiou_overlap(gt: tuple[Tensor, ...], pred: tuple[Tensor, ...]) -> Tensor:
+    return probiou_from_terms(gt, pred)
+
+
+class _Geometry(NamedTuple):
+    """What differs between axis-aligned and rotated assignment: the per-box terms, the overlap
+    built from them, and the candidate test (per-box terms, then the pairwise test)."""
+
+    box_dims: int
+    terms: Callable[[Tensor], tuple[Tensor, ...]]
+    overlap: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], Tensor]
+    candidate_terms: Callable[[Tensor, Tensor, Optional[float]], tuple[Tensor, ...]]
+    inside: Callable[[tuple[Tensor, ...], Tensor, Tensor], Tensor]
+
+
+AXIS_ALIGNED = _Geometry(4, _box_terms, _ciou_from_terms, _candidate_corners, _inside_corners)
+ROTATED = _Geometry(5, gaussian_terms, _probiou_overlap, _candidate_rotated, _inside_rotated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +273,76 @@ def match_task_aligned(
     )
 
 
+def match_rotated_task_aligned(
+    pred_scores: Tensor,
+    pred_boxes: Tensor,
+    anchor_points: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    *,
+    topk: int = 13,
+    alpha: float = 1.0,
+    beta: float = 6.0,
+    topk2: Optional[int] = None,
+    min_box_side: Optional[float] = None,
+    eps: float = 1e-9,
+    background_label: int = -1,
+    background_from_slot0: bool = False,
+    chunk_size: Optional[int] = None,
+) -> TaskAlignedAssignment:
+    """Task-aligned assignment of anchors to padded *rotated* ground truth (oriented boxes).
+
+    The steps of :func:`match_task_aligned`, with two changes (ultralytics' rotated assigner):
+
+    * the overlap ``u`` is ProbIoU (:func:`detloss.probiou`, clamped at 0) instead of CIoU;
+    * a candidate is an anchor centre inside the rotated box (closed boundary), after the
+      optional ``min_box_side`` floor of the box's width and height (this test only).
+
+    Same chunked pair space, both execution strategies, the same bits for every chunk size.
+
+    Args:
+        pred_scores: ``(B, A, C)`` class probabilities.
+        pred_boxes: ``(B, A, 5)`` predicted boxes ``(cx, cy, w, h, angle)``, pixels and radians.
+        anchor_points: ``(A, 2)`` anchor centres ``(x, y)`` in pixels.
+        gt_boxes: ``(B, M, 5)`` xywhr pixels; ``gt_labels (B, M)`` integers in ``[0, C-1]``;
+            ``gt_valid (B, M)`` bool. Valid boxes need finite values and sizes ``>= 0``.
+        topk, alpha, beta, topk2, min_box_side, eps, background_label, background_from_slot0,
+            chunk_size: as :func:`match_task_aligned`.
+
+    Returns:
+        :class:`TaskAlignedAssignment` whose ``boxes`` are ``(B, A, 5)`` xywhr.
+
+    >>> scores = torch.full((1, 4, 2), 0.5)
+    >>> anchors = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]])
+    >>> gt = torch.tensor([[[8.0, 8.0, 20.0, 4.0, 0.7854]]])  # a thin box along the diagonal
+    >>> preds = gt.expand(1, 4, 5)
+    >>> a = match_rotated_task_aligned(scores, preds, anchors, gt, torch.tensor([[0]]),
+    ...                                torch.tensor([[True]]), topk=4)
+    >>> a.foreground.tolist()
+    [[True, False, False, True]]
+    """
+    require_floating(pred_scores, "pred_scores")
+    dims = require_shape(pred_scores, "pred_scores", ("B", "A", "C"))
+    require_rotated_boxes(pred_boxes, "pred_boxes", ndim=3)
+    require_shape(pred_boxes, "pred_boxes", ("B", "A", 5), dims)
+    require_floating(anchor_points, "anchor_points")
+    require_shape(anchor_points, "anchor_points", ("A", 2), dims)
+    require_rotated_boxes(gt_boxes, "gt_boxes", ndim=3)
+    checks = ValueChecks().finite(anchor_points, "anchor_points")
+    dims, gt_valid = require_padded_gt(
+        gt_boxes, gt_valid, gt_labels, checks=checks, dims=dims, label_range=(0, dims["C"] - 1), box_dims=5
+    )
+    checks.in_range(gt_boxes[..., 2:4], "gt_boxes (w, h)", 0, None, where=gt_valid)
+    check_task_aligned_options(topk, alpha, beta, topk2, min_box_side, eps, chunk_size)
+    checks.run()
+    return match_task_aligned_unchecked(
+        pred_scores, pred_boxes, anchor_points, gt_boxes, gt_labels, gt_valid, topk=topk, alpha=alpha,
+        beta=beta, topk2=topk2, min_box_side=min_box_side, eps=eps, background_label=background_label,
+        background_from_slot0=background_from_slot0, chunk_size=chunk_size, rotated=True,
+    )
+
+
 def check_task_aligned_options(
     topk: int, alpha: float, beta: float, topk2: Optional[int], min_box_side: Optional[float],
     eps: float, chunk_size: Optional[int] = None,
@@ -245,20 +378,23 @@ def match_task_aligned_unchecked(
     background_label: int = -1,
     background_from_slot0: bool = False,
     chunk_size: Optional[int] = None,
+    rotated: bool = False,
 ) -> TaskAlignedAssignment:
-    """:func:`match_task_aligned` without the input checks (for callers that checked them)."""
+    """:func:`match_task_aligned` (``rotated=False``) or :func:`match_rotated_task_aligned`
+    (``rotated=True``) without the input checks (for callers that checked them)."""
+    geometry = ROTATED if rotated else AXIS_ALIGNED
     b, a, c = pred_scores.shape
     m = gt_boxes.shape[1]
     dtype = pair_dtype(pred_boxes, gt_boxes)
     device = pred_scores.device
-    gt_xyxy, pred_xyxy = gt_boxes.to(dtype), pred_boxes.to(dtype)
+    gt_cast, pred_cast = gt_boxes.to(dtype), pred_boxes.to(dtype)
     labels = gt_labels.long().clamp(0, c - 1)
     k = min(topk, a)
 
     # per-box terms, once for all boxes (chunks slice them)
-    gt_t = _box_terms(gt_xyxy)  # each (B, M)
-    pred_t = tuple(t.unsqueeze(1) for t in _box_terms(pred_xyxy))  # each (B, 1, A)
-    inside_box = _floored(gt_xyxy, gt_valid, min_box_side)  # (B, M, 4)
+    gt_t = geometry.terms(gt_cast)  # each (B, M)
+    pred_t = tuple(t.unsqueeze(1) for t in geometry.terms(pred_cast))  # each (B, 1, A)
+    candidate_t = geometry.candidate_terms(gt_cast, gt_valid, min_box_side)  # each (B, M)
     ax, ay = anchor_points.to(dtype).unbind(-1)  # (A,)
     # s ** alpha per anchor and class, class-major so a GT's row is one contiguous gather
     score_pow = pred_scores.to(dtype).transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B, C, A)
@@ -274,18 +410,16 @@ def match_task_aligned_unchecked(
     for start in range(0, m, chunk_size):
         stop = min(m, start + chunk_size)
         sl = slice(start, stop)
-        # 1. candidates: anchor centres strictly inside the (floored) box
-        x1, y1, x2, y2 = (t.unsqueeze(-1) for t in inside_box[:, sl].unbind(-1))  # (B, G, 1)
-        inside = ((ax - x1) > INSIDE_EPS) & ((ay - y1) > INSIDE_EPS)
-        inside &= ((x2 - ax) > INSIDE_EPS) & ((y2 - ay) > INSIDE_EPS)
-        inside &= gt_valid[:, sl].unsqueeze(-1)  # (B, G, A)
+        # 1. candidates: anchor centres inside the (floored) box
+        inside = geometry.inside(tuple(t[:, sl].unsqueeze(-1) for t in candidate_t), ax, ay)  # (B, G, A)
+        inside &= gt_valid[:, sl].unsqueeze(-1)
         gt_chunk = tuple(t[:, sl] for t in gt_t)  # each (B, G)
         if host_sync_is_free(pred_scores):  # CPU eager: only the candidate pairs (benchmarks/README.md)
             pick, some, chunk_best, chunk_arg = _chunk_gathered(
-                inside, gt_chunk, pred_t, score_pow, labels[:, sl], beta, k, start)
+                geometry.overlap, inside, gt_chunk, pred_t, score_pow, labels[:, sl], beta, k, start)
         else:
             pick, some, chunk_best, chunk_arg = _chunk_dense(
-                inside, gt_chunk, pred_t, score_pow, labels[:, sl], beta, k, start)
+                geometry.overlap, inside, gt_chunk, pred_t, score_pow, labels[:, sl], beta, k, start)
         count += pick
         some_gt = torch.maximum(some_gt, some)
         # 4. running argmax of u over all GTs (strictly larger wins: first index on ties)
@@ -299,7 +433,7 @@ def match_task_aligned_unchecked(
     # metric and u of the matched pair, from the same per-box terms as the chunks
     if m:
         pair_gt = tuple(t.gather(1, matched) for t in gt_t)
-        u_a = _ciou_from_terms(pair_gt, tuple(t.squeeze(1) for t in pred_t)).clamp_(min=0)
+        u_a = geometry.overlap(pair_gt, tuple(t.squeeze(1) for t in pred_t)).clamp_(min=0)
         s_a = score_pow.gather(1, labels.gather(1, matched).unsqueeze(1)).squeeze(1)
         metric_a = s_a * _power(u_a, beta)
     else:
@@ -320,7 +454,7 @@ def match_task_aligned_unchecked(
 
 
 def _chunk_dense(
-    inside: Tensor, gt: tuple[Tensor, ...], pred: tuple[Tensor, ...], score_pow: Tensor, labels: Tensor, beta: float,
+    overlap: Callable, inside: Tensor, gt: tuple[Tensor, ...], pred: tuple[Tensor, ...], score_pow: Tensor, labels: Tensor, beta: float,
     k: int, start: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 2-4 for one chunk of ``G`` GTs on the whole ``(B, G, A)`` pair block.
@@ -331,7 +465,7 @@ def _chunk_dense(
     g = inside.shape[1]
     gt_ids = torch.arange(start, start + g, device=inside.device).view(1, -1, 1)
     # 2. metric t = s^alpha * u^beta on the candidates
-    u = _ciou_from_terms(tuple(t.unsqueeze(-1) for t in gt), pred).clamp_(min=0)
+    u = overlap(tuple(t.unsqueeze(-1) for t in gt), pred).clamp_(min=0)
     u = torch.where(inside, u, 0.0)  # (B, G, A)
     s = score_pow.gather(1, labels.unsqueeze(-1).expand(-1, -1, inside.shape[2]))  # (B, G, A)
     metric = torch.where(inside, s * _power(u, beta), 0.0)
@@ -355,7 +489,7 @@ def _top_k_mask(values: Tensor, k: int) -> Tensor:
 
 
 def _chunk_gathered(
-    inside: Tensor, gt: tuple[Tensor, ...], pred: tuple[Tensor, ...], score_pow: Tensor, labels: Tensor, beta: float,
+    overlap: Callable, inside: Tensor, gt: tuple[Tensor, ...], pred: tuple[Tensor, ...], score_pow: Tensor, labels: Tensor, beta: float,
     k: int, start: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_chunk_dense` on the candidate pairs only (one host read of their count).
@@ -367,7 +501,7 @@ def _chunk_gathered(
     bi, gi, ai = inside.nonzero(as_tuple=True)  # ordered by (image, GT, anchor)
     pred_flat = tuple(t.squeeze(1) for t in pred)
     # 2. metric of the candidate pairs
-    u = _ciou_from_terms(tuple(t[bi, gi] for t in gt), tuple(t[bi, ai] for t in pred_flat)).clamp_(min=0)
+    u = overlap(tuple(t[bi, gi] for t in gt), tuple(t[bi, ai] for t in pred_flat)).clamp_(min=0)
     metric = score_pow[bi, labels[bi, gi], ai] * _power(u, beta)
     # 3. rank within each GT by metric (descending; stable: lower anchor index first)
     segment = bi * g + gi
@@ -431,10 +565,10 @@ def _targets(
     matched = torch.where(foreground, matched, 0)
     if m:
         label = labels.gather(1, matched)
-        box = gt_boxes.gather(1, matched.unsqueeze(-1).expand(-1, -1, 4))
+        box = gt_boxes.gather(1, matched.unsqueeze(-1).expand(-1, -1, gt_boxes.shape[-1]))
     else:
         label = torch.full_like(matched, background_label)
-        box = gt_boxes.new_zeros(b, a, 4)
+        box = gt_boxes.new_zeros(b, a, gt_boxes.shape[-1])
     if not background_from_slot0 or not m:
         label = torch.where(foreground, label, background_label)
         box = torch.where(foreground.unsqueeze(-1), box, 0.0)
