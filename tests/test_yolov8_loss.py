@@ -136,11 +136,24 @@ def test_distributed_without_process_group_is_local():
 
 
 def test_native_defaults_differ_from_dropin_only_in_documented_places():
-    args = small_problem((3, 2))
-    native = YOLOv8Loss(3)(*args)
-    faithful = YOLOv8Loss(3, dfl_max_target=14.99)(*args)
+    """The DFL clamp (reg_max - 1 natively, reg_max - 1.01 in the drop-in) is the only difference: with
+    reg_max 4 some target distances lie beyond 2.99 bins, so the DFL terms must differ there."""
+    args = small_problem((2, 2), reg_max=4)
+    args[4] = torch.tensor([[[2.0, 2.0, 62.0, 50.0], [10.0, 20.0, 60.0, 62.0]], [[4.0, 8.0, 40.0, 60.0], [0.0, 0.0, 64.0, 64.0]]])
+    native = YOLOv8Loss(3, reg_max=4)(*args, return_assignment=True)
+    faithful = YOLOv8Loss(3, reg_max=4, dfl_max_target=2.99)(*args)
+    a = native["assignment"]
+    points, strides = args[2], args[3]
+    grid = points / strides[:, None]
+    target = a.boxes / strides[None, :, None]
+    dist = torch.cat((grid - target[..., :2], target[..., 2:] - grid), -1)[a.foreground]
+    assert bool((dist > 2.99).any())  # targets beyond the drop-in's clamp: the DFL check below can fail
     torch.testing.assert_close(native["loss_box"], faithful["loss_box"])
     torch.testing.assert_close(native["loss_cls"], faithful["loss_cls"])
+    assert not torch.allclose(native["loss_dfl"], faithful["loss_dfl"], rtol=1e-6, atol=0)
+    # with every target inside both clamps, the two agree
+    near = YOLOv8Loss(3, reg_max=16)(*small_problem((3, 2)))
+    torch.testing.assert_close(near["loss_dfl"], YOLOv8Loss(3, reg_max=16, dfl_max_target=14.99)(*small_problem((3, 2)))["loss_dfl"])
 
 
 def test_float64_and_half():
