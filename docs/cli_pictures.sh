@@ -36,3 +36,11 @@ save_coco(make_synthetic(200, image_size=416, seed=0), f"{sys.argv[1]}/ann.json"
 PY
 detloss anchors --preset yolov3-416 --annotations "$tmp/ann.json" --fit 9 --out "$out/anchors_yolov3.png" \
     | sed "s|$PWD/||; s|$tmp/||" | tee "$out/anchors_yolov3.txt"
+
+# 256-colour palettes: the noisy synthetic backgrounds make the full-colour PNGs ~3x larger
+python - "$out" <<'PY'
+import glob, sys
+from PIL import Image
+for path in glob.glob(f"{sys.argv[1]}/*.png"):
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+PY
