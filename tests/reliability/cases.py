@@ -41,7 +41,8 @@ FAMILIES = ("ssd", "retinaface", "yolov3", "retinanet", "rpn", "rcnn", "faster_r
 # Families whose positional arguments are normalised boxes.
 NORMALISED = ("ssd", "retinaface", "detr")
 IMAGE = 64  # pixel side of the synthetic images
-NUM_CLASSES = {"rt_detr": 3, "d_fine": 3, "ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4, "detr": 3, "yolov8": 3}
+NUM_CLASSES = {"rt_detr": 3, "d_fine": 3, "ssd": 4, "retinaface": 2, "yolov3": 3, "retinanet": 3, "rpn": 2, "rcnn": 4, "faster_rcnn": 4, "detr": 3, "yolov8": 3,
+               "yolo_obb": 3, "yolo26": 3, "yolo26_obb": 3}
 YOLOV8_REG_MAX = 8
 YOLO_STRIDES = (8, 16, 32)
 RCNN_SAMPLES = 8
@@ -50,6 +51,8 @@ DETR_LAYERS = 3
 DETR_QUERIES = 6
 #: real-time DETR families (not in FAMILIES: their reliability tests are in test_rt_detr_reliability.py)
 RT_DETR_FAMILIES = ("rt_detr", "d_fine")
+#: oriented-box YOLO and YOLO26 families (not in FAMILIES: test_yolo_tasks_reliability.py)
+YOLO_TASK_FAMILIES = ("yolo_obb", "yolo26", "yolo26_obb")
 RT_DETR_BINS = 8
 
 
@@ -208,6 +211,9 @@ def make_case(
     if family in RT_DETR_FAMILIES:
         return _rt_detr_case(family, gen, counts, c, options, pred, labels, degenerate, dtype)
 
+    if family in YOLO_TASK_FAMILIES:
+        return _yolo_task_case(family, gen, counts, c, options, pred, labels, degenerate, batch)
+
     if family == "detr":
         boxes, valid = random_gt(gen, counts, 1.0, degenerate=degenerate)
         gt = torch.where(valid.unsqueeze(-1), detloss.xyxy_to_cxcywh(boxes), torch.zeros(()))
@@ -338,6 +344,44 @@ def _rt_detr_case(family, gen, counts, c, options, pred, labels, degenerate, dty
         dims += [1, 1, 1, 1]
         batched += [True] * 4
     return Case(family, _KeywordLoss(module, 5, names), args, batched, preds, batch, batch_dims=dims)
+
+
+def _yolo_task_case(family, gen, counts, c, options, pred, labels, degenerate, batch) -> Case:
+    """``yolo_obb``: :class:`detloss.YOLOOBBLoss` (reg_max 8), GT ``(B, M, 5)`` xywhr pixels (with
+    ``degenerate``: a point, a zero-width box and a square); ``yolo26`` / ``yolo26_obb``:
+    :class:`detloss.YOLO26Loss` (reg_max 1, epoch 3 of 10), each prediction a (one2many, one2one) pair."""
+    points, strides = anchor_points([(IMAGE // s, IMAGE // s) for s in YOLO_STRIDES], YOLO_STRIDES)
+    a, m = points.shape[0], max(counts, default=0)
+    oriented = family != "yolo26"
+    if oriented:
+        centre = torch.rand(batch, m, 2, generator=gen) * 40 + 12
+        size = torch.rand(batch, m, 2, generator=gen) * 24 + 4
+        angle = torch.rand(batch, m, 1, generator=gen) * 3.4 - 1.7
+        if degenerate and m:
+            size[:, 0] = 0.0
+            if m > 1:
+                size[:, 1, 0] = 0.0
+            if m > 2:
+                size[:, 2, 1] = size[:, 2, 0]
+        valid = torch.arange(m).unsqueeze(0) < torch.tensor(list(counts)).unsqueeze(1)
+        boxes = torch.where(valid.unsqueeze(-1), torch.cat((centre, size, angle), -1), torch.zeros(()))
+        if degenerate:
+            options.setdefault("min_object_size", 0.0)
+    else:
+        boxes, valid = random_gt(gen, counts, float(IMAGE), degenerate=degenerate, min_size=0.2)
+    gt = [points, strides, boxes, labels(0, c - 1), valid]
+    if family == "yolo_obb":
+        reg_max = options.setdefault("reg_max", YOLOV8_REG_MAX)
+        module = detloss.YOLOOBBLoss(c, **options)
+        args = [pred(batch, a, 4 * reg_max), pred(batch, a, c), pred(batch, a, 1), *gt]
+        return Case(family, module, args, [True, True, True, False, False, True, True, True], [0, 1, 2], batch)
+    module = detloss.YOLO26Loss(c, epochs=10, oriented=oriented, **options)
+    heads = [[pred(batch, a, 4), pred(batch, a, 4)], [pred(batch, a, c), pred(batch, a, c)]]
+    if oriented:
+        heads.append([pred(batch, a, 1), pred(batch, a, 1)])
+    n = len(heads)
+    return Case(family, module, [*heads, *gt], [True] * n + [False, False, True, True, True], list(range(n)), batch,
+                kwargs={"epoch": 3, "image_size": (IMAGE, IMAGE)})
 
 
 def loss_and_grads(case: Case, **extra: Any) -> tuple[dict, list[Tensor]]:

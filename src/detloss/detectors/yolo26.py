@@ -79,14 +79,14 @@ class YOLO26Loss(nn.Module):
     ``gt_boxes (B, M, 4)`` xyxy pixels (oriented: ``(B, M, 5)`` xywhr). Returns the branch terms
     weighted and summed (``"loss_box"``, ``"loss_cls"``, ``"loss_dfl"``, [``"loss_angle"``],
     ``"loss"``), the one-to-one branch's own ``"loss"`` as ``"one2one_loss"`` and the weights as
-    ``"o2m_weight"`` / ``"o2o_weight"`` (0-d tensors); with ``return_assignment`` the two
-    assignments as ``"assignment"`` (one-to-many) and ``"one2one_assignment"``.
+    ``"o2m_weight"`` / ``"o2o_weight"`` (Python floats: no tensor is built from them); with
+    ``return_assignment`` the two assignments as ``"assignment"`` (one-to-many) and ``"one2one_assignment"``.
 
     >>> loss_fn = YOLO26Loss(2, epochs=10, reg_max=4)
     >>> points = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]])
     >>> out = loss_fn(torch.zeros(2, 1, 4, 16), torch.zeros(2, 1, 4, 2), points, torch.full((4,), 8.0),
     ...               torch.tensor([[[0.0, 0.0, 16.0, 16.0]]]), torch.tensor([[1]]), torch.tensor([[True]]), epoch=0)
-    >>> round(float(out["o2m_weight"]), 3), bool(out["loss"] > 0)
+    >>> round(out["o2m_weight"], 3), bool(out["loss"] > 0)
     (0.8, True)
     """
 
@@ -122,8 +122,7 @@ class YOLO26Loss(nn.Module):
         b = self.one2one.forward_unchecked(*one, *shared, image_size=image_size, return_assignment=return_assignment)
         out = {k: a[k] * o2m_w + b[k] * o2o_w for k in a if k.startswith("loss")}
         out["one2one_loss"] = b["loss"]
-        out["o2m_weight"] = out["loss"].new_tensor(o2m_w).detach()
-        out["o2o_weight"] = out["loss"].new_tensor(o2o_w).detach()
+        out["o2m_weight"], out["o2o_weight"] = o2m_w, o2o_w
         if return_assignment:
             out["assignment"], out["one2one_assignment"] = a["assignment"], b["assignment"]
         return out
