@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 import types
 from pathlib import Path
@@ -32,9 +33,10 @@ REFERENCED = ("detloss", "detloss.functional", "detloss.matching", "detloss.samp
 
 
 def compat_modules() -> list[str]:
-    """Every ``detloss.compat`` module (the package's ``__all__``), as dotted names."""
+    """Every ``detloss.compat`` module (each file of the package), as dotted names."""
     compat = importlib.import_module("detloss.compat")
-    return [f"detloss.compat.{name}" for name in compat.__all__]
+    names = sorted(m.name for m in pkgutil.iter_modules(compat.__path__) if not m.name.startswith("_"))
+    return [f"detloss.compat.{name}" for name in names]
 
 
 def referenced_modules() -> list[str]:
