@@ -15,7 +15,8 @@ family benchmarks' so the whole run stays within about three minutes on two CPU 
   facebookresearch/detr's per-layer, per-image matching (``bench_detr.baseline_loss``).
 
 Writes ``docs/assets/performance/speedup.png``, ``memory.png``, ``time.png``, ``results.json``,
-``table.md`` and ``machine.md`` (the pages include the last two; nothing is typed in)::
+``table.md``, ``machine.md`` (the performance page includes them) and ``summary.md`` (the README's
+table, checked by ``tests/test_docs.py``); nothing is typed in::
 
     python benchmarks/figures.py                 # about 2 minutes
     python benchmarks/figures.py --runs 9        # steadier medians, longer
@@ -226,6 +227,14 @@ def write_outputs(results: dict, out: Path) -> None:
                          f"{r['baseline_ms']:.1f} | {r['baseline_ms'] / r['detloss_ms']:.1f}x | "
                          f"{r['detloss_peak_mib']:.1f} / {r['baseline_peak_mib']:.1f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    short = ["| family (batch) | against | speed-up, fewest / most objects | peak MiB at the most, detloss / baseline |",
+             "|---|---|---:|---:|"]
+    for family, data in families.items():
+        a, z = data["rows"][0], data["rows"][-1]
+        short.append(f"| {family} | {data['baseline']} | {a['baseline_ms'] / a['detloss_ms']:.1f}x at {a['objects']} / "
+                     f"{z['baseline_ms'] / z['detloss_ms']:.1f}x at {z['objects']} | "
+                     f"{z['detloss_peak_mib']:.0f} / {z['baseline_peak_mib']:.0f} |")
+    (out / "summary.md").write_text("\n".join(short) + "\n")  # the README's table (tests/test_docs.py)
     (out / "machine.md").write_text(
         f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch thread(s); load average "
         f"{', '.join(str(v) for v in m['load_average'])} at the start), {m['system']}, Python {m['python']}, "
