@@ -28,6 +28,13 @@ With ``tss = max(sum of the target scores, 1)`` (all-reduced with ``distributed=
 8. ``loss = box_weight * box + cls_weight * cls + dfl_weight * dfl + angle_weight * angle``
    (7.5, 0.5, 1.5, 1.0).
 
+Execution strategies (:mod:`detloss.strategy`): the dense form computes steps 5-7 on every
+anchor (background rows weighted 0); on CPU tensors in eager mode (``"auto"`` / ``"gathered"``)
+they run on the foreground rows only (one host read of their count), so the distributions of
+the background anchors get no backward pass (-66 % / -80 % of the step at 10 / 100 objects per
+image, batch 4, 1024 px: ``benchmarks/README.md``). Both forms give the same values up to
+summation order.
+
 Conventions: ``anchor_points (A, 2)`` pixel centres and ``anchor_strides (A,)``, ``gt_boxes (B, M,
 5)`` ``(cx, cy, w, h, angle)`` pixels and radians, ``gt_labels (B, M)`` in ``[0, C-1]``,
 ``gt_valid (B, M)`` bool. Ground truth is checked (finite, sizes >= 0, labels in range) in one
@@ -51,6 +58,7 @@ from ..functional import binary_cross_entropy_with_logits, positive_normalizer, 
 from ..functional.distribution import distribution_focal_unchecked
 from ..matching.task_aligned import match_task_aligned_unchecked
 from ..rotated_boxes import gaussian_terms, probiou_from_terms, require_rotated_boxes
+from ..strategy import host_sync_is_free
 from .yolov8 import YOLOv8Loss, _check_image_size, decode_distances
 
 __all__ = ["YOLOOBBLoss", "decode_rotated", "rotated_distances"]
@@ -59,8 +67,9 @@ ANGLE_ASPECT_SCALE = 3.0
 
 
 def decode_rotated(dist: Tensor, angle: Tensor, grid: Tensor) -> Tensor:
-    """``dist (B, A, 4)`` distances ``(l, t, r, b)`` in the box frame, ``angle (B, A)`` radians and
-    anchors ``grid (A, 2)`` -> ``(B, A, 5)`` xywhr boxes (same units as ``dist`` and ``grid``)."""
+    """``dist (..., 4)`` distances ``(l, t, r, b)`` in the box frame, ``angle (...)`` radians and
+    anchors ``grid`` (broadcastable to ``(..., 2)``) -> ``(..., 5)`` xywhr boxes (same units as
+    ``dist`` and ``grid``)."""
     lt, rb = dist[..., :2], dist[..., 2:]
     half = (rb - lt) / 2  # (B, A, 2) centre offset in the box frame
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -71,7 +80,7 @@ def decode_rotated(dist: Tensor, angle: Tensor, grid: Tensor) -> Tensor:
 
 
 def rotated_distances(boxes: Tensor, grid: Tensor) -> Tensor:
-    """``boxes (B, A, 5)`` xywhr and anchors ``grid (A, 2)`` -> ``(B, A, 4)`` distances ``(l, t, r,
+    """``boxes (..., 5)`` xywhr and anchors ``grid`` (broadcastable) -> ``(..., 4)`` distances ``(l, t, r,
     b)`` from the anchor to the box's sides, measured in the box's frame (the inverse of
     :func:`decode_rotated` for the box's own angle)."""
     offset = boxes[..., :2] - grid
@@ -184,9 +193,12 @@ class YOLOOBBLoss(YOLOv8Loss):
         stride = anchor_strides.to(dtype).unsqueeze(-1)  # (A, 1)
         grid = anchor_points.to(dtype) / stride  # (A, 2) anchors in grid units
 
-        # 1. decode: distances in the box frame, rotated boxes in grid units
-        dist = decode_distances(box_pred, self.reg_max)  # (B, A, 4)
-        pred_boxes = decode_rotated(dist, angle, grid)  # (B, A, 5)
+        # 1. decode: distances in the box frame, rotated boxes in grid units (gradients only where
+        #    the box terms need them: every anchor on the dense path, the foreground on the CPU's)
+        gathered = host_sync_is_free(cls_logits)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not gathered):
+            dist = decode_distances(box_pred, self.reg_max)  # (B, A, 4)
+            pred_boxes = decode_rotated(dist, angle, grid)  # (B, A, 5)
 
         # 2. tiny objects are padding
         if self.min_object_size > 0:
@@ -206,28 +218,23 @@ class YOLOOBBLoss(YOLOv8Loss):
         loss_cls = binary_cross_entropy_with_logits(cls_logits, scores, weight=cls_weight, reduction="sum",
                                                     normalizer=tss)
 
-        # 5. box: (1 - ProbIoU) * w over the foreground, grid units
+        # 5.-7. box, DFL, angle on the foreground rows (weights w = the anchors' soft scores)
         fg = assignment.foreground
-        w = torch.where(fg, scores.sum(-1), 0.0)  # (B, A)
-        unit = torch.cat((grid, torch.ones_like(grid), torch.zeros_like(grid[:, :1])), -1)  # finite background stand-in
-        target = torch.where(fg.unsqueeze(-1), assignment.boxes.to(dtype) / scale, unit)  # (B, A, 5)
-        iou = probiou_from_terms(gaussian_terms(pred_boxes, self.box_variance), gaussian_terms(target, self.box_variance))
+        w = scores.sum(-1)  # (B, A)
+        if gathered:  # CPU eager: only the foreground rows (one host read; benchmarks/README.md, bench_obb)
+            bi, ai = fg.nonzero(as_tuple=True)
+            rows = (box_pred[bi, ai], angle[bi, ai], grid[ai], stride[ai], assignment.boxes[bi, ai].to(dtype) / scale[ai],
+                    w[bi, ai])
+            dist_rows = decode_distances(rows[0], self.reg_max)
+            pred_rows = decode_rotated(dist_rows, rows[1], rows[2])
+        else:  # every anchor, background rows weighted 0 with a finite stand-in target
+            unit = torch.cat((grid, torch.ones_like(grid), torch.zeros_like(grid[:, :1])), -1)
+            target = torch.where(fg.unsqueeze(-1), assignment.boxes.to(dtype) / scale, unit)  # (B, A, 5)
+            rows = (box_pred, angle, grid, stride, target, torch.where(fg, w, 0.0))
+            dist_rows, pred_rows = dist, pred_boxes
+        loss_box, loss_dfl, loss_angle = self._box_terms(*rows, dist_rows, pred_rows, tss, image_size)
         # + 0 * sum(angle): a non-finite angle makes the loss non-finite even when nothing is foreground
-        loss_box = weighted_reduce(1 - iou, w, "sum", tss) + (angle * 0).sum()
-
-        # 6. DFL (or L1 with reg_max = 1) on the target's distances in its own frame
-        target_dist = rotated_distances(target, grid)  # (B, A, 4)
-        if self.reg_max == 1:
-            h, w_img = image_size
-            size = device_constant([w_img, h, w_img, h], dtype=target_dist.dtype, device=target_dist.device)
-            side = (dist * stride / size - target_dist * stride / size).abs()
-        else:
-            side = distribution_focal_unchecked(box_pred.unflatten(-1, (4, self.reg_max)), target_dist,
-                                                self._dfl_max_target())
-        loss_dfl = weighted_reduce(side.mean(-1), w, "sum", tss)
-
-        # 7. angle: sin^2(2 delta), weighted by how far from square the target is
-        loss_angle = weighted_reduce(angle_term(angle, target), w, "sum", tss)
+        loss_box = loss_box + (angle * 0).sum()
 
         # 8. gains
         out = {"loss_box": loss_box * self.box_weight, "loss_cls": loss_cls * self.cls_weight,
@@ -237,6 +244,31 @@ class YOLOOBBLoss(YOLOv8Loss):
             out["assignment"] = assignment
         return out
 
+
+    def _box_terms(
+        self, box_pred: Tensor, angle: Tensor, grid: Tensor, stride: Tensor, target: Tensor, w: Tensor,
+        dist: Tensor, pred_boxes: Tensor, tss: Tensor, image_size: Optional[Sequence[float]],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Box (ProbIoU), DFL (or L1) and angle sums ``/ tss`` over rows ``(..., )`` of anchors: the
+        head's ``box_pred (..., 4 * reg_max)`` and ``angle (...)``, the anchors' ``grid (..., 2)`` and
+        ``stride (..., 1)``, ``target (..., 5)`` grid units, weights ``w (...)``, the decoded
+        ``dist (..., 4)`` and ``pred_boxes (..., 5)``."""
+        # 5. box: (1 - ProbIoU) * w, grid units
+        iou = probiou_from_terms(gaussian_terms(pred_boxes, self.box_variance), gaussian_terms(target, self.box_variance))
+        loss_box = weighted_reduce(1 - iou, w, "sum", tss)
+        # 6. DFL (or L1 with reg_max = 1) on the target's distances in its own frame
+        target_dist = rotated_distances(target, grid)  # (..., 4)
+        if self.reg_max == 1:
+            h, w_img = image_size
+            size = device_constant([w_img, h, w_img, h], dtype=target_dist.dtype, device=target_dist.device)
+            side = (dist * stride / size - target_dist * stride / size).abs()
+        else:
+            side = distribution_focal_unchecked(box_pred.unflatten(-1, (4, self.reg_max)), target_dist,
+                                                self._dfl_max_target())
+        loss_dfl = weighted_reduce(side.mean(-1), w, "sum", tss)
+        # 7. angle: sin^2(2 delta), weighted by how far from square the target is
+        loss_angle = weighted_reduce(angle_term(angle, target), w, "sum", tss)
+        return loss_box, loss_dfl, loss_angle
 
 def angle_term(angle: Tensor, target: Tensor) -> Tensor:
     """``(B, A)`` predicted angles and ``(B, A, 5)`` target boxes -> ``(B, A)``
