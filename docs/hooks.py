@@ -104,11 +104,43 @@ def _doctest_fences(text: str) -> str:
     return "\n".join(out)
 
 
-def markdown_docstring(text: str) -> str:
-    """The library's docstring conventions as Markdown (idempotent)."""
+def _resolve(name: str, context: str) -> object:
+    """The object a role names: a dotted path, or a name relative to module ``context``."""
+    for base in ([name] if name.startswith("detloss") else [f"{context}.{name}", name]):
+        parts = base.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                break
+            return obj
+    return None
+
+
+def markdown_docstring(text: str, context: str = "", anchors: "dict[int, str] | None" = None) -> str:
+    """The library's docstring conventions as Markdown (idempotent).
+
+    A role (``:func:`x```) becomes code; with ``anchors`` (``id(object) -> identifier`` of what
+    the reference renders) a cross-reference to it where the object is rendered somewhere.
+    """
     if "```pycon" in text:
         return text
-    text = _ROLE.sub(lambda m: f"``{m.group(1)}``", text)
+
+    def role(match: "re.Match") -> str:
+        name = match.group(1)
+        obj = _resolve(name, context) if anchors else None
+        if obj is not None and (needs_docstring(obj) or inspect.ismodule(obj)):  # ids of constants may be shared
+            target = anchors.get(id(obj))
+            if target:
+                return f"[``{name}``][{target}]"
+        return f"``{name}``"
+
+    text = _ROLE.sub(role, text)
     text = re.sub(r" ::$", "", text, flags=re.M)        # "text. ::" + indented block
     text = re.sub(r"(\S)::$", r"\1:", text, flags=re.M)  # "text::" + indented block
     return _doctest_fences(text)
@@ -123,20 +155,21 @@ class DocstringsForMarkdown(_Extension):
     def on_package(self, *, pkg: Any, **kwargs: Any) -> None:
         if pkg.name != "detloss":
             return
-        self._walk(pkg, set())
+        anchors = {key: home.split("#")[1] for key, home in reference_homes().items()}
+        self._walk(pkg, set(), anchors)
 
-    def _walk(self, obj: Any, seen: set) -> None:
+    def _walk(self, obj: Any, seen: set, anchors: dict) -> None:
         if obj.path in seen:
             return
         seen.add(obj.path)
         if obj.docstring is not None:
-            obj.docstring.value = markdown_docstring(obj.docstring.value)
+            obj.docstring.value = markdown_docstring(obj.docstring.value, obj.module.path, anchors)
         if obj.is_module and obj.is_init_module and not obj.exports:
             runtime = importlib.import_module(obj.path)
             obj.exports = public_names(runtime)
         for member in obj.members.values():
             if not member.is_alias:
-                self._walk(member, seen)
+                self._walk(member, seen, anchors)
 
 
 # --- the top-level index --------------------------------------------------------------------

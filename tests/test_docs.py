@@ -155,3 +155,16 @@ def test_page_python_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     exec(compile("\n".join(blocks), str(page), "exec"), namespace)  # noqa: S102
+
+
+def test_docstrings_become_markdown():
+    """reST roles become code (or a cross-reference where the target is rendered), doctests a fence."""
+    import detloss
+
+    text = "See :func:`detloss.match_priors` and :class:`~Missing`. ::\n\n    code\n\n>>> 1 + 1\n2\n"
+    md = hooks.markdown_docstring(text)
+    assert "``detloss.match_priors``" in md and "``Missing``" in md and ":func:" not in md
+    assert "```pycon\n>>> 1 + 1\n2\n```" in md and " ::" not in md
+    linked = hooks.markdown_docstring(text, "detloss", {id(detloss.match_priors): "detloss.matching.match_priors"})
+    assert "[``detloss.match_priors``][detloss.matching.match_priors]" in linked
+    assert hooks.markdown_docstring(md) == md
