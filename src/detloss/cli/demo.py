@@ -25,9 +25,9 @@ from .train import (
     TrainState, build_model, load_checkpoint, make_optimizer, save_checkpoint, setup_distributed, train,
 )
 
-FAMILIES = ("ssd", "retinanet", "yolov3", "yolov8", "fasterrcnn", "retinaface")
+FAMILIES = ("ssd", "retinanet", "yolov3", "yolov8", "yolo26", "fasterrcnn", "retinaface")
 # per-family learning rate (AdamW) of the default run
-LEARNING_RATES = {"ssd": 2e-3, "retinanet": 2e-3, "yolov3": 2e-3, "yolov8": 2e-3, "fasterrcnn": 2e-3, "retinaface": 2e-3}
+LEARNING_RATES = {"ssd": 2e-3, "retinanet": 2e-3, "yolov3": 2e-3, "yolov8": 2e-3, "yolo26": 2e-3, "fasterrcnn": 2e-3, "retinaface": 2e-3}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

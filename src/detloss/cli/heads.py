@@ -205,6 +205,55 @@ class YOLOv8Head(nn.Module):
         return select_detections(self.decode(raw["box"]), raw["cls"].float().sigmoid(), image_size=self.image_size)
 
 
+class YOLO26Head(nn.Module):
+    """YOLO26 (end to end, NMS-free): two anchor-free branches on the same maps, one-to-many and
+    one-to-one (the latter on detached features, as YOLO26 does), each side a plain distance in
+    cells (``reg_max = 1``, softplus so it stays positive); :class:`detloss.YOLO26Loss` with the
+    branch weights of :func:`detloss.yolo26_branch_weights` at the training progress the loop sets
+    in ``progress`` (0 -> 1). Predictions come from the one-to-one branch without NMS."""
+
+    loss_module, loss_name = "detloss.detectors.yolo26", "YOLO26Loss"
+    SCHEDULE_EPOCHS = 100  # the schedule's length; the head maps training progress onto it
+
+    def __init__(self, num_classes: int, image_size: int, width: int = 64, distributed: bool = False) -> None:
+        super().__init__()
+        self.num_classes, self.image_size = num_classes, image_size
+        points, strides = anchor_points([(image_size // s, image_size // s) for s in STRIDES], STRIDES)
+        self.register_buffer("points", points, persistent=False)
+        self.register_buffer("strides", strides, persistent=False)
+        prior = -math.log((1 - 0.01) / 0.01)
+        self.box = LevelPredictor(width, [1] * 3, 4, bias=1.0)
+        self.cls = LevelPredictor(width, [1] * 3, num_classes, bias=prior)
+        self.box_o2o = LevelPredictor(width, [1] * 3, 4, bias=1.0)
+        self.cls_o2o = LevelPredictor(width, [1] * 3, num_classes, bias=prior)
+        self.criterion = make_loss(YOLO26Head, distributed, num_classes=num_classes, epochs=self.SCHEDULE_EPOCHS,
+                                   reg_max=1)
+        self.progress = 0.0
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        detached = [f.detach() for f in features]
+        return {"box": F.softplus(self.box(features)), "cls": self.cls(features),
+                "box_o2o": F.softplus(self.box_o2o(detached)), "cls_o2o": self.cls_o2o(detached)}
+
+    def loss(self, raw: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        epoch = min(max(self.progress, 0.0), 1.0) * (self.SCHEDULE_EPOCHS - 1)
+        out = self.criterion((raw["box"], raw["box_o2o"]), (raw["cls"], raw["cls_o2o"]), self.points, self.strides,
+                             batch.boxes, batch.labels.clamp(min=0), batch.valid, epoch=epoch,
+                             image_size=(self.image_size, self.image_size))
+        return {k: v for k, v in out.items() if isinstance(v, Tensor)}
+
+    def decode(self, box: Tensor) -> Tensor:
+        """``(B, A, 4)`` distances in cells -> ``(B, A, 4)`` xyxy input pixels."""
+        dist = box.float() * self.strides[:, None]
+        return torch.cat((self.points - dist[..., :2], self.points + dist[..., 2:]), -1)
+
+    def predict(self, raw: dict[str, Tensor]) -> list[Detections]:
+        # NMS-free: the one-to-one branch's best (box, class) pairs as they are (an IoU threshold
+        # above 1 suppresses nothing)
+        return select_detections(self.decode(raw["box_o2o"]), raw["cls_o2o"].float().sigmoid(),
+                                 image_size=self.image_size, iou_threshold=1.01)
+
+
 class RetinaFaceHead(nn.Module):
     """RetinaFace: background/face softmax, variance-coded boxes and five landmarks on square
     normalised priors (two per cell and level); :class:`detloss.RetinaFaceLoss`."""
@@ -339,6 +388,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "retinanet": RetinaNetHead,
     "yolov3": YOLOv3Head,
     "yolov8": YOLOv8Head,
+    "yolo26": YOLO26Head,
     "fasterrcnn": FasterRCNNHead,
     "retinaface": RetinaFaceHead,
 }

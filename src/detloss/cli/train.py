@@ -150,6 +150,8 @@ def train(
         batch = collate(train_set, shard(indices, info.rank, info.world_size)).to(info.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state.step, steps, lr)
+        if hasattr(model.head, "progress"):  # heads whose loss follows a schedule (YOLO26's branch weights)
+            model.head.progress = state.step / max(steps - 1, 1)
         losses = compute_loss(ddp, model.head, batch)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
