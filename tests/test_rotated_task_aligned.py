@@ -132,7 +132,7 @@ def test_matches_the_float64_oracle(seed, side, tops, powers):
 def test_chunk_sizes_give_the_same_bits(seed):
     scores, pred, points, gt, labels, valid = random_problem(seed, b=2, m=23, dtype=torch.float32)
     runs = [match_rotated_task_aligned(scores, pred, points, gt, labels, valid, topk=10, alpha=0.5, beta=6.0,
-                                       min_box_side=16.0, chunk_size=k) for k in (1, 7, None)]
+                                       min_box_side=16.0, chunk_size=k) for k in (1, 7, 23, None)]
     assert runs[0].foreground.any()
     for other in runs[1:]:
         for field in ("foreground", "matched_gt", "labels", "boxes", "scores", "metric", "overlap"):
