@@ -161,6 +161,12 @@ def test_obb_bad_input_names_the_argument(change, name):
         small_obb_call(**change)
 
 
+def test_obb_rotated_box_longer_than_the_image_is_valid():
+    """A thin object along the image diagonal: normalised width above 1 is real data, not an error."""
+    loss, _ = small_obb_call(bboxes=torch.tensor([[0.5, 0.5, 1.3, 0.05, 0.785], [0.3, 0.6, 0.2, 0.2, 1.2]]))
+    assert bool(torch.isfinite(loss).all())
+
+
 def test_obb_missing_angle_and_e2e_missing_branch():
     feats = [torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 1, 1)]
     batch = {"batch_idx": torch.tensor([0.0]), "cls": torch.tensor([[0.0]]),

@@ -152,7 +152,11 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
         idx, cls = idx.reshape(-1), cls.reshape(-1)
         require_floating(bboxes, "batch['bboxes']")
         checks = ValueChecks().finite(bboxes, "batch['bboxes']")
-        checks.in_range(bboxes[:, :4], "batch['bboxes']", 0.0, 1.0)
+        if cols == 4:
+            checks.in_range(bboxes, "batch['bboxes']", 0.0, 1.0)
+        else:  # a rotated box's sides may exceed the image (a long object along the diagonal)
+            checks.in_range(bboxes[:, :2], "batch['bboxes'] (cx, cy)", 0.0, 1.0)
+            checks.in_range(bboxes[:, 2:4], "batch['bboxes'] (w, h)", 0.0, None)
         checks.in_range(cls, "batch['cls']", 0, self.nc - 1)
         checks.in_range(idx, "batch['batch_idx']", 0, b - 1)
         for x, name in ((idx, "batch['batch_idx']"), (cls, "batch['cls']")):
