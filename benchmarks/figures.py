@@ -1,6 +1,6 @@
 """Figures and tables of the documentation's performance page, from this script's own measurements.
 
-For four families it times one forward + backward of the detloss loss and of the baseline the
+For five families it times one forward + backward of the detloss loss and of the baseline the
 family's benchmark compares against (the same functions, imported from ``bench_*.py``), at
 several numbers of objects per image, interleaved in one process, and reads the peak of live
 allocations above the inputs (``resident_memory.PeakAllocated``). Sizes are reduced from the
@@ -11,6 +11,8 @@ family benchmarks' so the whole run stays within about three minutes on two CPU 
   per-image NumPy target builder and loss (``bench_yolov3.baseline_*``);
 * YOLOv8 640 / 80 classes, batch 2: ``YOLOv8Loss`` against the ``(B, M, A)`` task-aligned
   formulation ultralytics uses (``bench_tal.dense_loss``);
+* YOLOv8-OBB 640 / 15 classes, batch 2: the ``v8OBBLoss`` drop-in (on ``YOLOOBBLoss``) against
+  the ``(B, M, A)`` rotated formulation (``bench_obb.dense_loss``);
 * DETR, batch 2, 300 queries, 91 classes, 6 decoder layers: ``DETRLoss`` against
   facebookresearch/detr's per-layer, per-image matching (``bench_detr.baseline_loss``).
 
@@ -86,6 +88,16 @@ def yolov8_case(objects: int):
     return (lambda: bench_tal.step("detloss", "loss", inputs)), (lambda: bench_tal.step("dense", "loss", inputs)), inputs[:2]
 
 
+def obb_case(objects: int):
+    import bench_obb
+
+    bench_obb.BATCH, bench_obb.SIZE = 2, 640
+    inputs = bench_obb.make_inputs(objects)
+    preds = inputs[0]
+    return ((lambda: bench_obb.step("detloss", "loss", inputs)), (lambda: bench_obb.step("dense", "loss", inputs)),
+            [preds["boxes"], preds["scores"], preds["angle"]])
+
+
 def detr_case(objects: int):
     import bench_detr
 
@@ -108,6 +120,7 @@ FAMILIES = {
     "SSD300 (b8)": (ssd_case, (1, 4, 16, 48), "ssd.pytorch per-image loop"),
     "YOLOv3 416 (b2)": (yolov3_case, (2, 8, 32, 100), "tensorflow-yolov3 NumPy targets + loss"),
     "YOLOv8 640 (b2)": (yolov8_case, (10, 50, 200), "(B, M, A) task-aligned form"),
+    "YOLOv8-OBB 640 (b2)": (obb_case, (10, 50, 200), "(B, M, A) rotated task-aligned form"),
     "DETR (b2, 6 layers)": (detr_case, (10, 50, 200), "facebookresearch/detr per-layer, per-image"),
 }
 
@@ -202,7 +215,7 @@ def write_outputs(results: dict, out: Path) -> None:
 
     for kind, key, label in (("memory", "peak_mib", "peak allocated above the inputs (MiB)"),
                              ("time", "ms", "forward + backward (ms)")):
-        fig, axes = plt.subplots(1, len(families), figsize=(3.1 * len(families), 3.2))
+        fig, axes = plt.subplots(1, len(families), figsize=(2.9 * len(families), 3.2))
         for ax, (family, data) in zip(np.atleast_1d(axes), families.items()):
             x = [r["objects"] for r in data["rows"]]
             ax.plot(x, [r[f"detloss_{key}"] for r in data["rows"]], "o-", label="detloss")
