@@ -222,7 +222,8 @@ def write_outputs(results: dict, out: Path) -> None:
             ax.plot(x, [r[f"baseline_{key}"] for r in data["rows"]], "s--", label="baseline")
             ax.set(xscale="log", yscale="log", xlabel="objects per image", title=family)
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(sparse)
+            low, high = ax.get_ylim()
+            ax.yaxis.set_minor_formatter(plain if high / low < 4 else sparse)  # a short range: label every tick
             ax.grid(True, which="both", alpha=0.3)
             ax.title.set_fontsize(9)
         np.atleast_1d(axes)[0].set_ylabel(label)
