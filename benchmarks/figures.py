@@ -4,7 +4,7 @@ For five families it times one forward + backward of the detloss loss and of the
 family's benchmark compares against (the same functions, imported from ``bench_*.py``), at
 several numbers of objects per image, interleaved in one process, and reads the peak of live
 allocations above the inputs (``resident_memory.PeakAllocated``). Sizes are reduced from the
-family benchmarks' so the whole run stays within about three minutes on two CPU cores:
+family benchmarks' so the whole run stays within a few minutes on two CPU cores:
 
 * SSD300 VOC, batch 8: ``SSDLoss`` against ssd.pytorch's per-image loop (``bench_ssd.loop_step``);
 * YOLOv3 416 / 80 classes, batch 2, targets included: ``YOLOv3Loss`` against tensorflow-yolov3's
@@ -20,7 +20,7 @@ Writes ``docs/assets/performance/speedup.png``, ``memory.png``, ``time.png``, ``
 ``table.md``, ``machine.md`` (the performance page includes them) and ``summary.md`` (the README's
 table, checked by ``tests/test_docs.py``); nothing is typed in::
 
-    python benchmarks/figures.py                 # about 2 minutes
+    python benchmarks/figures.py                 # two to four minutes on two CPU cores
     python benchmarks/figures.py --runs 9        # steadier medians, longer
 
 The family benchmarks (``bench_*.py``) measure the full sizes and more (floors, operators,
