@@ -22,12 +22,16 @@ import traceback
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+import detloss
 from detloss import _chunking
 from torch.utils._python_dispatch import TorchDispatchMode
+
+LIBRARY_DIR = Path(detloss.__file__).resolve().parent  # the package folder: what counts as library code
 
 # operators whose result the host waits for (value reads and data-dependent output shapes)
 SYNC_OPS = {
@@ -51,10 +55,16 @@ def _library_site(func) -> str | None:
     library did not (the step's own inputs) or built it through ``device_constant``."""
     if func.overloadpacket.__name__ not in ("lift_fresh", "lift_fresh_copy"):
         return None
-    frames = [f for f in traceback.extract_stack() if "/detloss/" in f.filename.replace("\\", "/")]
+    frames = [f for f in traceback.extract_stack() if _in_library(f.filename)]
     if not frames or frames[-1].filename.endswith("_constants.py"):
         return None
-    return f"{frames[-1].filename.split('/detloss/')[-1]}:{frames[-1].lineno}"
+    return f"{Path(frames[-1].filename).resolve().relative_to(LIBRARY_DIR).as_posix()}:{frames[-1].lineno}"
+
+
+def _in_library(filename: str) -> bool:
+    """Whether ``filename`` belongs to the detloss package itself (its folder, wherever the
+    checkout lives: a clone in a folder named ``detloss`` must not count its benchmarks)."""
+    return Path(filename).resolve().is_relative_to(LIBRARY_DIR)
 
 
 def _is_sync(func, args) -> bool:

@@ -16,16 +16,45 @@ HERE = Path(__file__).resolve().parent
 # so that a plain clone proves parity. A missing file fails its test.
 GOLDEN_DIR = HERE / "data" / "golden"
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
 # DETLOSS_STRATEGY=dense runs the whole suite on the sync-free path (tests that need one
 # strategy set it themselves); the default is "auto".
 detloss.set_execution_strategy(os.environ.get("DETLOSS_STRATEGY", "auto"))
+SUITE_THREADS = 2  # at most: the suite runs two workers on a 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def isolated_global_state():
+    """Every test starts from the same global state and leaves none behind: torch's global RNG
+    seeded (an unseeded ``torch.randn`` gives the same numbers whatever ran before), at most
+    ``SUITE_THREADS`` threads, value checks on; these and the execution strategy (set by the
+    module-scoped :func:`strategy`, or by the test) are restored after the test."""
+    rng, threads = torch.random.get_rng_state(), torch.get_num_threads()
+    checks, strategy = detloss.value_checks_enabled(), detloss.get_execution_strategy()
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, min(SUITE_THREADS, threads)))
+    detloss.set_value_checks(True)
+    yield
+    torch.random.set_rng_state(rng)
+    torch.set_num_threads(threads)
+    detloss.set_value_checks(checks)
+    detloss.set_execution_strategy(strategy)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test (timing- or order-sensitive reductions); restored after
+    by :func:`isolated_global_state`."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["dense", "gathered"], scope="module")
 def strategy(request: pytest.FixtureRequest):
     """Runs every test of a module that uses it under both execution strategies.
+
+    Only for modules whose code under test reads the strategy (``host_sync_is_free``: the
+    MultiBox terms and their selection and mining, ``_memory.new_like`` of the focal and YOLOv3
+    gradients, the task-aligned assigner, and the losses and drop-ins built on them); the others
+    would run the same code twice.
 
     Put ``pytestmark = pytest.mark.usefixtures("strategy")`` in a module (parity, oracle,
     property and reliability tests) or request ``strategy`` in one test. Module scope keeps

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from detloss.sampling.balanced import sample_balanced
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 
 def _labels(n_pos: int, n_neg: int, n_ign: int, seed: int = 0) -> torch.Tensor:

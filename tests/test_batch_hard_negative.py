@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from detloss.sampling.batch_hard_negative import mine_hard_negatives_batchwide
 from oracles import ssd_keras as O
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

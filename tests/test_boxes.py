@@ -26,7 +26,6 @@ from detloss import (
 from detloss.boxes import IOU_KINDS
 from oracles import foundation as O
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 KINDS = st.sampled_from(IOU_KINDS)

@@ -17,7 +17,6 @@ from conftest import golden_cases, golden_path
 from detloss.compat.ssd_keras import DegenerateBoxError, SSDInputEncoder, SSDLoss
 from oracles import ssd_keras as O
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 SETTINGS = settings(max_examples=200, deadline=None)
 CASES = golden_cases("tf/ssd_*.npz")

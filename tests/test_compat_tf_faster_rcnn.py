@@ -12,7 +12,6 @@ from detloss.matching.rcnn_targets import ProposalTargets
 from detloss.matching.max_iou import max_iou_match
 from conftest import golden_cases
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 CASES = [f"tf/{name}.npz" for name in golden_cases("tf/frcnn_*.npz")]
 LOSSES = ["cross_entropy", "loss_box", "rpn_cross_entropy", "rpn_loss_box", "total_loss"]

@@ -11,7 +11,6 @@ from detloss.detectors.faster_rcnn import FasterRCNNLoss, RCNNLoss, RPNLoss
 from detloss.functional import inside_outside_smooth_l1
 from detloss.matching.rcnn_targets import proposal_targets, rpn_targets
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 ORIGINAL = dict(pixel_offset=1.0, low_quality_zero_iou=True)  # tf-faster-rcnn's conventions
 

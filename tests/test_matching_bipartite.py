@@ -12,7 +12,6 @@ from detloss.matching.bipartite import FORCED_IOU
 from oracles import ssd as O
 from test_ssd_loss import small_priors
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 SETTINGS = settings(max_examples=200, deadline=None)
 GOLDEN = [

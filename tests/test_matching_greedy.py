@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from detloss.matching.greedy import greedy_bipartite_match, match_greedy, match_greedy_boxes
 from oracles import ssd_keras as O
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 SETTINGS = settings(max_examples=200, deadline=None)
 

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from detloss.matching.max_iou import max_iou_match
 from oracles import two_stage as O
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 
 @st.composite

@@ -14,12 +14,9 @@ from hypothesis import strategies as st
 
 import detloss
 from detloss import boxes as B
-from detloss.detectors import ssd as ssd_module
-from detloss.functional import selection
 from detloss.functional.classification import class_cross_entropy_no_grad
 from detloss.functional.selection import RowSelection, gather_matched
 from detloss.priors import retinaface_priors
-from detloss.sampling import hard_negative
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -184,7 +181,7 @@ def test_yolo_decode_to_corners_and_coordinate_major_layout_are_exact():
     """The loss decodes every cell straight to corners from a channel-major copy of the head:
     the same numbers, bit for bit, as decoding to centre/size and converting."""
     from detloss import coders
-    from detloss.detectors import yolov3
+    from detloss.matching.yolo_ignore import yolo_max_iou
 
     g = torch.Generator().manual_seed(6)
     raw = torch.randn(2, 4, 5, 6, 3, generator=g).permute(0, 2, 3, 4, 1)  # (B, H, W, A, 4) channel-major
@@ -200,10 +197,10 @@ def test_yolo_decode_to_corners_and_coordinate_major_layout_are_exact():
     true = torch.cat((torch.rand(2, 4, 2, generator=g) * 80, torch.rand(2, 4, 2, generator=g) * 30 + 1), -1)
     centre = coders.decode_yolo(raw, anchors, 16).reshape(2, -1, 4)
     assert torch.equal(
-        yolov3.yolo_max_iou(corners.reshape(2, -1, 4), true, pred_format="xyxy"), yolov3.yolo_max_iou(centre, true)
+        yolo_max_iou(corners.reshape(2, -1, 4), true, pred_format="xyxy"), yolo_max_iou(centre, true)
     )
     with pytest.raises(ValueError, match="pred_format"):
-        yolov3.yolo_max_iou(centre, true, pred_format="xywh")
+        yolo_max_iou(centre, true, pred_format="xywh")
 
 
 @pytest.mark.parametrize("family", ["ssd", "retinaface", "yolov3"])
@@ -212,8 +209,6 @@ def test_cpu_fast_paths_equal_sync_free_paths(family, seed):
     """Every loss with a CPU fast path (gathered rows, topk mining, compacted ignore IoU) gives
     the losses and gradients of its sync-free form, which accelerators and torch.compile run."""
     from reliability.cases import loss_and_grads, make_case
-
-    from detloss.detectors import yolov3
 
     case = make_case(family, batch=3, num_gt=[4, 0, 7], seed=seed)
     with detloss.execution_strategy("gathered"):

@@ -13,7 +13,6 @@ from detloss.priors import yolov3_anchors
 from oracles import yolov3 as oracle
 from conftest import golden_cases
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 CASES = golden_cases("tf/yolo_*_c*.npz")
 STRIDES = (8, 16, 32)

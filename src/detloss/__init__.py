@@ -5,7 +5,7 @@ functional -> detectors -> compat. See ``CONTRIBUTING.md`` and ``DESIGN.md``.
 """
 __version__ = "0.1.0"
 
-from ._validate import set_value_checks
+from ._validate import set_value_checks, value_checks_enabled
 from .strategy import execution_strategy, get_execution_strategy, set_execution_strategy
 from .boxes import (
     aligned_box_iou,

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Optional, Union
 
 import torch
@@ -290,9 +292,16 @@ class ValueChecks:
         """Read the verdict of every queued check with one host read; raise ``ValueError`` with
         the message of the first failed check. The queue is emptied.
 
+        Inside :func:`joined_value_checks`, the checks queued on the block's own
+        :class:`ValueChecks` are read here too, first.
+
         ``also``: an optional 0-d non-negative integer tensor read in the same host read (a
         count the caller needs on the host anyway); its value is returned.
         """
+        joined = _JOINED.get() if self.active else None  # inactive under torch.compile: no lookup to trace
+        if joined is not None and joined is not self:
+            self._failed, self._describe = joined._failed + self._failed, joined._describe + self._describe
+            joined._failed, joined._describe = [], []
         flags, describe, self._failed, self._describe = self._failed, self._describe, [], []
         if not flags:
             return None if also is None else int(also)
@@ -307,6 +316,26 @@ class ValueChecks:
                 if bool(flag):
                     raise ValueError(message())
         return also_value
+
+
+_JOINED: ContextVar[Optional[ValueChecks]] = ContextVar("detloss_joined_value_checks", default=None)
+
+
+@contextmanager
+def joined_value_checks() -> Iterator[ValueChecks]:
+    """A :class:`ValueChecks` whose checks are read by the next :meth:`ValueChecks.run` inside
+    the block, in the same host read (or at the block's end if none runs).
+
+    What a wrapper checks before it calls a loss (a drop-in converting the original's inputs)
+    then costs no read of its own: the loss's one read covers both.
+    """
+    checks = ValueChecks()
+    token = _JOINED.set(checks)
+    try:
+        yield checks
+    finally:
+        _JOINED.reset(token)
+    checks.run()
 
 
 def require_finite(x: Tensor, name: str) -> Tensor:

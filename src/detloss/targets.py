@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._validate import require_finite, require_floating, require_integer, require_positive, require_tensor
+from ._validate import ValueChecks, require_floating, require_integer, require_positive, require_tensor
 
 
 def _as_rows(x: Tensor, name: str, width: int) -> Tensor:
@@ -31,6 +31,7 @@ def pad_ground_truth(
     *,
     max_boxes: Optional[int] = None,
     pad_label: int = -1,
+    checks: Optional[ValueChecks] = None,
 ) -> "tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]":
     """Pad per-image ground truth to a batch.
 
@@ -40,6 +41,8 @@ def pad_ground_truth(
         extras: optional ``B`` tensors ``(n_i, K)`` of per-box extras (landmarks, ...).
         max_boxes: pad to this ``M`` instead of ``max(n_i)``; more boxes is an error.
         pad_label: label written into padding rows.
+        checks: where to queue the value checks (every box finite) for a caller that runs
+            them with its own; by default they run here, all images in one host read.
 
     Returns:
         ``(boxes (B, M, 4), labels (B, M) int64, valid (B, M) bool)`` and, with ``extras``,
@@ -64,15 +67,18 @@ def pad_ground_truth(
         for i, e in enumerate(extras):
             require_tensor(e, f"extras[{i}]")
     rows = []
+    queue = ValueChecks() if checks is None else checks
     for i, (b, l) in enumerate(zip(boxes, labels)):
         require_floating(require_tensor(b, f"boxes[{i}]"), f"boxes[{i}]")
         require_integer(require_tensor(l, f"labels[{i}]"), f"labels[{i}]")
         b = _as_rows(b, f"boxes[{i}]", 4)
-        require_finite(b, f"boxes[{i}]")
+        queue.finite(b, f"boxes[{i}]")
         l = l.reshape(-1)
         if l.shape[0] != b.shape[0]:
             raise ValueError(f"labels[{i}]: expected {b.shape[0]} labels (one per box), got {l.shape[0]}")
         rows.append((b, l))
+    if checks is None:
+        queue.run()
     counts = [b.shape[0] for b, _ in rows]
     m = max(counts, default=0) if max_boxes is None else max_boxes
     if max(counts, default=0) > m:

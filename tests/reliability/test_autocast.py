@@ -13,9 +13,8 @@ import torch
 
 from .cases import FAMILIES, loss_and_grads, make_case, scalar_items
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+pytestmark = pytest.mark.usefixtures("strategy", "single_thread")  # every test under both execution strategies
 
-torch.set_num_threads(1)
 
 # (rtol, atol) per prediction dtype, the same for every family: rounding the predictions to
 # float16 (11-bit mantissa) or bfloat16 (8-bit) moves each loss by well under these.

@@ -19,9 +19,8 @@ from detloss.matching.rcnn_targets import proposal_targets
 
 from .cases import make_case
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+pytestmark = pytest.mark.usefixtures("strategy", "single_thread")  # every test under both execution strategies
 
-torch.set_num_threads(1)
 
 
 def _call(family, index, value, **kw):

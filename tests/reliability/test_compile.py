@@ -17,7 +17,8 @@ import torch
 
 from .cases import FAMILIES, loss_and_grads, make_case, scalar_items
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 
 def _compiled_equals_eager(family: str, backend: str, **kw) -> None:

@@ -11,9 +11,8 @@ import torch
 
 from .cases import FAMILIES, loss_and_grads, make_case, scalar_items
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+pytestmark = pytest.mark.usefixtures("strategy", "single_thread")  # every test under both execution strategies
 
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

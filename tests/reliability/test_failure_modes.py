@@ -22,9 +22,8 @@ from detloss.sampling.batch_hard_negative import mine_hard_negatives_batchwide
 
 from .cases import FAMILIES, IMAGE, Case, loss_and_grads, make_case, scalar_items, small_anchors, small_priors
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+pytestmark = pytest.mark.usefixtures("strategy", "single_thread")  # every test under both execution strategies
 
-torch.set_num_threads(1)
 
 # Box-regression components of each family: exactly 0 without positives.
 BOX_TERMS = {

@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 
 from .cases import FAMILIES, IMAGE, NORMALISED, loss_and_grads, make_case, scalar_items
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
+pytestmark = pytest.mark.usefixtures("strategy", "single_thread")  # every test under both execution strategies
 
-torch.set_num_threads(1)
 
 EXAMPLES = 300
 SLOW_EXAMPLES = 1430

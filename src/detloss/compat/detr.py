@@ -19,13 +19,14 @@ Same constructors, calls and returned values (see ``golden/detr/README.md``), bu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._validate import require_floating, require_shape, require_tensor
+from .._validate import ValueChecks, joined_value_checks, require_floating, require_shape, require_tensor
 from ..detectors.detr import check_detr_gt, detr_set_loss
 from ..functional import positive_normalizer
 from ..matching.hungarian import HungarianMatch, match_hungarian_unchecked, matching_cost_unchecked
@@ -36,9 +37,12 @@ __all__ = ["HungarianMatcher", "SetCriterion", "pad_targets"]
 LOSSES = ("labels", "boxes", "cardinality")
 
 
-def pad_targets(targets: Sequence[Mapping], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def pad_targets(
+    targets: Sequence[Mapping], like: Tensor, checks: Optional[ValueChecks] = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``targets`` (one ``{"labels" (n,), "boxes" (n, 4)}`` per image) -> padded
-    ``(boxes (B, M, 4), labels (B, M), valid (B, M))`` on ``like``'s device."""
+    ``(boxes (B, M, 4), labels (B, M), valid (B, M))`` on ``like``'s device; ``checks`` as in
+    :func:`detloss.pad_ground_truth`."""
     boxes, labels = [], []
     for i, t in enumerate(targets):
         if not isinstance(t, Mapping) or "labels" not in t or "boxes" not in t:
@@ -50,7 +54,7 @@ def pad_targets(targets: Sequence[Mapping], like: Tensor) -> tuple[Tensor, Tenso
     if not boxes:
         empty = like.new_zeros(0, 0, 4)
         return empty, torch.zeros(0, 0, dtype=torch.int64, device=like.device), torch.zeros(0, 0, dtype=torch.bool)
-    return pad_ground_truth(boxes, labels)
+    return pad_ground_truth(boxes, labels, checks=checks)
 
 
 def _pairs(query_to_gt: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -105,8 +109,9 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: Mapping, targets: Sequence[Mapping]) -> list[tuple[Tensor, Tensor]]:
         logits = require_tensor(outputs["pred_logits"], 'outputs["pred_logits"]')
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, logits)
-        match = self.match_layers(logits, outputs["pred_boxes"], gt_boxes, gt_labels, gt_valid)
+        with joined_value_checks() as checks:  # read with the ground-truth checks: one host read
+            gt_boxes, gt_labels, gt_valid = pad_targets(targets, logits, checks)
+            match = self.match_layers(logits, outputs["pred_boxes"], gt_boxes, gt_labels, gt_valid)
         return _pairs(match.query_to_gt)
 
 
@@ -141,8 +146,9 @@ class SetCriterion(nn.Module):
         logits = torch.stack([require_tensor(o["pred_logits"], 'outputs["pred_logits"]') for o in layers])
         boxes = torch.stack([require_tensor(o["pred_boxes"], 'outputs["pred_boxes"]') for o in layers])
         num_layers, batch, queries, _ = logits.shape
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, logits[0])
-        _, gt_valid = check_detr_gt(gt_boxes, gt_labels, gt_valid, self.num_classes)
+        with joined_value_checks() as checks:  # read with the ground-truth checks: one host read
+            gt_boxes, gt_labels, gt_valid = pad_targets(targets, logits[0], checks)
+            _, gt_valid = check_detr_gt(gt_boxes, gt_labels, gt_valid, self.num_classes)
         # 1. the matching of every layer: one solve with detloss's matcher, else the user's
         #    matcher once per layer (final first), as the original calls it
         query_to_gt = self._match(layers, logits, boxes, gt_boxes, gt_labels, gt_valid, targets)

@@ -17,7 +17,7 @@ stored and, as in the original, unused; nothing is moved with ``.cuda()``.
 """
 from __future__ import annotations
 
-from .._validate import require_tensor, value_checks_active
+from .._validate import joined_value_checks, require_tensor
 from ..detectors.retinaface import RetinaFaceLoss
 from ..targets import pad_ground_truth
 from .ssd_pytorch import VARIANCES, MultiBoxDropIn, split_targets
@@ -48,19 +48,20 @@ class MultiBoxLoss(MultiBoxDropIn):
         require_tensor(loc_data, "loc_data")
         rows = split_targets(targets, 15, loc_data)
         labels = [t[:, 14] for t in rows]
-        if value_checks_active():
+        with joined_value_checks() as checks:  # read with the loss's own checks: one host read
             for i, label in enumerate(labels):
-                if label.numel() and not bool(((label == 1) | (label == -1)).all()):
-                    raise ValueError(
-                        f"targets[{i}][:, 14]: expected labels 1 (face with landmarks) or -1 "
-                        f"(face without landmarks), got {sorted(set(label.tolist()))}"
-                    )
-        gt_boxes, has_landmarks, gt_valid, gt_landmarks = pad_ground_truth(
-            [t[:, :4] for t in rows], [(label > 0).long() for label in labels], [t[:, 4:14] for t in rows]
-        )
-        if gt_landmarks.shape[-1] != 10:  # every image empty: no landmark columns to infer
-            gt_landmarks = gt_boxes.new_zeros(gt_boxes.shape[0], gt_boxes.shape[1], 10)
-        out = self.loss(
-            loc_data, conf_data, landm_data, priors, gt_boxes, gt_landmarks, has_landmarks > 0, gt_valid
-        )
+                checks.condition(
+                    ~((label == 1) | (label == -1)).all(), f"targets[{i}][:, 14]", "labels",
+                    lambda i=i, label=label: f"targets[{i}][:, 14]: expected labels 1 (face with landmarks) or -1 "
+                    f"(face without landmarks), got {sorted(set(label.tolist()))}",
+                )
+            gt_boxes, has_landmarks, gt_valid, gt_landmarks = pad_ground_truth(
+                [t[:, :4] for t in rows], [(label > 0).long() for label in labels], [t[:, 4:14] for t in rows],
+                checks=checks,
+            )
+            if gt_landmarks.shape[-1] != 10:  # every image empty: no landmark columns to infer
+                gt_landmarks = gt_boxes.new_zeros(gt_boxes.shape[0], gt_boxes.shape[1], 10)
+            out = self.loss(
+                loc_data, conf_data, landm_data, priors, gt_boxes, gt_landmarks, has_landmarks > 0, gt_valid
+            )
         return out["loss_box"], out["loss_cls"], out["loss_landmark"]

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .._validate import require_tensor
+from .._validate import joined_value_checks, require_tensor
 from ..detectors.ssd import SSDLoss
 from ..targets import pad_ground_truth
 
@@ -124,8 +124,9 @@ class MultiBoxLoss(MultiBoxDropIn):
         loc_data, conf_data, priors = predictions
         require_tensor(loc_data, "loc_data")
         rows = split_targets(targets, 5, loc_data)
-        gt_boxes, gt_labels, gt_valid = pad_ground_truth(
-            [t[:, :4] for t in rows], [t[:, 4].long() for t in rows]
-        )
-        out = self.loss(loc_data, conf_data, priors, gt_boxes, gt_labels, gt_valid)
+        with joined_value_checks() as checks:  # read with the loss's own checks: one host read
+            gt_boxes, gt_labels, gt_valid = pad_ground_truth(
+                [t[:, :4] for t in rows], [t[:, 4].long() for t in rows], checks=checks
+            )
+            out = self.loss(loc_data, conf_data, priors, gt_boxes, gt_labels, gt_valid)
         return out["loss_box"], out["loss_cls"]

@@ -29,7 +29,8 @@ from torch import Tensor
 from .._constants import device_constant
 from ..boxes import aligned_box_iou, cxcywh_to_xyxy
 from ..coders import decode_yolo
-from ..detectors.yolov3 import YoloSlotTargets, yolov3_terms
+from ..detectors.yolov3 import yolov3_terms
+from ..matching.yolo import YoloSlotTargets
 from ..matching.yolo import build_yolo_targets
 
 __all__ = ["YOLOv3Loss", "preprocess_true_boxes"]

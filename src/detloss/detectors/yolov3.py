@@ -39,51 +39,22 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import _chunking
-from .._memory import new_like
+from .._constants import device_constant
 from .._validate import ValueChecks, require_choice, require_floating, require_positive, require_tensor
-from ..boxes import ChunkedPairwiseIoU, aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
+from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
 from ..coders import decode_yolo_cells
 from ..functional import binary_cross_entropy_with_logits, positive_normalizer, weighted_reduce
+from ..functional.yolo_heads import gather_heads, yolo_cell_constants, yolo_head_views
 from ..functional.yolo_objectness import yolo_objectness_focal_loss
 from ..matching.yolo import (
-    YoloAssignment,
-    assign_yolo_anchors_unchecked,
-    check_yolo_ground_truth,
-    smoothed_one_hot,
+    YoloAssignment, YoloSlotTargets, assign_yolo_anchors_unchecked, check_yolo_ground_truth, yolo_slot_targets,
 )
-from ..priors import YOLOV3_STRIDES, yolo_grid, yolov3_anchors
+from ..matching.yolo_ignore import yolo_max_iou
+from ..priors import YOLOV3_STRIDES, yolov3_anchors
 
-__all__ = [
-    "YOLOv3Loss", "YOLOv3LossAssignment", "YoloSlotTargets", "YoloTerms", "yolo_cell_constants", "yolo_max_iou",
-    "yolov3_terms",
-]
+__all__ = ["YOLOv3Loss", "YOLOv3LossAssignment", "YoloTerms", "yolov3_terms"]
 
 BOX_LOSSES = ("giou", "diou", "ciou")
-
-
-@dataclass
-class YoloSlotTargets:
-    """What the slots of ``S`` scales should predict (``N`` cells in all, ``K`` candidates).
-
-    Attributes:
-        candidates: per scale ``(B, K_s)`` int64 flat cell indices ``(row * W_s + col) * A + a``
-            of the slots that may carry box and class loss (repeats allowed), ``K = sum K_s``.
-        box: ``(B, K, 4)`` target boxes of the candidates, cxcywh input pixels.
-        cls: ``(B, K, C)`` class targets of the candidates.
-        weight: ``(B, K)`` 0/1: which candidates do carry box and class loss.
-        responsible: ``(B, N)`` bool objectness targets, the cells of all scales in order.
-        true_boxes, true_valid: ``(B, T, 4)`` cxcywh input pixels and ``(B, S, T)`` bool:
-            the true boxes of each scale, for the ignore rule.
-    """
-
-    candidates: tuple[Tensor, ...]
-    box: Tensor
-    cls: Tensor
-    weight: Tensor
-    responsible: Tensor
-    true_boxes: Tensor
-    true_valid: Tensor
 
 
 @dataclass
@@ -154,142 +125,6 @@ def yolov3_terms(
     # 5. class BCE at the responsible candidates
     cls = binary_cross_entropy_with_logits(cls_logits, targets.cls.to(dtype), weight=weight[..., None], reduction="sum")
     return YoloTerms(box, obj, cls, max_iou, background)
-
-
-def yolo_cell_constants(
-    grid_hws: Sequence[tuple[int, int]], anchors: Tensor, strides: Sequence[int], dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Decode constants of every cell of every scale, in head order ``(row, col, anchor)``:
-    ``cell_xy (N, 2)`` (column, row), ``anchor_wh (N, 2)`` grid units (both coordinate-major),
-    ``stride (N, 1)``."""
-    xy, wh, stride = [], [], []
-    for (h, w), scale_anchors, s in zip(grid_hws, anchors.to(device=device, dtype=dtype), strides):
-        n_anchors = scale_anchors.shape[0]
-        xy.append(yolo_grid(h, w, device=device, dtype=dtype)[:, :, None, :].expand(-1, -1, n_anchors, -1).reshape(-1, 2))
-        wh.append(scale_anchors.repeat(h * w, 1))
-        stride.append(torch.full((h * w * n_anchors, 1), float(s), device=device, dtype=dtype))
-    coordinate_major = lambda t: t.t().contiguous().t()  # noqa: E731  (like the decoded planes)
-    return coordinate_major(torch.cat(xy)), coordinate_major(torch.cat(wh)), torch.cat(stride)
-
-
-class _GatherHeads(torch.autograd.Function):
-    """:func:`gather_heads`: copies forward; one gradient per head, written once, backward."""
-
-    @staticmethod
-    def forward(ctx, candidates: tuple[tuple[Tensor, ...], ...], *heads: Tensor):
-        ctx.save_for_backward(*heads)
-        ctx.candidates = candidates  # per head (image, row, col, anchor), each (B, K_s)
-        # the first five channels of every cell, channel-major (B, 5, N): one strided read per
-        # head, and the decode then runs on contiguous coordinate planes
-        sizes = [h.shape[1] * h.shape[2] * h.shape[3] for h in heads]
-        planes = heads[0].new_empty(heads[0].shape[0], 5, sum(sizes))
-        for head, first, size in zip(heads, itertools.accumulate(sizes[:-1], initial=0), sizes):
-            planes[:, :, first : first + size].view(head.shape[0], 5, *head.shape[1:4]).copy_(
-                head[..., :5].permute(0, 4, 1, 2, 3)
-            )
-        picked = torch.cat([h[index] for h, index in zip(heads, candidates)], dim=1)  # (B, K, 5 + C)
-        all_boxes = planes[:, :4].transpose(1, 2)
-        ctx.mark_non_differentiable(all_boxes)
-        return picked[..., :4].contiguous(), planes[:, 4], picked[..., 5:].contiguous(), all_boxes
-
-    @staticmethod
-    def backward(ctx, grad_box: Tensor, grad_obj: Tensor, grad_cls: Tensor, _):
-        grads, first_cell, first_candidate = [], 0, 0
-        for head, index in zip(ctx.saved_tensors, ctx.candidates):
-            cells, count = head.shape[1] * head.shape[2] * head.shape[3], index[0].shape[1]
-            grad = new_like(head, zero=True)  # the head's memory layout: NCHW maps need no copy back
-            grad[..., 4] = grad_obj[:, first_cell : first_cell + cells].view(head.shape[:4])
-            part = slice(first_candidate, first_candidate + count)
-            picked = torch.cat((grad_box[:, part], grad_box.new_zeros(*index[0].shape, 1), grad_cls[:, part]), dim=-1)
-            grad.index_put_(index, picked.to(grad.dtype), accumulate=True)
-            grads.append(grad)
-            first_cell, first_candidate = first_cell + cells, first_candidate + count
-        return (None, *grads)
-
-
-def gather_heads(heads: Sequence[Tensor], cells: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Box and class channels at ``cells``, objectness and (without gradient) box channels of
-    every cell, of several heads.
-
-    ``heads[s] (B, H_s, W_s, A, 5 + C)`` in any memory layout; ``cells[s] (B, K_s)`` int64 flat
-    cell indices ``(row * W_s + col) * A + a`` (repeats allowed). Returns, the heads one after
-    another, ``box (B, K, 4)``, ``obj (B, N)``, ``cls (B, K, C)`` and ``all_boxes (B, N, 4)``
-    (coordinate-major memory, no gradient). Autograd through a slice and an index would write
-    each head-sized gradient twice and add them up; this backward writes it once.
-    """
-    candidates = []
-    for head, index in zip(heads, cells):
-        n_anchors, width = head.shape[3], head.shape[2]
-        cell, anchor = index.div(n_anchors, rounding_mode="floor"), index.remainder(n_anchors)
-        image = torch.arange(head.shape[0], device=head.device)[:, None].expand_as(index)
-        candidates.append((image, cell.div(width, rounding_mode="floor"), cell.remainder(width), anchor))
-    return _GatherHeads.apply(tuple(candidates), *heads)
-
-
-def yolo_max_iou(
-    pred_boxes: Tensor,
-    true_cxcywh: Tensor,
-    true_valid: Optional[Tensor] = None,
-    *,
-    eps: Optional[float] = None,
-    chunk_elements: Optional[int] = None,
-    pred_format: Literal["cxcywh", "xyxy"] = "cxcywh",
-    scale_sizes: Optional[Sequence[int]] = None,
-) -> Tensor:
-    """Best IoU of each prediction with any valid true box (of its own scale), without gradient.
-
-    The IoU of the ignore rule: ``inter / max(union, eps)`` (``eps`` default 1e-7; the original
-    has none, so a zero-area prediction gave NaN there).
-
-    ``pred_boxes (B, N, 4)`` (``pred_format``: centre/size or corners) and ``true_cxcywh
-    (B, T, 4)`` centre/size boxes (same units), ``true_valid (B, T)`` bool (None: all rows
-    count; all-zero rows give IoU 0 anyway). Returns ``(B, N)``, 0 where there is no valid true
-    box. Works ``chunk_elements // (B * T)`` predictions at a time
-    (:class:`detloss.boxes.ChunkedPairwiseIoU`), so memory stays bounded whatever ``T`` is
-    (None: :data:`detloss._chunking.YOLO_IGNORE_IOU` on the CPU in eager mode, larger blocks on accelerators and
-    under ``torch.compile``).
-
-    ``scale_sizes``: the predictions are the cells of ``S`` scales one after another, this many
-    of each (summing to ``N``), and ``true_valid`` is ``(B, S, T)``: which true boxes belong to
-    each scale. Each prediction is compared with its own scale's boxes only.
-    """
-    require_choice(pred_format, "pred_format", ("cxcywh", "xyxy"))
-    batch, n, t = pred_boxes.shape[0], pred_boxes.shape[1], true_cxcywh.shape[1]
-    sizes = [n] if scale_sizes is None else [int(v) for v in scale_sizes]
-    per_scale = true_valid  # (B, S, T) validity, or None: every row counts
-    if true_valid is not None and scale_sizes is None:
-        per_scale = true_valid[:, None]
-    if sum(sizes) != n or (per_scale is not None and tuple(per_scale.shape) != (batch, len(sizes), t)):
-        raise ValueError(
-            f"scale_sizes, true_valid: expected sizes summing to N={n} and true_valid of shape "
-            f"(B={batch}, S={len(sizes)}, T={t}), got {scale_sizes} and "
-            f"{None if true_valid is None else tuple(true_valid.shape)}"
-        )
-    with torch.no_grad():
-        dtype = compute_dtype(pred_boxes)
-        if t == 0 or n == 0:
-            return pred_boxes.new_zeros(batch, n, dtype=dtype)
-        true_xyxy = cxcywh_to_xyxy(true_cxcywh.detach().to(dtype))
-        pred_xyxy = pred_boxes.detach().to(dtype)
-        if pred_format == "cxcywh":
-            pred_xyxy = cxcywh_to_xyxy(pred_xyxy)
-        # a true box outside a scale's list becomes the empty box (0, 0, 0, 0) there: its IoU with
-        # every prediction is exactly 0, so no validity shift and no clamp of the maxima are needed
-        rows_of_scale = lambda s: true_xyxy if per_scale is None else torch.where(  # noqa: E731
-            per_scale[:, s, :, None], true_xyxy, 0.0
-        )
-        iou_of = ChunkedPairwiseIoU(rows_of_scale(0), pred_xyxy, eps=eps)
-        if chunk_elements is None:
-            chunk_elements = _chunking.chunk_elements(pred_xyxy.device, _chunking.YOLO_IGNORE_IOU)
-        step = max(1, chunk_elements // (batch * t))
-        ends, maxima = list(itertools.accumulate(sizes)), []
-        for s, (first, last) in enumerate(zip([0] + ends[:-1], ends)):
-            if s > 0:
-                iou_of = iou_of.with_rows(rows_of_scale(s))
-            for start in range(first, last, step):
-                maxima.append(iou_of.clamped_ratio(start, min(start + step, last)).amax(1))  # (B, T, chunk) -> (B, chunk)
-        return torch.cat(maxima, dim=1)
 
 
 @dataclass
@@ -380,14 +215,22 @@ class YOLOv3Loss(nn.Module):
         anchors = require_floating(require_tensor(anchors, "anchors"), "anchors")
         if anchors.dim() != 3 or anchors.shape[0] != len(strides) or anchors.shape[2] != 2:
             raise ValueError(f"anchors: expected shape (S={len(strides)}, A, 2), got {tuple(anchors.shape)}")
-        self.register_buffer("anchors", anchors.detach().clone().float(), persistent=False)
+        #: anchor (w, h) per scale in grid units, fixed at construction (immutable)
+        self.anchor_sizes: tuple[tuple[tuple[float, float], ...], ...] = tuple(
+            tuple((float(w), float(h)) for w, h in scale) for scale in anchors.detach().double().tolist()
+        )
         self.num_classes, self.strides = int(num_classes), strides
         self.ignore_iou, self.box_loss, self.label_smoothing = float(ignore_iou), box_loss, float(label_smoothing)
         self.layout, self.normalize_by, self.distributed = layout, normalize_by, distributed
         self.weights = (float(box_weight), float(obj_weight), float(cls_weight))
         self.pos_iou, self.max_boxes_per_scale = float(pos_iou), int(max_boxes_per_scale)
         self.faithful_fallback_clip, self.box_eps, self.max_log_scale = faithful_fallback_clip, box_eps, max_log_scale
-        self._kept_cells: tuple = (None, None)
+        self._constants: dict = {}  # (grid sizes, dtype, device) -> (anchors, cell constants)
+
+    @property
+    def anchors(self) -> Tensor:
+        """``(S, A, 2)`` float32 anchor (w, h) in grid units (a copy: the module's are fixed)."""
+        return torch.tensor(self.anchor_sizes, dtype=torch.float32)
 
     def forward(
         self,
@@ -398,21 +241,24 @@ class YOLOv3Loss(nn.Module):
         *,
         return_assignment: bool = False,
     ) -> dict:
-        heads, input_hw = self._heads(outputs, require_tensor(gt_boxes, "gt_boxes").shape[0])
+        heads, input_hw = yolo_head_views(
+            outputs, require_tensor(gt_boxes, "gt_boxes").shape[0], self.strides, len(self.anchor_sizes[0]),
+            self.num_classes, self.layout,
+        )
         checks = ValueChecks()
         gt_valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, self.num_classes, input_hw, checks)
         checks.run()
-        anchors = self.anchors.to(device=heads[0].device)
+        anchors, cell_constants = self._constants_for(heads)
         # targets: which anchor slot of which scale answers for each object (tensorflow-yolov3's
         # preprocess_true_boxes); decode, ignore mask, box, objectness and class terms
         match = assign_yolo_anchors_unchecked(
             gt_boxes, gt_valid, anchors=anchors, strides=self.strides, input_hw=input_hw, pos_iou=self.pos_iou,
             max_boxes_per_scale=self.max_boxes_per_scale, faithful_fallback_clip=self.faithful_fallback_clip,
         )
-        targets = self._slot_targets(match, gt_labels)
+        targets = yolo_slot_targets(match, gt_labels, self.num_classes, self.label_smoothing)
         terms = yolov3_terms(
             heads, anchors, self.strides, targets, ignore_iou=self.ignore_iou, box_loss=self.box_loss,
-            box_eps=self.box_eps, max_log_scale=self.max_log_scale, cell_constants=self._cell_constants(heads),
+            box_eps=self.box_eps, max_log_scale=self.max_log_scale, cell_constants=cell_constants,
         )
         # normalise: per image (the original) or per responsible slot
         if self.normalize_by == "batch":
@@ -435,65 +281,18 @@ class YOLOv3Loss(nn.Module):
             )
         return result
 
-    def _cell_constants(self, heads: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """:func:`yolo_cell_constants` of these heads, kept while the grid sizes, dtype, device and
-        anchors stay the same (under ``torch.compile`` they are constants of the graph)."""
+    def _constants_for(self, heads: Sequence[Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The anchors on the heads' device and :func:`yolo_cell_constants` of these heads, kept per
+        grid sizes, dtype and device (the anchors never change; under ``torch.compile`` they are
+        constants of the graph, built in it)."""
         grid_hws = tuple((h.shape[1], h.shape[2]) for h in heads)
         dtype, device = compute_dtype(heads[0]), heads[0].device
-        if torch.compiler.is_compiling():
-            return yolo_cell_constants(grid_hws, self.anchors, self.strides, dtype, device)
-        key = (grid_hws, dtype, device, self.anchors.data_ptr(), self.anchors._version)
-        if self._kept_cells[0] != key:
-            self._kept_cells = (key, yolo_cell_constants(grid_hws, self.anchors, self.strides, dtype, device))
-        return self._kept_cells[1]
+        key = (grid_hws, dtype, device)
+        if torch.compiler.is_compiling() or key not in self._constants:
+            anchors = device_constant(self.anchor_sizes, dtype=torch.float32, device=device)
+            constants = (anchors, yolo_cell_constants(grid_hws, anchors, self.strides, dtype, device))
+            if torch.compiler.is_compiling():
+                return constants
+            self._constants[key] = constants
+        return self._constants[key]
 
-    def _slot_targets(self, match: YoloAssignment, gt_labels: Tensor) -> YoloSlotTargets:
-        """Each (object, anchor) pair's slot on every scale is a candidate (``K_s = M * A``), with
-        the object's box and smoothed class as targets, weighted 1 where the pair won its slot."""
-        n_scales, n_anchors = len(match.slot), match.slot[0].shape[-1]
-        per_pair = lambda t: t[:, :, None].expand(-1, -1, n_anchors, *t.shape[2:]).flatten(1, 2)  # noqa: E731
-        per_candidate = lambda t: per_pair(t).repeat(1, n_scales, *([1] * (t.dim() - 2)))  # noqa: E731
-        return YoloSlotTargets(
-            candidates=tuple(slot.flatten(1) for slot in match.slot),
-            box=per_candidate(match.gt_cxcywh),
-            cls=per_candidate(smoothed_one_hot(gt_labels, self.num_classes, self.label_smoothing)),
-            weight=torch.cat([p.flatten(1) for p in match.positive], dim=1),
-            responsible=torch.cat(match.winner, dim=1) >= 0,
-            true_boxes=match.gt_cxcywh,
-            true_valid=torch.stack(match.in_list, dim=1),
-        )
-
-    def _heads(self, outputs: Sequence[Tensor], batch: int) -> tuple[list[Tensor], tuple[int, int]]:
-        """Validate the head maps; return them as ``(B, H, W, A, 5 + C)`` views and the input (H, W)."""
-        n_scales, n_anchors = len(self.strides), self.anchors.shape[1]
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != n_scales:
-            raise ValueError(f"outputs: expected a sequence of {n_scales} head maps, got {type(outputs).__name__}"
-                             f" of length {len(outputs) if isinstance(outputs, (list, tuple)) else '?'}")
-        channels = n_anchors * (5 + self.num_classes)
-        heads, input_hw = [], None
-        for s, (x, stride) in enumerate(zip(outputs, self.strides)):
-            name = f"outputs[{s}]"
-            require_floating(require_tensor(x, name), name)
-            expected = "(B, H, W, A*(5+C))" if self.layout == "nhwc" else "(B, A*(5+C), H, W)"
-            c_axis = 3 if self.layout == "nhwc" else 1
-            if x.dim() != 4 or x.shape[0] != batch or x.shape[c_axis] != channels:
-                raise ValueError(
-                    f"{name}: expected shape {expected} with B={batch} (the batch of gt_boxes) and "
-                    f"A*(5+C)={n_anchors}*(5+{self.num_classes})={channels}, got {tuple(x.shape)}"
-                )
-            if self.layout == "nhwc":
-                h, w = x.shape[1], x.shape[2]
-                x = x.view(batch, h, w, n_anchors, 5 + self.num_classes)
-            else:
-                h, w = x.shape[2], x.shape[3]
-                x = x.view(batch, n_anchors, 5 + self.num_classes, h, w).permute(0, 3, 4, 1, 2)
-            hw = (h * stride, w * stride)
-            if input_hw is None:
-                input_hw = hw
-            elif hw != input_hw:
-                raise ValueError(
-                    f"{name}: expected spatial size {(input_hw[0] // stride, input_hw[1] // stride)} "
-                    f"(input {input_hw} / stride {stride}, from outputs[0]), got {(h, w)}"
-                )
-            heads.append(x)
-        return heads, input_hw

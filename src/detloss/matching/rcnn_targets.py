@@ -22,7 +22,7 @@ from .._constants import device_constant
 from .._validate import ValueChecks, as_bool_mask, require_boxes, require_padded_gt, require_shape
 from ..boxes import pair_dtype
 from ..coders import encode_deltas
-from ..sampling.balanced import sample_balanced, sample_rois
+from ..sampling.balanced import sample_balanced_unchecked, sample_rois
 from ..targets import one_hot
 from .max_iou import gather_boxes, max_iou_match_unchecked
 
@@ -147,7 +147,7 @@ def rpn_targets_unchecked(
         low_quality_zero_iou=low_quality_zero_iou, clobber_positives=clobber_positives,
         anchor_valid=inside, pixel_offset=pixel_offset, chunk_size=chunk_size,
     )
-    labels = sample_balanced(match.labels, batch_size_per_image, positive_fraction, generator)
+    labels = sample_balanced_unchecked(match.labels, batch_size_per_image, positive_fraction, generator)
 
     has_gt = gt_valid.any(dim=1, keepdim=True)
     matched_boxes = gather_boxes(gt_boxes, match.matched_gt, anchors)  # M = 0: zeroed below (no GT)

@@ -48,7 +48,10 @@ from ..boxes import aligned_box_iou_unchecked, cxcywh_to_xyxy, xyxy_to_cxcywh
 from ..priors import YOLOV3_STRIDES, yolov3_anchors
 from ..targets import one_hot
 
-__all__ = ["YoloAssignment", "YoloTargets", "assign_yolo_anchors", "build_yolo_targets", "yolo_input_hw"]
+__all__ = [
+    "YoloAssignment", "YoloSlotTargets", "YoloTargets", "assign_yolo_anchors", "build_yolo_targets", "yolo_input_hw",
+    "yolo_slot_targets",
+]
 
 
 def yolo_input_hw(input_size: Union[int, Sequence[int]], strides: Sequence[int]) -> tuple[int, int]:
@@ -317,3 +320,46 @@ def build_yolo_targets(
         table = table.scatter(1, row[..., None].expand(-1, -1, 4), a.gt_cxcywh)
         true_boxes.append(table[:, : a.list_size].to(dtype))
     return YoloTargets(tuple(labels), tuple(true_boxes))
+
+
+@dataclass
+class YoloSlotTargets:
+    """What the slots of ``S`` scales should predict (``N`` cells in all, ``K`` candidates).
+
+    Attributes:
+        candidates: per scale ``(B, K_s)`` int64 flat cell indices ``(row * W_s + col) * A + a``
+            of the slots that may carry box and class loss (repeats allowed), ``K = sum K_s``.
+        box: ``(B, K, 4)`` target boxes of the candidates, cxcywh input pixels.
+        cls: ``(B, K, C)`` class targets of the candidates.
+        weight: ``(B, K)`` 0/1: which candidates do carry box and class loss.
+        responsible: ``(B, N)`` bool objectness targets, the cells of all scales in order.
+        true_boxes, true_valid: ``(B, T, 4)`` cxcywh input pixels and ``(B, S, T)`` bool:
+            the true boxes of each scale, for the ignore rule.
+    """
+
+    candidates: tuple[Tensor, ...]
+    box: Tensor
+    cls: Tensor
+    weight: Tensor
+    responsible: Tensor
+    true_boxes: Tensor
+    true_valid: Tensor
+
+
+def yolo_slot_targets(
+    match: YoloAssignment, gt_labels: Tensor, num_classes: int, label_smoothing: float
+) -> YoloSlotTargets:
+    """The slot targets of an assignment: each (object, anchor) pair's slot on every scale is a candidate (``K_s = M * A``), with
+    the object's box and smoothed class as targets, weighted 1 where the pair won its slot."""
+    n_scales, n_anchors = len(match.slot), match.slot[0].shape[-1]
+    per_pair = lambda t: t[:, :, None].expand(-1, -1, n_anchors, *t.shape[2:]).flatten(1, 2)  # noqa: E731
+    per_candidate = lambda t: per_pair(t).repeat(1, n_scales, *([1] * (t.dim() - 2)))  # noqa: E731
+    return YoloSlotTargets(
+        candidates=tuple(slot.flatten(1) for slot in match.slot),
+        box=per_candidate(match.gt_cxcywh),
+        cls=per_candidate(smoothed_one_hot(gt_labels, num_classes, label_smoothing)),
+        weight=torch.cat([p.flatten(1) for p in match.positive], dim=1),
+        responsible=torch.cat(match.winner, dim=1) >= 0,
+        true_boxes=match.gt_cxcywh,
+        true_valid=torch.stack(match.in_list, dim=1),
+    )

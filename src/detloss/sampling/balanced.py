@@ -55,6 +55,13 @@ def sample_balanced(
     require_integer(labels, "labels")
     require_shape(labels, "labels", ("B", "N"))
     require_range(labels, "labels", -1, 1)
+    return sample_balanced_unchecked(labels, batch_size_per_image, positive_fraction, generator)
+
+
+def sample_balanced_unchecked(
+    labels: Tensor, batch_size_per_image: int, positive_fraction: float, generator: Optional[torch.Generator]
+) -> Tensor:
+    """:func:`sample_balanced` on labels the library built (values not read on the host)."""
     require_int(batch_size_per_image, "batch_size_per_image", minimum=0)
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction: expected a value in [0, 1], got {positive_fraction}")
