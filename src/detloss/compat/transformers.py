@@ -31,7 +31,6 @@ Segmentation losses (masks) are not provided: :class:`NotImplementedError`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -67,7 +66,7 @@ def _ground_truth(labels: Sequence[Mapping], like: Tensor) -> tuple[Tensor, Tens
     for i, t in enumerate(labels):
         if not isinstance(t, Mapping) or "class_labels" not in t or "boxes" not in t:
             raise ValueError(f'labels[{i}]: expected a dict with "class_labels" and "boxes"')
-        boxes.append(require_tensor(t["boxes"], f'labels[{i}]["boxes"]').to(like.device, like.dtype if like.is_floating_point() else None))
+        boxes.append(require_tensor(t["boxes"], f'labels[{i}]["boxes"]').to(like.device, torch.float32))
         classes.append(require_tensor(t["class_labels"], f'labels[{i}]["class_labels"]').to(like.device).long())
     if len(boxes) != like.shape[0]:
         raise ValueError(f"labels: expected one dict per image ({like.shape[0]}), got {len(boxes)}")
@@ -75,7 +74,7 @@ def _ground_truth(labels: Sequence[Mapping], like: Tensor) -> tuple[Tensor, Tens
         if b.dim() != 2 or b.shape[-1] != 4 or c.shape != b.shape[:1]:
             raise ValueError(f'labels[{i}]: expected "boxes" (n, 4) and "class_labels" (n,), got {tuple(b.shape)} and {tuple(c.shape)}')
     counts = [int(b.shape[0]) for b in boxes]
-    gt_boxes, gt_labels, gt_valid = pad_ground_truth([b.float() for b in boxes], classes)
+    gt_boxes, gt_labels, gt_valid = pad_ground_truth(boxes, classes)
     return gt_boxes.to(like.device), gt_labels.to(like.device), gt_valid.to(like.device), counts
 
 
@@ -426,7 +425,3 @@ def use_detloss(model: Any) -> Callable:
         f"(loss_type={getattr(model, 'loss_type', None)!r}); detloss has no drop-in for it"
     )
 
-
-def config_from_dict(values: Mapping) -> SimpleNamespace:
-    """A config object from a dict of attributes (what the functions here read)."""
-    return SimpleNamespace(**values)

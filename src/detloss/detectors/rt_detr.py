@@ -449,13 +449,11 @@ def _union_matching(query_to_gt: Tensor, enc_query_to_gt: Optional[Tensor], m: i
     stack = query_to_gt
     if enc_query_to_gt is not None:
         stack = torch.cat((stack, _fit_queries(enc_query_to_gt, query_to_gt.shape[-1]).unsqueeze(0)))
-    counts = one_hot(stack, m, torch.int32).sum(0)  # (B, Q, M)
     if m == 0:
         return torch.full(query_to_gt.shape[1:], -1, dtype=torch.int64, device=query_to_gt.device)
-    best, index = counts.max(-1)
+    counts = one_hot(stack, m, torch.int32).sum(0)  # (B, Q, M) times each pair was matched
     first = counts.argmax(-1)  # the first maximal index: ties to the lower object
-    del index
-    return torch.where(best > 0, first, -1)
+    return torch.where(counts.amax(-1) > 0, first, -1)
 
 
 __all__ = ["CLASS_LOSSES", "RTDETRAssignment", "RTDETRLoss"]
