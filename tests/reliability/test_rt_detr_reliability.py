@@ -147,3 +147,45 @@ BAD = [
 def test_bad_input_raises_value_error(family, name, index, change, match):
     with pytest.raises(ValueError, match=match):
         _call(family, index, change)()
+
+
+# ---------------------------------------------------------------------------- host reads
+def _host_reads(step) -> tuple[int, dict]:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from dispatch_count import count_dispatch  # the benchmarks' operator counter
+
+    step()  # once first: what is built once is not per step
+    counts = count_dispatch(step)
+    return counts.syncs, dict(counts.sync_ops)
+
+
+@pytest.mark.parametrize("family", RT_DETR_FAMILIES)
+@pytest.mark.parametrize("num_gt", [3, 0])
+def test_native_reads_the_host_at_most_once_per_step(family, num_gt):
+    """Ground-truth checks in one read (the solve's copy is its documented round trip)."""
+    import detloss
+
+    case = make_case(family, num_gt=num_gt)
+    with detloss.execution_strategy("dense"):
+        reads, ops = _host_reads(lambda: loss_and_grads(case.leaves()))
+    assert reads <= 1, ops
+
+
+@pytest.mark.parametrize("name", ["rt_detr_mixed", "d_fine_dense", "deimv2_mixed", "rf_detr_mixed", "detr_mixed"])
+def test_transformers_drop_in_reads_the_host_at_most_once_per_step(name):
+    """The drop-in's own checks (denoising indices, per-image boxes) join the loss's one read."""
+    import detloss
+    from test_compat_transformers import call_case, load_case
+
+    case = load_case(name)
+
+    def step():
+        loss, _, _ = call_case(case)
+        loss.backward()
+
+    with detloss.execution_strategy("dense"):
+        reads, ops = _host_reads(step)
+    assert reads <= 1, ops

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._validate import ValueChecks, require_tensor
+from .._validate import ValueChecks, joined_value_checks, require_tensor
 from ..detectors.rt_detr import RTDETRLoss
 from ..targets import pad_ground_truth
 
@@ -57,9 +57,10 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------- inputs
-def _ground_truth(labels: Sequence[Mapping], like: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+def _ground_truth(labels: Sequence[Mapping], like: Tensor, checks: ValueChecks) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """transformers' targets (``{"class_labels" (n,), "boxes" (n, 4) cxcywh}`` per image) ->
-    padded ``(boxes (B, M, 4), labels (B, M), valid (B, M), counts)`` on ``like``'s device."""
+    padded ``(boxes (B, M, 4), labels (B, M), valid (B, M), counts)`` on ``like``'s device (value
+    checks queued on ``checks``, read with the loss's)."""
     if labels is None or isinstance(labels, (Tensor, Mapping)):
         raise ValueError(f"labels: expected a list of dicts, one per image, got {type(labels).__name__}")
     boxes, classes = [], []
@@ -74,13 +75,14 @@ def _ground_truth(labels: Sequence[Mapping], like: Tensor) -> tuple[Tensor, Tens
         if b.dim() != 2 or b.shape[-1] != 4 or c.shape != b.shape[:1]:
             raise ValueError(f'labels[{i}]: expected "boxes" (n, 4) and "class_labels" (n,), got {tuple(b.shape)} and {tuple(c.shape)}')
     counts = [int(b.shape[0]) for b in boxes]
-    gt_boxes, gt_labels, gt_valid = pad_ground_truth(boxes, classes)
+    gt_boxes, gt_labels, gt_valid = pad_ground_truth(boxes, classes, checks=checks)
     return gt_boxes.to(like.device), gt_labels.to(like.device), gt_valid.to(like.device), counts
 
 
-def _denoising(meta: Mapping, counts: list[int], total_queries: int, device: torch.device) -> tuple[Tensor, int, list[int]]:
+def _denoising(meta: Mapping, counts: list[int], total_queries: int, device: torch.device,
+               checks: ValueChecks) -> tuple[Tensor, int, list[int]]:
     """``denoising_meta_values`` -> ``(dn_query_to_gt (B, D), groups, [D, Q])``, checked against
-    the query count and the objects of each image."""
+    the query count and the objects of each image (index values queued on ``checks``)."""
     for key in ("dn_positive_idx", "dn_num_group", "dn_num_split"):
         if not isinstance(meta, Mapping) or key not in meta:
             raise ValueError(f'denoising_meta_values: expected a dict with "{key}", got {meta!r:.80}')
@@ -96,7 +98,7 @@ def _denoising(meta: Mapping, counts: list[int], total_queries: int, device: tor
         raise ValueError(f'denoising_meta_values["dn_positive_idx"]: expected one tensor per image ({len(counts)}), got {len(positive)}')
     d = split[0]
     q2g = torch.full((len(counts), d), -1, dtype=torch.int64, device=device)
-    checks, indices = ValueChecks(), []
+    indices = []
     for b, (idx, n) in enumerate(zip(positive, counts)):
         idx = torch.as_tensor(idx, device=device).long().reshape(-1)
         if n == 0:
@@ -108,9 +110,8 @@ def _denoising(meta: Mapping, counts: list[int], total_queries: int, device: tor
             )
         indices.append((b, idx, n))
         checks.in_range(idx, f'denoising_meta_values["dn_positive_idx"][{b}]', 0, d - 1)
-    checks.run()
-    for b, idx, n in indices:
-        q2g[b].scatter_(0, idx, torch.arange(n, device=device).repeat(groups))
+    for b, idx, n in indices:  # (clamped: an index out of range raises at the loss's one read)
+        q2g[b].scatter_(0, idx.clamp(0, max(d - 1, 0)), torch.arange(n, device=device).repeat(groups))
     return q2g, groups, split
 
 
@@ -145,13 +146,22 @@ def _rt_family(kind: str, logits, labels, device, pred_boxes, config, outputs_cl
     local = kind != "rt_detr"
     class_name = "mal" if kind == "deimv2" else "vfl"
     clamp = (lambda t: t.clamp(min=0, max=1)) if local else (lambda t: t)  # noqa: E731
-    gt_boxes, gt_labels, gt_valid, counts = _ground_truth(labels, logits)
+    with joined_value_checks() as checks:  # the wrapper's checks join the loss's one host read
+        return _rt_family_checked(kind, logits, pred_boxes, labels, config, outputs_class, outputs_coord,
+                                  enc_topk_logits, enc_topk_bboxes, denoising_meta_values, predicted_corners,
+                                  initial_reference_points, class_name, local, clamp, checks)
+
+
+def _rt_family_checked(kind, logits, pred_boxes, labels, config, outputs_class, outputs_coord, enc_topk_logits,
+                       enc_topk_bboxes, denoising_meta_values, predicted_corners, initial_reference_points,
+                       class_name, local, clamp, checks):
+    gt_boxes, gt_labels, gt_valid, counts = _ground_truth(labels, logits, checks)
     meta, aux = denoising_meta_values, bool(config.auxiliary_loss)
     # 1. the final layer (denoising queries split off; DEIMv2 does it only with auxiliary_loss)
     final_logits, final_boxes = logits, pred_boxes
     dn = None
     if meta is not None:
-        dn = _denoising(meta, counts, logits.shape[1], logits.device)
+        dn = _denoising(meta, counts, logits.shape[1], logits.device, checks)
         if kind != "deimv2" or aux:
             _, final_logits = torch.split(logits, dn[2], dim=1)
             _, final_boxes = torch.split(pred_boxes, dn[2], dim=1)
@@ -293,7 +303,14 @@ def Deimv2ForObjectDetectionLoss(
 def _set_family(kind: str, logits, labels, pred_boxes, config, outputs_class, outputs_coord,
                 enc_logits=None, enc_boxes=None) -> tuple[Tensor, dict, Optional[list]]:
     logits, pred_boxes = require_tensor(logits, "logits"), require_tensor(pred_boxes, "pred_boxes")
-    gt_boxes, gt_labels, gt_valid, counts = _ground_truth(labels, logits)
+    with joined_value_checks() as checks:  # the wrapper's checks join the loss's one host read
+        return _set_family_checked(kind, logits, labels, pred_boxes, config, outputs_class, outputs_coord,
+                                   enc_logits, enc_boxes, checks)
+
+
+def _set_family_checked(kind, logits, labels, pred_boxes, config, outputs_class, outputs_coord, enc_logits,
+                        enc_boxes, checks):
+    gt_boxes, gt_labels, gt_valid, counts = _ground_truth(labels, logits, checks)
     box_pred, cls_logits = pred_boxes.unsqueeze(0), logits.unsqueeze(0)
     auxiliary_outputs = None
     if config.auxiliary_loss:
