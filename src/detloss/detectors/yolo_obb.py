@@ -233,8 +233,9 @@ class YOLOOBBLoss(YOLOv8Loss):
             rows = (box_pred, angle, grid, stride, target, torch.where(fg, w, 0.0))
             dist_rows, pred_rows = dist, pred_boxes
         loss_box, loss_dfl, loss_angle = self._box_terms(*rows, dist_rows, pred_rows, tss, image_size)
-        # + 0 * sum(angle): a non-finite angle makes the loss non-finite even when nothing is foreground
-        loss_box = loss_box + (angle * 0).sum()
+        # + 0 * sums of the box and angle predictions: a non-finite one makes the loss non-finite even
+        # when nothing is foreground (a diverging model gives NaN, so GradScaler skips the step)
+        loss_box = loss_box + (box_pred.sum() + angle.sum()) * 0
 
         # 8. gains
         out = {"loss_box": loss_box * self.box_weight, "loss_cls": loss_cls * self.cls_weight,

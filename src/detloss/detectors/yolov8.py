@@ -203,7 +203,9 @@ class YOLOv8Loss(nn.Module):
         unit = torch.cat((grid - 0.5, grid + 0.5), dim=-1)  # a finite stand-in target for background
         target = torch.where(fg.unsqueeze(-1), assignment.boxes.to(dtype) / stride, unit)  # (B, A, 4)
         ciou = aligned_box_iou_unchecked(pred_boxes, target, "ciou")
-        loss_box = weighted_reduce(1 - ciou, w, "sum", tss)
+        # + 0 * sum(box_pred): a non-finite box prediction makes the loss non-finite even where no
+        # anchor is foreground (a diverging model gives NaN, so GradScaler skips the step)
+        loss_box = weighted_reduce(1 - ciou, w, "sum", tss) + box_pred.sum() * 0
 
         # 5. DFL (or L1 for reg_max = 1) on the target distances, mean over the sides
         target_dist = torch.cat((grid - target[..., :2], target[..., 2:] - grid), dim=-1)  # (B, A, 4)
@@ -219,7 +221,10 @@ class YOLOv8Loss(nn.Module):
         # 6. gains
         out = {"loss_box": loss_box * self.box_weight, "loss_cls": loss_cls * self.cls_weight,
                "loss_dfl": loss_dfl * self.dfl_weight}
-        out["loss"] = out["loss_box"] + out["loss_cls"] + out["loss_dfl"]
+        # a diverging model gives NaN: a non-finite predicted box makes the loss non-finite even
+        # where it wins no anchor (a NaN metric selects nothing), at the cost of one sum
+        diverged = 0.0 * dist.sum()
+        out["loss"] = out["loss_box"] + out["loss_cls"] + out["loss_dfl"] + diverged
         if return_assignment:
             out["assignment"] = assignment
         return out
