@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Run a preset's matcher on one image and draw positives (coloured by GT), ignored "
         "priors and mined hard negatives; print positives per GT.",
     )
-    p.add_argument("--preset", default="ssd300-voc", help=f"one of {', '.join(PRESETS)} (default: ssd300-voc)")
+    p.add_argument("--preset", default="ssd300-voc",
+                   help=f"one of {', '.join(PRESETS)}, yolov8-obb-1024 (rotated boxes) (default: ssd300-voc)")
     p.add_argument("--image", default=None, help="image file (default: a generated synthetic sample)")
     p.add_argument("--boxes", default=None, help='ground truth "x1,y1,x2,y2,label;..." in image pixels')
     p.add_argument("--annotations", default=None, help="COCO-format file to take the boxes from (with --image-id)")
@@ -163,6 +164,12 @@ def task_aligned_report(preset: Preset, gt: np.ndarray, labels: np.ndarray, name
 
 
 def run(args: argparse.Namespace) -> int:
+    from .inspect_obb import OBB_PRESETS
+
+    if args.preset in OBB_PRESETS:  # oriented boxes: the rotated task-aligned assignment (inspect_obb.py)
+        from .inspect_obb import run as run_rotated
+
+        return run_rotated(args)
     preset = get_preset(args.preset)
     image, boxes, labels, names = load_sample(args, preset)
     h, w = image.shape[:2]
