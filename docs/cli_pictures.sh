@@ -21,6 +21,8 @@ detloss inspect --preset ssd300-voc --boxes "40,40,120,200,3;130,60,180,110,7;60
     --out "$out/inspect_ssd300.png" | sed "s|$PWD/||" | tee "$out/inspect_ssd300.txt"
 detloss inspect --preset yolov8-640 --boxes "100,100,300,260,1;120,110,290,250,2;400,380,560,600,5" \
     --out "$out/inspect_yolov8.png" | sed "s|$PWD/||" | tee "$out/inspect_yolov8.txt"
+detloss inspect --preset yolov8-obb-1024 --boxes "150,150,450,300,1;600,500,900,620,4;300,650,420,900,7" \
+    --out "$out/inspect_yolov8_obb.png" | sed "s|$PWD/||" | tee "$out/inspect_yolov8_obb.txt"
 detloss inspect --preset retinanet-800 --boxes "100,120,300,400,1;500,200,540,240,2" \
     --out "$out/inspect_retinanet.png" | sed "s|$PWD/||" | tee "$out/inspect_retinanet.txt"
 detloss inspect --preset yolov3-416 --boxes "50,60,200,300,0;220,100,260,140,4" \
