@@ -30,7 +30,7 @@ def golden_batch(d):
 
 def golden_config(d):
     return dict(num_classes=int(d["cfg_num_class"]), anchors=torch.as_tensor(d["cfg_anchors"]),
-                strides=tuple(int(s) for s in d["cfg_strides"]), input_size=int(d["cfg_input_size"]),
+                strides=tuple(int(s) for s in d["cfg_strides"]), image_size=int(d["cfg_input_size"]),
                 max_boxes_per_scale=int(d["cfg_max_bbox_per_scale"]))
 
 
@@ -53,7 +53,7 @@ def test_golden_fallback_clip_is_an_option(golden):
         n = int(valid[b].sum())
         want, _ = oracle.build_targets(boxes[b, :n].numpy(), labels[b, :n].numpy(), num_classes=20,
                                        anchors=d["cfg_anchors"].astype(np.float64), strides=STRIDES,
-                                       input_hw=(416, 416))
+                                       image_hw=(416, 416))
         for s in range(3):
             np.testing.assert_allclose(fixed.labels[s][b].numpy(), want[s], rtol=0, atol=1e-12)
 
@@ -100,12 +100,12 @@ def gt_batches(draw, min_boxes=0, max_boxes=6):
 def run_both(size, num_classes, arr, counts, **kw):
     valid = torch.arange(arr.shape[1])[None] < torch.as_tensor(counts)[:, None]
     got = build_yolo_targets(torch.as_tensor(arr[..., :4]), torch.as_tensor(arr[..., 4]).long(), valid,
-                             num_classes=num_classes, input_size=size, anchors=ANCHORS, **kw)
+                             num_classes=num_classes, image_size=size, anchors=ANCHORS, **kw)
     oracle_kw = {k: v for k, v in kw.items() if k != "max_boxes_per_scale"}
     for b in range(arr.shape[0]):
         n = counts[b]
         want, lists = oracle.build_targets(arr[b, :n, :4], arr[b, :n, 4].astype(int), num_classes=num_classes,
-                                           anchors=ANCHORS.numpy(), strides=STRIDES, input_hw=(size, size),
+                                           anchors=ANCHORS.numpy(), strides=STRIDES, image_hw=(size, size),
                                            max_boxes=kw.get("max_boxes_per_scale", 150), **oracle_kw)
         for s in range(3):
             np.testing.assert_allclose(got.labels[s][b].numpy(), want[s], rtol=0, atol=1e-12)
@@ -131,7 +131,7 @@ def one_image(rows, size=96, num_classes=3, **kw):
     arr = torch.tensor([rows], dtype=torch.float64).reshape(1, -1, 5)
     valid = torch.ones(arr.shape[:2], dtype=torch.bool)
     return build_yolo_targets(arr[..., :4], arr[..., 4].long(), valid, num_classes=num_classes,
-                              input_size=size, anchors=ANCHORS, **kw)
+                              image_size=size, anchors=ANCHORS, **kw)
 
 
 def test_later_box_overwrites_earlier_in_same_slot():
@@ -158,25 +158,25 @@ def test_zero_boxes_and_invalid_rows():
     boxes = torch.tensor([[[10.0, 10, 50, 50], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]]])
     labels = torch.tensor([[1, 99], [99, 99]])  # padding rows may hold anything
     valid = torch.tensor([[True, False], [False, False]])
-    t = build_yolo_targets(boxes, labels, valid, num_classes=2, input_size=64)
+    t = build_yolo_targets(boxes, labels, valid, num_classes=2, image_size=64)
     assert sum(int(lab[1].abs().sum()) for lab in t.labels) == 0
     assert sum(int(lab[0, ..., 4].sum()) for lab in t.labels) >= 1
     empty = build_yolo_targets(torch.zeros(3, 0, 4), torch.zeros(3, 0, dtype=torch.long),
-                               torch.zeros(3, 0, dtype=torch.bool), num_classes=2, input_size=64)
+                               torch.zeros(3, 0, dtype=torch.bool), num_classes=2, image_size=64)
     assert all(lab.abs().sum() == 0 for lab in empty.labels)
     assert [tuple(lab.shape) for lab in empty.labels] == [(3, 8, 8, 3, 7), (3, 4, 4, 3, 7), (3, 2, 2, 3, 7)]
 
 
 def test_non_square_input_and_float32_output():
     boxes = torch.tensor([[[10.0, 5, 120, 60]]])
-    t = build_yolo_targets(boxes, torch.tensor([[0]]), torch.tensor([[True]]), num_classes=1, input_size=(64, 128))
+    t = build_yolo_targets(boxes, torch.tensor([[0]]), torch.tensor([[True]]), num_classes=1, image_size=(64, 128))
     assert t.labels[0].shape == (1, 8, 16, 3, 6) and t.labels[0].dtype == torch.float32
     assert t.true_boxes[2].dtype == torch.float32
 
 
 def test_assignment_is_deterministic_and_exposes_winner():
     t1 = assign_yolo_anchors(torch.tensor([[[20.0, 20, 44, 44], [21, 21, 43, 43]]]), torch.tensor([[0, 1]]),
-                             torch.tensor([[True, True]]), num_classes=2, input_size=64)
+                             torch.tensor([[True, True]]), num_classes=2, image_size=64)
     assert int(t1.winner[0].max()) == 1
     assert bool(t1.positive[0][0, 1].any()) and not bool(t1.positive[0][0, 0].any())
     assert bool(t1.in_list[0].all())
@@ -189,13 +189,13 @@ def test_assignment_is_deterministic_and_exposes_winner():
         ([[[60.0, 0, 70, 10]]], [[0]], [[True]], {}, "gt_boxes centre x"),
         ([[[0.0, -12, 10, -1]]], [[0]], [[True]], {}, "gt_boxes centre y"),
         ([[[10.0, 0, 5, 10]]], [[0]], [[True]], {}, "width/height"),
-        ([[[0.0, 0, 10, 10]]], [[0]], [[True]], {"input_size": 72}, "divisible"),
+        ([[[0.0, 0, 10, 10]]], [[0]], [[True]], {"image_size": 72}, "divisible"),
         ([[[0.0, 0, 10, 10]]], [[0], [0]], [[True], [True]], {}, "gt_labels: expected shape"),
         ([[[0.0, 0, 10, 10]]], [[0]], [[True, True]], {}, "gt_valid: expected shape"),
     ],
 )
 def test_bad_input_errors(boxes, labels, valid, kw, match):
-    kw = {"input_size": 64, **kw}
+    kw = {"image_size": 64, **kw}
     with pytest.raises(ValueError, match=match):
         build_yolo_targets(torch.tensor(boxes), torch.tensor(labels), torch.tensor(valid), num_classes=5 if
                            match != "gt_labels" else 3, **kw)
@@ -204,7 +204,7 @@ def test_bad_input_errors(boxes, labels, valid, kw, match):
 def test_invalid_rows_are_not_checked():
     # A padding row outside the image with an out-of-range label is fine.
     t = build_yolo_targets(torch.tensor([[[0.0, 0, 10, 10], [-50, -50, 900, 900]]]), torch.tensor([[0, 77]]),
-                           torch.tensor([[True, False]]), num_classes=1, input_size=64)
+                           torch.tensor([[True, False]]), num_classes=1, image_size=64)
     assert sum(int(lab[..., 4].sum()) for lab in t.labels) >= 1
 
 
@@ -235,7 +235,7 @@ def test_ground_truth_check_accepts_exactly_the_usable_rows(rows):
 
     expected = all(usable(*r) for r in rows)
     try:
-        build_yolo_targets(boxes, labels, valid, num_classes=3, input_size=64)
+        build_yolo_targets(boxes, labels, valid, num_classes=3, image_size=64)
         accepted = True
     except ValueError:
         accepted = False

@@ -51,14 +51,14 @@ def iou_inter(a, b):
     return iw * ih
 
 
-def build_targets(boxes, labels, *, num_classes, anchors, strides, input_hw, pos_iou=0.3,
+def build_targets(boxes, labels, *, num_classes, anchors, strides, image_hw, pos_iou=0.3,
                   label_smoothing=0.01, max_boxes=150, faithful_fallback_clip=False):
     """One image. ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``, ``anchors (S, A, 2)`` grid units.
 
     Returns (labels per scale ``(H, W, A, 5 + C)``, true-box lists per scale ``(max_boxes, 4)``).
     """
     n_scales, n_anchors = len(strides), anchors.shape[1]
-    grids = [(input_hw[0] // s, input_hw[1] // s) for s in strides]
+    grids = [(image_hw[0] // s, image_hw[1] // s) for s in strides]
     out = [np.zeros((gh, gw, n_anchors, 5 + num_classes)) for gh, gw in grids]
     lists = [np.zeros((max_boxes, 4)) for _ in strides]
     counts = [0] * n_scales
@@ -114,13 +114,13 @@ def _bce(x, t):
     return max(x, 0) - x * t + math.log1p(math.exp(-abs(x)))
 
 
-def scale_loss(conv, label, true_list, anchors, stride, *, input_hw, ignore_iou=0.5, box_loss="giou"):
+def scale_loss(conv, label, true_list, anchors, stride, *, image_hw, ignore_iou=0.5, box_loss="giou"):
     """One image, one scale: (box, obj, cls) sums. ``conv (H, W, A*(5+C))`` NHWC raw head."""
     h, w, _ = conv.shape
     n_anchors = anchors.shape[0]
     raw = conv.reshape(h, w, n_anchors, -1)
     box = obj = cls = 0.0
-    area = float(input_hw[0] * input_hw[1])
+    area = float(image_hw[0] * image_hw[1])
     for row in range(h):
         for col in range(w):
             for a in range(n_anchors):
@@ -147,18 +147,18 @@ def yolov3_loss(convs, boxes, labels, counts, *, num_classes, anchors, strides, 
     """Batch loss: ``convs`` per scale ``(B, H, W, A*(5+C))``, ``boxes (B, M, 4)`` xyxy,
     ``labels (B, M)``, ``counts (B,)``. Returns dict of box/obj/cls/loss floats."""
     batch = convs[0].shape[0]
-    input_hw = (convs[0].shape[1] * strides[0], convs[0].shape[2] * strides[0])
+    image_hw = (convs[0].shape[1] * strides[0], convs[0].shape[2] * strides[0])
     totals = np.zeros(3)
     n_pos = 0
     for b in range(batch):
         n = counts[b]
         lab, lists = build_targets(boxes[b, :n], labels[b, :n], num_classes=num_classes, anchors=anchors,
-                                   strides=strides, input_hw=input_hw, label_smoothing=label_smoothing,
+                                   strides=strides, image_hw=image_hw, label_smoothing=label_smoothing,
                                    faithful_fallback_clip=faithful_fallback_clip)
         for s, stride in enumerate(strides):
             n_pos += int(lab[s][..., 4].sum())
             trues = [tb for tb in lists[s] if tb[2] > 0 or tb[3] > 0]
-            totals += scale_loss(convs[s][b], lab[s], trues, anchors[s], stride, input_hw=input_hw,
+            totals += scale_loss(convs[s][b], lab[s], trues, anchors[s], stride, image_hw=image_hw,
                                  ignore_iou=ignore_iou, box_loss=box_loss)
     norm = batch if normalize_by == "batch" else max(n_pos, 1)
     box, obj, cls = totals / norm

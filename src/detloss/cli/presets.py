@@ -185,7 +185,7 @@ class Preset:
             strides = tuple(self.params.get("strides", (8, 16, 32)))
             anchors = self.yolo_anchors_px() / torch.tensor(strides, dtype=torch.float32).view(-1, 1, 1)
             res = assign_yolo_anchors(gt_boxes, gt_labels.clamp(min=0), gt_valid, num_classes=max(self.num_classes, 1),
-                                      anchors=anchors, strides=strides, input_size=self.image_size,
+                                      anchors=anchors, strides=strides, image_size=self.image_size,
                                       pos_iou=self.pos_iou)
             matched = torch.cat(res.winner, dim=1)
             positive = matched >= 0

@@ -63,7 +63,7 @@ def preprocess_true_boxes(
     labels = torch.as_tensor(bboxes[:, 4].astype(np.int64))[None]
     targets = build_yolo_targets(
         boxes, labels, torch.ones_like(labels, dtype=torch.bool), num_classes=num_classes,
-        anchors=anchors_t, strides=tuple(int(s) for s in strides), input_size=int(train_input_size),
+        anchors=anchors_t, strides=tuple(int(s) for s in strides), image_size=int(train_input_size),
         pos_iou=0.3, label_smoothing=0.01, max_boxes_per_scale=max_bbox_per_scale,
         faithful_fallback_clip=True, dtype=torch.float64,
     )

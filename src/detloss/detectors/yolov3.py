@@ -241,18 +241,18 @@ class YOLOv3Loss(nn.Module):
         *,
         return_assignment: bool = False,
     ) -> dict:
-        heads, input_hw = yolo_head_views(
+        heads, image_hw = yolo_head_views(
             outputs, require_tensor(gt_boxes, "gt_boxes").shape[0], self.strides, len(self.anchor_sizes[0]),
             self.num_classes, self.layout,
         )
         checks = ValueChecks()
-        gt_valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, self.num_classes, input_hw, checks)
+        gt_valid = check_yolo_ground_truth(gt_boxes, gt_labels, gt_valid, self.num_classes, image_hw, checks)
         checks.run()
         anchors, cell_constants = self._constants_for(heads)
         # targets: which anchor slot of which scale answers for each object (tensorflow-yolov3's
         # preprocess_true_boxes); decode, ignore mask, box, objectness and class terms
         match = assign_yolo_anchors_unchecked(
-            gt_boxes, gt_valid, anchors=anchors, strides=self.strides, input_hw=input_hw, pos_iou=self.pos_iou,
+            gt_boxes, gt_valid, anchors=anchors, strides=self.strides, image_hw=image_hw, pos_iou=self.pos_iou,
             max_boxes_per_scale=self.max_boxes_per_scale, faithful_fallback_clip=self.faithful_fallback_clip,
         )
         targets = yolo_slot_targets(match, gt_labels, self.num_classes, self.label_smoothing)

@@ -221,10 +221,7 @@ class YOLOv8Loss(nn.Module):
         # 6. gains
         out = {"loss_box": loss_box * self.box_weight, "loss_cls": loss_cls * self.cls_weight,
                "loss_dfl": loss_dfl * self.dfl_weight}
-        # a diverging model gives NaN: a non-finite predicted box makes the loss non-finite even
-        # where it wins no anchor (a NaN metric selects nothing), at the cost of one sum
-        diverged = 0.0 * dist.sum()
-        out["loss"] = out["loss_box"] + out["loss_cls"] + out["loss_dfl"] + diverged
+        out["loss"] = out["loss_box"] + out["loss_cls"] + out["loss_dfl"]
         if return_assignment:
             out["assignment"] = assignment
         return out

@@ -98,7 +98,7 @@ def yolo_head_views(
         raise ValueError(f"outputs: expected a sequence of {n_scales} head maps, got {type(outputs).__name__}"
                          f" of length {len(outputs) if isinstance(outputs, (list, tuple)) else '?'}")
     channels = n_anchors * (5 + num_classes)
-    heads, input_hw = [], None
+    heads, image_hw = [], None
     for s, (x, stride) in enumerate(zip(outputs, strides)):
         name = f"outputs[{s}]"
         require_floating(require_tensor(x, name), name)
@@ -116,12 +116,12 @@ def yolo_head_views(
             h, w = x.shape[2], x.shape[3]
             x = x.view(batch, n_anchors, 5 + num_classes, h, w).permute(0, 3, 4, 1, 2)
         hw = (h * stride, w * stride)
-        if input_hw is None:
-            input_hw = hw
-        elif hw != input_hw:
+        if image_hw is None:
+            image_hw = hw
+        elif hw != image_hw:
             raise ValueError(
-                f"{name}: expected spatial size {(input_hw[0] // stride, input_hw[1] // stride)} "
-                f"(input {input_hw} / stride {stride}, from outputs[0]), got {(h, w)}"
+                f"{name}: expected spatial size {(image_hw[0] // stride, image_hw[1] // stride)} "
+                f"(input {image_hw} / stride {stride}, from outputs[0]), got {(h, w)}"
             )
         heads.append(x)
-    return heads, input_hw
+    return heads, image_hw

@@ -32,8 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._validate import as_bool_mask, require_boxes, require_choice, require_finite, require_floating
-from .._validate import require_range, require_shape
+from .._validate import ValueChecks, as_bool_mask, require_boxes, require_choice, require_floating, require_shape
 from ..boxes import box_iou, compute_dtype
 
 MATCHING_TYPES = ("multi", "bipartite")
@@ -62,8 +61,7 @@ def _check_similarity(similarity: Tensor, gt_valid: Optional[Tensor]) -> tuple[T
         gt_valid = torch.ones(similarity.shape[:2], dtype=torch.bool, device=similarity.device)
     gt_valid = as_bool_mask(gt_valid, "gt_valid")
     require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
-    require_finite(similarity, "similarity")
-    require_range(similarity, "similarity", 0.0, None)
+    ValueChecks().finite(similarity, "similarity").in_range(similarity, "similarity", 0.0, None).run()
     return similarity.to(compute_dtype(similarity)), gt_valid
 
 
@@ -259,6 +257,7 @@ def match_greedy_boxes(
         gt_valid = torch.ones(gt_boxes.shape[:2], dtype=torch.bool, device=gt_boxes.device)
     gt_valid = as_bool_mask(gt_valid, "gt_valid")
     require_shape(gt_valid, "gt_valid", ("B", "M"), dims)
+    ValueChecks().finite(gt_boxes, "gt_boxes").finite(anchors, "anchors").run()
     b, m = gt_boxes.shape[:2]
     if anchors.dim() == 2:  # shared anchors: one unbatched (B*M, P) IoU, no copies of the anchors
         p = anchors.shape[0]
@@ -266,5 +265,5 @@ def match_greedy_boxes(
     else:
         require_shape(anchors, "anchors", ("B", "P", 4), dims)
         similarity = box_iou(anchors, gt_boxes, chunk_size=chunk_size).transpose(1, 2)
-    # IoU of validated boxes is finite and in [0, 1]: no value checks needed on it
+    # the IoU of finite boxes is finite and in [0, 1]: no value checks needed on it
     return _match_greedy(similarity, gt_valid, matching_type, pos_iou, neg_iou)

@@ -49,20 +49,20 @@ from ..priors import YOLOV3_STRIDES, yolov3_anchors
 from ..targets import one_hot
 
 __all__ = [
-    "YoloAssignment", "YoloSlotTargets", "YoloTargets", "assign_yolo_anchors", "build_yolo_targets", "yolo_input_hw",
+    "YoloAssignment", "YoloSlotTargets", "YoloTargets", "assign_yolo_anchors", "build_yolo_targets", "yolo_image_hw",
     "yolo_slot_targets",
 ]
 
 
-def yolo_input_hw(input_size: Union[int, Sequence[int]], strides: Sequence[int]) -> tuple[int, int]:
-    """``input_size`` (int or ``(H, W)``) as ``(H, W)``; each must be divisible by every stride."""
-    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+def yolo_image_hw(image_size: Union[int, Sequence[int]], strides: Sequence[int]) -> tuple[int, int]:
+    """``image_size`` (int or ``(H, W)``) as ``(H, W)``; each must be divisible by every stride."""
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
     if len(hw) != 2 or min(hw) <= 0:
-        raise ValueError(f"input_size: expected a positive int or (H, W), got {input_size!r}")
+        raise ValueError(f"image_size: expected a positive int or (H, W), got {image_size!r}")
     step = max(strides)
     if any(v % s for v in hw for s in strides):
         raise ValueError(
-            f"input_size: expected H and W divisible by every stride {tuple(strides)} "
+            f"image_size: expected H and W divisible by every stride {tuple(strides)} "
             f"(a multiple of {step}), got {hw}"
         )
     return hw
@@ -133,7 +133,7 @@ def assign_yolo_anchors(
     num_classes: int,
     anchors: Optional[Tensor] = None,
     strides: Sequence[int] = YOLOV3_STRIDES,
-    input_size: Union[int, Sequence[int]] = 416,
+    image_size: Union[int, Sequence[int]] = 416,
     pos_iou: float = 0.3,
     max_boxes_per_scale: int = 150,
     faithful_fallback_clip: bool = False,
@@ -148,7 +148,7 @@ def assign_yolo_anchors(
         anchors: ``(S, A, 2)`` anchor (w, h) in **grid units of each scale** (pixels / stride,
             tensorflow-yolov3's anchor file); default the YOLOv3 COCO anchors.
         strides: ``S`` strides, one per scale, small to large.
-        input_size: int or ``(H, W)`` pixels, divisible by every stride.
+        image_size: int or ``(H, W)`` pixels, divisible by every stride.
         pos_iou: an anchor is responsible when its IoU with the GT exceeds this.
         max_boxes_per_scale: ``K``, rows of each scale's true-box list (wraps around).
         faithful_fallback_clip: clip the fallback cell with the last scale's grid size (the
@@ -163,7 +163,7 @@ def assign_yolo_anchors(
     >>> [int(p.sum()) for p in match.positive]  # responsible anchors per scale (stride 8, 16, 32)
     [0, 2, 1]
     """
-    hw = yolo_input_hw(input_size, strides)
+    hw = yolo_image_hw(image_size, strides)
     require_positive(num_classes, "num_classes")
     require_positive(max_boxes_per_scale, "max_boxes_per_scale")
     checks = ValueChecks()
@@ -175,7 +175,7 @@ def assign_yolo_anchors(
     if anchors.dim() != 3 or anchors.shape[0] != len(strides) or anchors.shape[2] != 2:
         raise ValueError(f"anchors: expected shape (S={len(strides)}, A, 2), got {tuple(anchors.shape)}")
     return assign_yolo_anchors_unchecked(
-        gt_boxes, valid, anchors=anchors, strides=strides, input_hw=hw, pos_iou=pos_iou,
+        gt_boxes, valid, anchors=anchors, strides=strides, image_hw=hw, pos_iou=pos_iou,
         max_boxes_per_scale=max_boxes_per_scale, faithful_fallback_clip=faithful_fallback_clip,
     )
 
@@ -186,15 +186,15 @@ def assign_yolo_anchors_unchecked(
     *,
     anchors: Tensor,
     strides: Sequence[int],
-    input_hw: tuple[int, int],
+    image_hw: tuple[int, int],
     pos_iou: float,
     max_boxes_per_scale: int,
     faithful_fallback_clip: bool,
 ) -> YoloAssignment:
     """:func:`assign_yolo_anchors` of inputs already checked (``gt_valid`` bool, ``anchors
-    (S, A, 2)``, ``input_hw`` divisible by the strides): for losses that validate their own
+    (S, A, 2)``, ``image_hw`` divisible by the strides): for losses that validate their own
     entry point, so the ground truth is read on the host once."""
-    valid, hw = gt_valid, input_hw
+    valid, hw = gt_valid, image_hw
     device = gt_boxes.device
     f64 = torch.float64
     anchors = anchors.to(device=device, dtype=f64)
@@ -278,7 +278,7 @@ def build_yolo_targets(
     """Dense YOLOv3 targets of a padded batch (tensorflow-yolov3's label tensors, batched).
 
     Args: ``gt_boxes``, ``gt_labels``, ``gt_valid``, ``num_classes`` and the keyword
-    ``assign_options`` (``anchors``, ``strides``, ``input_size``, ``pos_iou``,
+    ``assign_options`` (``anchors``, ``strides``, ``image_size``, ``pos_iou``,
     ``max_boxes_per_scale``, ``faithful_fallback_clip``) as :func:`assign_yolo_anchors`, plus
     ``label_smoothing`` (``eps`` in ``onehot * (1 - eps) + eps / C``, 0 allowed) and ``dtype`` of
     the outputs (default the dtype of ``gt_boxes``).
