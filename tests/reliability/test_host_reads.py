@@ -19,12 +19,13 @@ import torch
 
 import detloss
 from conftest import golden_cases
-from .cases import FAMILIES, loss_and_grads, make_case
+from .cases import FAMILIES, RT_DETR_FAMILIES, YOLO_TASK_FAMILIES, loss_and_grads, make_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from dispatch_count import _in_library, count_dispatch  # noqa: E402  (the benchmarks' operator counter)
 
 MAX_READS = 1
+EVERY_FAMILY = FAMILIES + RT_DETR_FAMILIES + YOLO_TASK_FAMILIES
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def host_reads(step: Callable[[], object]) -> tuple[int, dict]:
 
 
 @pytest.mark.usefixtures("dense_with_default_checks")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 @pytest.mark.parametrize("num_gt", [3, 0])
 def test_native_loss_reads_the_host_at_most_once_per_step(family, num_gt):
     case = make_case(family, num_gt=num_gt)
@@ -101,7 +102,49 @@ def _detr(golden):
     return lambda: _backward(*(v * weight_dict[k] for k, v in criterion(outputs, targets).items() if k in weight_dict))
 
 
+def _ultralytics_v8(golden):
+    from test_compat_ultralytics import golden_call
+
+    criterion, preds, batch = golden_call(golden(f"ultralytics/{golden_cases('ultralytics/v8_*.npz')[0]}.npz"))
+    return lambda: _backward(criterion(preds, batch)[0])
+
+
+def _ultralytics_obb(golden):
+    from test_compat_ultralytics_obb import f32, fake_model, feats_of, golden_batch
+
+    from detloss.compat.ultralytics import v8OBBLoss
+
+    g = golden(f"ultralytics/{golden_cases('ultralytics/obb_*.npz')[0]}.npz")
+    model = fake_model(int(g["cfg_nc"]), int(g["cfg_reg_max"]), tuple(g["cfg_strides"].tolist()),
+                       tuple(f32(v) for v in g["cfg_gains"]))
+    criterion = v8OBBLoss(model, int(g["cfg_tal_topk"]), int(g["cfg_tal_topk2"]) or None)
+    preds = {k: torch.from_numpy(g[f"in_{k}"]).requires_grad_() for k in ("boxes", "scores", "angle")}
+    preds["feats"] = feats_of(g, preds["boxes"].shape[0])
+    return lambda: _backward(criterion(preds, golden_batch(g))[0])
+
+
+def _ultralytics_e2e(golden):
+    from test_compat_ultralytics_obb import e2e_call
+
+    criterion, branches, batch = e2e_call(golden(f"ultralytics/{golden_cases('ultralytics/e2e_*.npz')[0]}.npz"))
+    return lambda: _backward(criterion(branches, batch)[0])
+
+
+def _transformers(name: str):
+    def build(golden):
+        from test_compat_transformers import call_case, load_case
+
+        case = load_case(name)
+        return lambda: _backward(call_case(case)[0])
+
+    return build
+
+
 DROP_INS = {
+    "ultralytics.v8DetectionLoss": _ultralytics_v8,
+    "ultralytics.v8OBBLoss": _ultralytics_obb,
+    "ultralytics.E2ELoss": _ultralytics_e2e,
+    **{f"transformers:{name}": _transformers(name) for name in golden_cases("transformers/*_dense.pt")},
     "ssd_pytorch.MultiBoxLoss": _ssd_pytorch,
     "retinaface.MultiBoxLoss": _retinaface,
     "ssd_keras.SSDLoss": _ssd_keras,
@@ -124,7 +167,7 @@ def test_library_frames_are_recognised_by_the_package_folder_not_a_substring(tmp
 
 
 @pytest.mark.usefixtures("dense_with_default_checks")
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 def test_native_loss_checks_each_value_once_per_forward(family, monkeypatch):
     from detloss._validate import ValueChecks
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import FAMILIES, make_case
+from .cases import FAMILIES, RT_DETR_FAMILIES, YOLO_TASK_FAMILIES, make_case
 
 pytestmark = pytest.mark.usefixtures("strategy", "single_thread")
+EVERY_FAMILY = FAMILIES + RT_DETR_FAMILIES + YOLO_TASK_FAMILIES
 
 
 def _run(family: str, which: int, value: float) -> tuple[torch.Tensor, torch.amp.GradScaler, torch.Tensor]:
@@ -42,7 +43,7 @@ def _run(family: str, which: int, value: float) -> tuple[torch.Tensor, torch.amp
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 def test_non_finite_prediction_gives_non_finite_loss_and_a_skipped_scaler_step(family, value):
     for which in range(len(make_case(family, num_gt=3, seed=71).pred_tensors())):
         loss, scaler, weights = _run(family, which, value)
@@ -51,7 +52,7 @@ def test_non_finite_prediction_gives_non_finite_loss_and_a_skipped_scaler_step(f
         assert torch.equal(weights, torch.ones_like(weights)), (family, which)  # no weight moved
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 def test_finite_predictions_take_the_step(family):
     loss, scaler, weights = _run(family, 0, 1.0)
     assert torch.isfinite(loss).item()

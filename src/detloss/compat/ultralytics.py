@@ -77,7 +77,7 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
         self.nc, self.reg_max = int(head.nc), int(head.reg_max)
         self.no = self.nc + self.reg_max * 4
         self.use_dfl = self.reg_max > 1
-        strides = self.stride.tolist()
+        strides = self.strides = tuple(self.stride.tolist())  # read once here, not at every step
         self.native = self._native_class()(
             self.nc, reg_max=self.reg_max, topk=tal_topk, alpha=0.5, beta=6.0, topk2=tal_topk2,
             min_box_side=strides[1] if len(strides) > 1 else strides[0],
@@ -101,6 +101,13 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
 
     def loss(self, preds: Any, batch: dict) -> tuple[Tensor, Tensor]:
         """``(loss (K,) times the batch size, items (K,) detached)`` of a parsed ``preds`` dict."""
+        return self.loss_and_targets(preds, batch)[:2]
+
+    def loss_and_targets(
+        self, preds: Any, batch: dict, targets: Optional[tuple[Tensor, Tensor, Tensor]] = None
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """:meth:`loss` and the packed ground truth ``(boxes, labels, valid)``; given ``targets``
+        (packed by another branch from the same ``batch``), it does not pack (or check) again."""
         if not isinstance(preds, dict) or not set(self.pred_keys) <= set(preds):
             keys = ", ".join(repr(k) for k in self.pred_keys)
             raise ValueError(f"preds: expected a dict with {keys} (or an (inference, dict) tuple)")
@@ -108,8 +115,8 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
         require_floating(boxes, "preds['boxes']")
         require_floating(scores, "preds['scores']")
         sizes = [tuple(int(v) for v in f.shape[2:]) for f in feats]
-        if len(sizes) != len(self.stride):
-            raise ValueError(f"preds['feats']: expected {len(self.stride)} feature maps, got {len(sizes)}")
+        if len(sizes) != len(self.strides):
+            raise ValueError(f"preds['feats']: expected {len(self.strides)} feature maps, got {len(sizes)}")
         a = sum(h * w for h, w in sizes)
         b = boxes.shape[0] if boxes.dim() == 3 else -1
         if boxes.dim() != 3 or boxes.shape[1:] != (4 * self.reg_max, a):
@@ -117,15 +124,17 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
         if scores.dim() != 3 or scores.shape != (b, self.nc, a):
             raise ValueError(f"preds['scores']: expected shape ({b}, {self.nc}, {a}), got {tuple(scores.shape)}")
         extra = self._extra_preds(preds, b, a)
-        image_size = (sizes[0][0] * float(self.stride[0]), sizes[0][1] * float(self.stride[0]))
-        gt_boxes, gt_labels, gt_valid = self._targets(batch, b, image_size, boxes.device)
-        points, strides = anchor_points(sizes, self.stride.tolist(), device=boxes.device)
+        image_size = (sizes[0][0] * self.strides[0], sizes[0][1] * self.strides[0])
+        if targets is None:
+            targets = self._targets(batch, b, image_size, boxes.device)
+        gt_boxes, gt_labels, gt_valid = targets
+        points, strides = anchor_points(sizes, self.strides, device=boxes.device)
         out = self.native.forward_unchecked(
             boxes.permute(0, 2, 1), scores.permute(0, 2, 1), *extra, points, strides, gt_boxes, gt_labels, gt_valid,
             image_size=image_size,
         )
         loss = torch.stack([out[k] for k in self._terms()])
-        return loss * b, loss.detach()
+        return loss * b, loss.detach(), targets
 
     def _extra_preds(self, preds: dict, b: int, a: int) -> list[Tensor]:
         return []
@@ -164,7 +173,7 @@ class v8DetectionLoss:  # noqa: N801  (the original's name)
                 checks.condition((x != x.round()).any(), name, "integer",
                                  lambda name=name: f"{name}: expected integer values")
         idx = idx.long().clamp(0, max(b - 1, 0))
-        counts = torch.bincount(idx, minlength=b)
+        counts = torch.zeros(b, dtype=torch.long, device=device).index_add_(0, idx, torch.ones_like(idx))  # no sync
         m = checks.run(also=counts.max()) if n > 0 else checks.run() or 0  # the one host read
         order = torch.sort(idx, stable=True).indices
         starts = torch.cumsum(counts, 0) - counts
@@ -241,9 +250,9 @@ class E2ELoss:
         preds = self.one2many.parse_output(preds)
         if not isinstance(preds, dict) or not {"one2many", "one2one"} <= set(preds):
             raise ValueError("preds: expected a dict with 'one2many' and 'one2one' (or an (inference, dict) tuple)")
-        loss_one2many = self.one2many.loss(preds["one2many"], batch)
-        loss_one2one = self.one2one.loss(preds["one2one"], batch)
-        return loss_one2many[0] * self.o2m + loss_one2one[0] * self.o2o, loss_one2one[1]
+        loss_one2many, _, targets = self.one2many.loss_and_targets(preds["one2many"], batch)
+        loss_one2one, items, _ = self.one2one.loss_and_targets(preds["one2one"], batch, targets)  # checked once
+        return loss_one2many * self.o2m + loss_one2one * self.o2o, items
 
     def update(self) -> None:
         """One more epoch: recompute the branch weights."""
