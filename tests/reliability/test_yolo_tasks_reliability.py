@@ -22,7 +22,7 @@ from .cases import YOLO_TASK_FAMILIES, loss_and_grads, make_case, scalar_items
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from dispatch_count import count_dispatch  # noqa: E402  (the benchmarks' operator counter)
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------ autocast
