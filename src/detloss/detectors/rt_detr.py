@@ -451,7 +451,9 @@ def _union_matching(query_to_gt: Tensor, enc_query_to_gt: Optional[Tensor], m: i
         stack = torch.cat((stack, _fit_queries(enc_query_to_gt, query_to_gt.shape[-1]).unsqueeze(0)))
     if m == 0:
         return torch.full(query_to_gt.shape[1:], -1, dtype=torch.int64, device=query_to_gt.device)
-    counts = one_hot(stack, m, torch.int32).sum(0)  # (B, Q, M) times each pair was matched
+    index = torch.where(stack >= 0, stack, m).permute(1, 2, 0)  # (B, Q, sets), m: unmatched
+    counts = torch.zeros((*index.shape[:2], m + 1), dtype=torch.int32, device=index.device)
+    counts = counts.scatter_add_(2, index, torch.ones_like(index, dtype=torch.int32))[..., :m]  # (B, Q, M)
     first = counts.argmax(-1)  # the first maximal index: ties to the lower object
     return torch.where(counts.amax(-1) > 0, first, -1)
 
