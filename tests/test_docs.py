@@ -168,3 +168,22 @@ def test_docstrings_become_markdown():
     linked = hooks.markdown_docstring(text, "detloss", {id(detloss.match_priors): "detloss.matching.match_priors"})
     assert "[``detloss.match_priors``][detloss.matching.match_priors]" in linked
     assert hooks.markdown_docstring(md) == md
+
+
+README = ROOT / "README.md"
+
+
+def test_readme_performance_table_is_the_script_output():
+    """The README's short table is benchmarks/figures.py's summary.md, never typed in."""
+    summary = (DOCS / "assets" / "performance" / "summary.md").read_text().strip()
+    assert summary in README.read_text()
+
+
+def test_readme_links_resolve_and_test_command_is_ci_s():
+    text = README.read_text()
+    for link in re.findall(r"\]\(([^)#\s]+)", text):
+        if not link.startswith(("http:", "https:")):
+            assert (ROOT / link).exists(), f"README links to a missing {link}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = 'pip install -e ".[dev]" && python -m pytest -n 2'
+    assert f"\n{command}\n" in text and f"    {command}\n" in ci
