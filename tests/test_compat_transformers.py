@@ -14,7 +14,6 @@ from detloss.matching import hungarian as H
 
 from conftest import golden_cases, golden_path
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 CASES = golden_cases("transformers/*.pt")
 
@@ -146,8 +145,7 @@ def _clone_leaves(args, kwargs):
     return [clone(a) for a in args], {k: clone(v) for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("strategy", ["dense"], indirect=True)
-def test_real_client_small_models(strategy):
+def test_real_client_small_models():
     """transformers' own tiny random-weight RT-DETR / D-FINE models (no download), trained a few
     steps with ``use_detloss``: at every step the loss, and its gradient with respect to every
     model output, equal transformers' own loss function on the same outputs. (Two copies trained

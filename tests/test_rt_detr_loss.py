@@ -13,11 +13,11 @@ from scipy.optimize import linear_sum_assignment
 import detloss
 from detloss import RTDETRLoss, detr_matching_cost
 from detloss.detectors import rt_detr as R
+from detloss.matching.detr_sets import union_matching
 from detloss.functional import detr_terms as F
 from detloss.matching import hungarian as H
 from oracles import rt_detr as O
 
-pytestmark = pytest.mark.usefixtures("strategy")  # every test under both execution strategies
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -183,7 +183,7 @@ def test_one_solve_equals_per_layer_group_image_scipy(layers, groups, per_group,
 def test_union_matching_equals_deim_rule(layers, batch, q, m, seed):
     rng = np.random.default_rng(seed)
     q2g = rng.integers(-1, m, (layers, batch, q)) if m else np.full((layers, batch, q), -1)
-    got = R._union_matching(torch.from_numpy(q2g), None, m)
+    got = union_matching(torch.from_numpy(q2g), None, m)
     np.testing.assert_array_equal(got.numpy(), O.union_matching(q2g))
 
 

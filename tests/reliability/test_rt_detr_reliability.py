@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from .cases import RT_DETR_FAMILIES, loss_and_grads, make_case, scalar_items
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------ autocast

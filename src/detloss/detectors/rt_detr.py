@@ -60,20 +60,16 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._validate import (
-    ValueChecks, require_choice, require_floating, require_integer, require_positive, require_shape,
-)
+from .._validate import ValueChecks, require_choice, require_positive
 from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
-from ..functional import cross_entropy, positive_normalizer, sigmoid_focal_loss
-from ..functional.detr_terms import (
-    decoupled_distillation_loss, detr_varifocal_loss, fine_grained_localization_loss, iou_aware_bce_loss,
-    matchability_aware_loss,
+from ..functional import positive_normalizer
+from ..functional.detr_terms import detr_class_term, distribution_terms
+from ..matching.detr_sets import (
+    check_detr_set_shapes, fit_queries, gather_matched_targets, match_detr_sets, union_matching,
 )
-from ..matching.hungarian import Solver, match_hungarian_unchecked, matching_cost_unchecked
-from ..targets import one_hot
+from ..matching.hungarian import Solver
 from .detr import check_detr_gt, layer_keys
 
 ClassLoss = Literal["vfl", "mal", "ia_bce", "focal", "ce"]
@@ -206,7 +202,7 @@ class RTDETRLoss(nn.Module):
         return_assignment: bool = False,
     ) -> dict:
         # 0. checks (metadata here; ground-truth values in one host read)
-        dims = self._check_shapes(locals())
+        dims = check_detr_set_shapes(locals(), self.num_logits, self.num_groups, self.bins["max_num_bins"])
         checks = ValueChecks()
         if dn_query_to_gt is not None:
             checks.in_range(dn_query_to_gt, "dn_query_to_gt", -1, gt_boxes.shape[1] - 1)
@@ -214,14 +210,16 @@ class RTDETRLoss(nn.Module):
         num_layers, batch, queries, _ = box_pred.shape
         groups = self.num_groups
         # 1. one matching of every layer x group x image (and of the encoder output)
-        query_to_gt, enc_query_to_gt = self._match(box_pred, cls_logits, enc_box_pred, enc_cls_logits,
-                                                   gt_boxes, gt_labels, gt_valid)
+        query_to_gt, enc_query_to_gt = match_detr_sets(
+            box_pred, cls_logits, enc_box_pred, enc_cls_logits, gt_boxes, gt_labels, gt_valid,
+            num_groups=groups, cost_options=self.cost_options, solver=self.solver,
+        )
         # 2. normalisers and the union matching (DEIM)
         num_boxes = positive_normalizer(gt_valid.sum() * groups, distributed=self.distributed)
         union = None
         box_num = num_boxes
         if self.dense_one_to_one:
-            union = _union_matching(query_to_gt, enc_query_to_gt, gt_boxes.shape[1])
+            union = union_matching(query_to_gt, enc_query_to_gt, gt_boxes.shape[1])
             box_num = positive_normalizer((union >= 0).sum(), distributed=self.distributed)
         out: dict = {}
         # 3.-5. the terms of every set
@@ -233,7 +231,7 @@ class RTDETRLoss(nn.Module):
         if enc_box_pred is not None:
             enc_box_q2g = None
             if union is not None:
-                enc_box_q2g = _fit_queries(union, enc_box_pred.shape[1]).unsqueeze(0)
+                enc_box_q2g = fit_queries(union, enc_box_pred.shape[1]).unsqueeze(0)
             self._set_terms(out, ["_enc"], enc_box_pred[None], enc_cls_logits[None], enc_query_to_gt[None],
                             enc_box_q2g, num_boxes, box_num, gt_boxes, gt_labels)
         if dn_box_pred is not None:
@@ -249,41 +247,6 @@ class RTDETRLoss(nn.Module):
             out["assignment"] = RTDETRAssignment(query_to_gt, enc_query_to_gt, union, dn_query_to_gt, num_boxes)
         return out
 
-    # ---------------------------------------------------------------------------- matching
-    def _match(self, box_pred, cls_logits, enc_box_pred, enc_cls_logits, gt_boxes, gt_labels, gt_valid):
-        """``(query_to_gt (L, B, Q), enc_query_to_gt (B, Qe) or None)`` from one solve."""
-        num_layers, batch, queries, _ = box_pred.shape
-        g, m = self.num_groups, gt_boxes.shape[1]
-        sets = [(box_pred.flatten(0, 1), cls_logits.flatten(0, 1), num_layers)]
-        if enc_box_pred is not None:
-            sets.append((enc_box_pred, enc_cls_logits, 1))
-        costs, valids, rows = [], [], []
-        for boxes, logits, reps in sets:  # 1. each set's cost, (reps * B * G, Q / G, M)
-            rep = lambda t: t.unsqueeze(0).expand(reps, *t.shape).flatten(0, 1)  # noqa: E731
-            cost = matching_cost_unchecked(logits, boxes, rep(gt_boxes), rep(gt_labels), rep(gt_valid),
-                                           **self.cost_options)
-            costs.append(cost.view(cost.shape[0] * g, cost.shape[1] // g, m))
-            valids.append(rep(gt_valid).repeat_interleave(g, dim=0))
-            rows.append(cost.shape[1] // g)
-        width = max(rows)
-        query_valid = None
-        if len(set(rows)) > 1:  # sets with fewer queries: padding rows the solver never sees
-            query_valid = torch.cat([
-                (torch.arange(width, device=c.device) < r).expand(c.shape[0], width) for c, r in zip(costs, rows)
-            ])
-            costs = [torch.nn.functional.pad(c, (0, 0, 0, width - r)) for c, r in zip(costs, rows)]
-        cost = costs[0] if len(costs) == 1 else torch.cat(costs)
-        valid = valids[0] if len(valids) == 1 else torch.cat(valids)
-        # 2. the one solve (one device -> host and one host -> device copy)
-        match = match_hungarian_unchecked(cost, valid, solver=self.solver, query_valid=query_valid)
-        q2g = match.query_to_gt
-        n_dec = num_layers * batch * g
-        query_to_gt = q2g[:n_dec, : rows[0]].reshape(num_layers, batch, queries)
-        enc_query_to_gt = None
-        if enc_box_pred is not None:
-            enc_query_to_gt = q2g[n_dec:, : rows[1]].reshape(batch, enc_box_pred.shape[1])
-        return query_to_gt, enc_query_to_gt
-
     # ------------------------------------------------------------------------------- terms
     def _set_terms(self, out, suffixes, box_pred, cls_logits, cls_q2g, box_q2g, cls_num, box_num, gt_boxes,
                    gt_labels, corners=None, refs=None, teacher_corners=None, teacher_logits=None) -> None:
@@ -291,9 +254,11 @@ class RTDETRLoss(nn.Module):
         dtype = compute_dtype(box_pred)
         pred = box_pred.to(dtype)
         box_q2g = cls_q2g if box_q2g is None else box_q2g
-        cls_term = self._class_term(pred, cls_logits, cls_q2g, cls_num, gt_boxes, gt_labels)
+        cls_box, cls_class = gather_matched_targets(cls_q2g, gt_boxes.to(dtype), gt_labels, pred)
+        cls_term = detr_class_term(self.class_loss, pred, cls_logits, cls_q2g >= 0, cls_box, cls_class, cls_num,
+                                   alpha=self.alpha, gamma=self.gamma, mal_alpha=self.mal_alpha, eos_coef=self.eos_coef)
         matched = box_q2g >= 0  # (S, B, Q)
-        target, _ = _gather_targets(box_q2g, gt_boxes.to(dtype), gt_labels, pred)
+        target, _ = gather_matched_targets(box_q2g, gt_boxes.to(dtype), gt_labels, pred)
         l1 = torch.where(matched, (pred - target).abs().sum(-1), 0.0).sum((1, 2)) / box_num
         giou = aligned_box_iou_unchecked(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target), "giou")
         giou = torch.where(matched, 1 - giou, 0.0).sum((1, 2)) / box_num
@@ -301,161 +266,13 @@ class RTDETRLoss(nn.Module):
             out["loss_cls" + suffix], out["loss_l1" + suffix], out["loss_giou" + suffix] = cls_term[i], l1[i], giou[i]
         if corners is None:
             return
-        fgl, ddf = self._local_terms(pred, corners, refs, box_q2g, target, box_num, teacher_corners, teacher_logits)
+        fgl, ddf = distribution_terms(
+            pred, corners, refs, box_q2g, target, box_num, teacher_corners, teacher_logits,
+            bins=self.bins, temperature=self.ddf_temperature, distributed=self.distributed,
+        )
         for i in range(corners.shape[0]):
             out["loss_fgl" + suffixes[i]], out["loss_ddf" + suffixes[i]] = fgl[i], ddf[i]
 
-    def _class_term(self, pred, cls_logits, q2g, num, gt_boxes, gt_labels) -> Tensor:
-        """``(S,)`` class term of each layer given its matching ``q2g (S, B, Q)``."""
-        matched = q2g >= 0
-        target_box, target_class = _gather_targets(q2g, gt_boxes.to(pred.dtype), gt_labels, pred)
-        k = cls_logits.shape[-1]
-        if self.class_loss == "ce":
-            target_class = torch.where(matched, target_class, k - 1)
-            ce = cross_entropy(cls_logits, target_class, reduction="none")  # (S, B, Q)
-            weight = torch.where(matched, ce.new_ones(()), ce.new_full((), self.eos_coef))
-            return (ce * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1e-12)
-        positive = one_hot(torch.where(matched, target_class, -1), k, pred.dtype)  # (S, B, Q, C)
-        if self.class_loss == "focal":
-            loss = sigmoid_focal_loss(cls_logits, positive, self.alpha, self.gamma, reduction="none")
-        else:
-            iou = aligned_box_iou_unchecked(cxcywh_to_xyxy(pred.detach()), cxcywh_to_xyxy(target_box), "iou")
-            iou = torch.where(matched, iou, 0.0)
-            if self.class_loss == "vfl":
-                loss = detr_varifocal_loss(cls_logits, positive, iou, self.alpha, self.gamma)
-            elif self.class_loss == "mal":
-                loss = matchability_aware_loss(cls_logits, positive, iou, self.gamma, self.mal_alpha)
-            else:
-                loss = iou_aware_bce_loss(cls_logits, positive, iou, self.alpha, self.gamma)
-        return loss.sum((1, 2, 3)) / num
-
-    def _local_terms(self, pred, corners, refs, q2g, target, num, teacher_corners, teacher_logits):
-        """FGL and DDF ``(Sc,)`` of the first ``Sc`` layers of a set (those with corners)."""
-        sc = corners.shape[0]
-        r1 = self.bins["max_num_bins"] + 1
-        matched = q2g[:sc] >= 0  # (Sc, B, Q)
-        pred, target = pred[:sc], target[:sc]
-        iou = aligned_box_iou_unchecked(cxcywh_to_xyxy(pred.detach()), cxcywh_to_xyxy(target), "iou")
-        iou = torch.where(matched, iou, 0.0)
-        edges = corners.unflatten(-1, (4, r1))  # (Sc, B, Q, 4, R + 1)
-        safe_target = torch.where(matched.unsqueeze(-1), target, refs.detach().to(target.dtype))
-        fgl = fine_grained_localization_loss(edges, refs, safe_target, **self.bins)  # (Sc, B, Q, 4)
-        fgl = torch.where(matched.unsqueeze(-1), fgl * iou.unsqueeze(-1), 0.0).sum((1, 2, 3)) / num
-        # DDF against the teacher (the last layer with corners unless given)
-        teacher_is_last = teacher_corners is None
-        teacher = (corners[-1] if teacher_is_last else teacher_corners).unflatten(-1, (4, r1))
-        kl = decoupled_distillation_loss(edges, teacher.unsqueeze(0).expand_as(edges), self.ddf_temperature)
-        with torch.no_grad():
-            score = teacher_logits.detach().to(iou.dtype).sigmoid().amax(-1)  # (B, Q)
-            weight = torch.where(matched, iou, score.unsqueeze(0))
-        kl = kl * weight.unsqueeze(-1)  # (Sc, B, Q, 4)
-        batch, queries = matched.shape[1:]
-        pos = matched.sum((1, 2)).to(kl.dtype) * 4  # matched edges per layer
-        counts = torch.cat((pos, batch * queries * 4 - pos, pos.new_full((1,), batch)))
-        counts, world = self._global(counts)  # DDP: the batch's counts, this process's share of the sums
-        pos, neg, batch_all = counts[:sc], counts[sc:-1], counts[-1]
-        mean_pos = torch.where(matched.unsqueeze(-1), kl, 0.0).sum((1, 2, 3)) / pos.clamp(min=1)
-        mean_neg = torch.where(matched.unsqueeze(-1), 0.0, kl).sum((1, 2, 3)) / neg.clamp(min=1)
-        w_pos, w_neg = (pos / batch_all).sqrt(), (neg / batch_all).sqrt()
-        ddf = (mean_pos * w_pos + mean_neg * w_neg) / (w_pos + w_neg) * world
-        if teacher_is_last:  # the teacher's own DDF is 0 (kept in the graph)
-            ddf = torch.cat((ddf[:-1], (corners[-1].sum() * 0).to(ddf.dtype).reshape(1)))
-        return fgl, ddf
-
-    def _global(self, counts: Tensor) -> tuple[Tensor, int]:
-        """``counts`` summed over processes (``distributed`` and an initialised process group)
-        and the world size; else ``(counts, 1)``."""
-        if self.distributed and dist.is_available() and dist.is_initialized():
-            counts = counts.detach().clone()
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-            return counts, dist.get_world_size()
-        return counts, 1
-
-    # ------------------------------------------------------------------------------ checks
-    def _check_shapes(self, a: dict) -> dict:
-        k = self.num_logits
-        for name in ("box_pred", "cls_logits"):
-            require_floating(a[name], name)
-        dims = require_shape(a["box_pred"], "box_pred", ("L", "B", "Q", 4))
-        require_shape(a["cls_logits"], "cls_logits", ("L", "B", "Q", k), dims)
-        if dims["Q"] % self.num_groups:
-            raise ValueError(f"box_pred: expected a query count Q divisible by num_groups={self.num_groups}, got Q={dims['Q']}")
-        pairs = (("enc_box_pred", "enc_cls_logits"), ("dn_box_pred", "dn_cls_logits"))
-        for boxes, logits in pairs:
-            if (a[boxes] is None) != (a[logits] is None):
-                raise ValueError(f"{boxes}, {logits}: expected both or neither, got only one")
-        if a["enc_box_pred"] is not None:
-            require_floating(a["enc_box_pred"], "enc_box_pred")
-            require_shape(a["enc_box_pred"], "enc_box_pred", ("B", "Qe", 4), dims)
-            require_shape(a["enc_cls_logits"], "enc_cls_logits", ("B", "Qe", k), dims)
-            if dims["Qe"] % self.num_groups:
-                raise ValueError(f"enc_box_pred: expected a query count divisible by num_groups={self.num_groups}, got {dims['Qe']}")
-        if a["dn_box_pred"] is not None:
-            require_floating(a["dn_box_pred"], "dn_box_pred")
-            require_shape(a["dn_box_pred"], "dn_box_pred", ("Ld", "B", "D", 4), dims)
-            require_shape(a["dn_cls_logits"], "dn_cls_logits", ("Ld", "B", "D", k), dims)
-            if a["dn_query_to_gt"] is None:
-                raise ValueError("dn_query_to_gt: expected a (B, D) tensor with dn_box_pred, got None")
-            require_integer(a["dn_query_to_gt"], "dn_query_to_gt")
-            require_shape(a["dn_query_to_gt"], "dn_query_to_gt", ("B", "D"), dims)
-            g = a["dn_groups"]
-            if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-                raise ValueError(f"dn_groups: expected a positive integer, got {g!r}")
-        c = 4 * (self.bins["max_num_bins"] + 1)
-        for prefix, layers, q in (("", "L", "Q"), ("dn_", "Ld", "D")):
-            corners = a[prefix + "pred_corners"]
-            if corners is None:
-                continue
-            if prefix and a["dn_box_pred"] is None:
-                raise ValueError("dn_pred_corners: expected dn_box_pred and dn_cls_logits with it")
-            require_floating(corners, prefix + "pred_corners")
-            cdims = require_shape(corners, prefix + "pred_corners", ("Lc", "B", q, c), dict(dims))
-            if cdims["Lc"] > dims[layers]:
-                raise ValueError(f"{prefix}pred_corners: expected at most {layers}={dims[layers]} layers, got {cdims['Lc']}")
-            if a[prefix + "ref_points"] is None:
-                raise ValueError(f"{prefix}ref_points: expected ({cdims['Lc']}, B, {q}, 4) with {prefix}pred_corners, got None")
-            require_shape(a[prefix + "ref_points"], prefix + "ref_points", ("Lc", "B", q, 4), cdims)
-            if a[prefix + "teacher_corners"] is not None:
-                require_shape(a[prefix + "teacher_corners"], prefix + "teacher_corners", ("B", q, c), cdims)
-            if a[prefix + "teacher_logits"] is not None:
-                require_shape(a[prefix + "teacher_logits"], prefix + "teacher_logits", ("B", q, k), cdims)
-        return dims
-
-
-def _gather_targets(q2g: Tensor, gt_boxes: Tensor, gt_labels: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
-    """Matched box ``(S, B, Q, 4)`` (the prediction itself, detached, where unmatched: finite
-    terms before masking) and class ``(S, B, Q)`` (-1 where unmatched) of every query."""
-    s = q2g.shape[0]
-    matched = q2g >= 0
-    if gt_boxes.shape[1] == 0:
-        return pred.detach(), torch.full_like(q2g, -1)
-    index = q2g.clamp(min=0)
-    boxes = gt_boxes.unsqueeze(0).expand(s, -1, -1, -1).gather(2, index.unsqueeze(-1).expand(-1, -1, -1, 4))
-    labels = gt_labels.unsqueeze(0).expand(s, -1, -1).gather(2, index)
-    return torch.where(matched.unsqueeze(-1), boxes, pred.detach()), torch.where(matched, labels, -1)
-
-
-def _fit_queries(q2g: Tensor, queries: int) -> Tensor:
-    """``(B, Q)`` -> ``(B, queries)``: cut, or padded with -1."""
-    q = q2g.shape[-1]
-    if queries <= q:
-        return q2g[..., :queries]
-    return torch.nn.functional.pad(q2g, (0, queries - q), value=-1)
-
-
-def _union_matching(query_to_gt: Tensor, enc_query_to_gt: Optional[Tensor], m: int) -> Tensor:
-    """DEIM's dense one-to-one: ``(B, Q)`` the object each query was matched to most often over
-    the layers (and the encoder output, query by query), ties to the lower object index; -1: never."""
-    stack = query_to_gt
-    if enc_query_to_gt is not None:
-        stack = torch.cat((stack, _fit_queries(enc_query_to_gt, query_to_gt.shape[-1]).unsqueeze(0)))
-    if m == 0:
-        return torch.full(query_to_gt.shape[1:], -1, dtype=torch.int64, device=query_to_gt.device)
-    index = torch.where(stack >= 0, stack, m).permute(1, 2, 0)  # (B, Q, sets), m: unmatched
-    counts = torch.zeros((*index.shape[:2], m + 1), dtype=torch.int32, device=index.device)
-    counts = counts.scatter_add_(2, index, torch.ones_like(index, dtype=torch.int32))[..., :m]  # (B, Q, M)
-    first = counts.argmax(-1)  # the first maximal index: ties to the lower object
-    return torch.where(counts.amax(-1) > 0, first, -1)
 
 
 __all__ = ["CLASS_LOSSES", "RTDETRAssignment", "RTDETRLoss"]

@@ -32,11 +32,14 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
 
 from .._validate import require_positive
-from ..boxes import compute_dtype
+from ..boxes import aligned_box_iou_unchecked, compute_dtype, cxcywh_to_xyxy
+from ..targets import one_hot
+from .classification import cross_entropy, sigmoid_focal_loss
 from .reduce import Reduction, weighted_reduce
 
 #: floor of RF-DETR's positive quality ``p^alpha IoU^(1 - alpha)``
@@ -239,3 +242,87 @@ __all__ = [
     "matchability_aware_loss",
     "weighting_function",
 ]
+
+
+def distribution_terms(
+    pred: Tensor, corners: Tensor, refs: Tensor, q2g: Tensor, target: Tensor, num: Tensor,
+    teacher_corners: Optional[Tensor], teacher_logits: Tensor, *, bins: dict, temperature: float,
+    distributed: bool,
+) -> tuple[Tensor, Tensor]:
+    """D-FINE's FGL and DDF ``(Sc,)`` of the first ``Sc`` layers of a matching set, those with
+    ``corners (Sc, B, Q, 4 (R + 1))``: boxes ``pred (S, B, Q, 4)`` cxcywh, reference points
+    ``refs (Sc, B, Q, 4)``, matching ``q2g (S, B, Q)`` (-1: unmatched), matched targets
+    ``target (S, B, Q, 4)``, normaliser ``num``. The teacher is ``teacher_corners (B, Q, 4 (R + 1))``
+    or, when None, the last layer with corners (whose own DDF is then 0); ``teacher_logits (B, Q, K)``
+    weight the unmatched queries. ``bins``: :func:`weighting_function`'s settings; with
+    ``distributed`` DDF's edge counts and batch size are summed over processes."""
+    sc = corners.shape[0]
+    r1 = bins["max_num_bins"] + 1
+    matched = q2g[:sc] >= 0  # (Sc, B, Q)
+    pred, target = pred[:sc], target[:sc]
+    iou = aligned_box_iou_unchecked(cxcywh_to_xyxy(pred.detach()), cxcywh_to_xyxy(target), "iou")
+    iou = torch.where(matched, iou, 0.0)
+    edges = corners.unflatten(-1, (4, r1))  # (Sc, B, Q, 4, R + 1)
+    safe_target = torch.where(matched.unsqueeze(-1), target, refs.detach().to(target.dtype))
+    fgl = fine_grained_localization_loss(edges, refs, safe_target, **bins)  # (Sc, B, Q, 4)
+    fgl = torch.where(matched.unsqueeze(-1), fgl * iou.unsqueeze(-1), 0.0).sum((1, 2, 3)) / num
+    # DDF against the teacher (the last layer with corners unless given)
+    teacher_is_last = teacher_corners is None
+    teacher = (corners[-1] if teacher_is_last else teacher_corners).unflatten(-1, (4, r1))
+    kl = decoupled_distillation_loss(edges, teacher.unsqueeze(0).expand_as(edges), temperature)
+    with torch.no_grad():
+        score = teacher_logits.detach().to(iou.dtype).sigmoid().amax(-1)  # (B, Q)
+        weight = torch.where(matched, iou, score.unsqueeze(0))
+    kl = kl * weight.unsqueeze(-1)  # (Sc, B, Q, 4)
+    batch, queries = matched.shape[1:]
+    pos = matched.sum((1, 2)).to(kl.dtype) * 4  # matched edges per layer
+    counts = torch.cat((pos, batch * queries * 4 - pos, pos.new_full((1,), batch)))
+    counts, world = _summed_over_processes(counts, distributed)  # DDP: the batch's counts, this process's share of the sums
+    pos, neg, batch_all = counts[:sc], counts[sc:-1], counts[-1]
+    mean_pos = torch.where(matched.unsqueeze(-1), kl, 0.0).sum((1, 2, 3)) / pos.clamp(min=1)
+    mean_neg = torch.where(matched.unsqueeze(-1), 0.0, kl).sum((1, 2, 3)) / neg.clamp(min=1)
+    w_pos, w_neg = (pos / batch_all).sqrt(), (neg / batch_all).sqrt()
+    ddf = (mean_pos * w_pos + mean_neg * w_neg) / (w_pos + w_neg) * world
+    if teacher_is_last:  # the teacher's own DDF is 0 (kept in the graph)
+        ddf = torch.cat((ddf[:-1], (corners[-1].sum() * 0).to(ddf.dtype).reshape(1)))
+    return fgl, ddf
+
+
+def _summed_over_processes(counts: Tensor, distributed: bool) -> tuple[Tensor, int]:
+    """``counts`` summed over processes (``distributed`` and an initialised process group) and
+    the world size; else ``(counts, 1)``."""
+    if distributed and dist.is_available() and dist.is_initialized():
+        counts = counts.detach().clone()
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return counts, dist.get_world_size()
+    return counts, 1
+
+
+def detr_class_term(
+    class_loss: str, pred: Tensor, cls_logits: Tensor, matched: Tensor, target_box: Tensor, target_class: Tensor,
+    num: Tensor, *, alpha: float, gamma: float, mal_alpha: Optional[float], eos_coef: float,
+) -> Tensor:
+    """``(S,)`` class term of each of ``S`` stacked layers: boxes ``pred (S, B, Q, 4)`` cxcywh,
+    ``cls_logits (S, B, Q, K)``, ``matched (S, B, Q)`` bool and each query's matched box
+    ``target_box (S, B, Q, 4)`` and class ``target_class (S, B, Q)``; ``class_loss`` ``"vfl"``,
+    ``"mal"``, ``"ia_bce"``, ``"focal"`` (summed, / ``num``) or ``"ce"`` (the "no object" column
+    last, weighted ``eos_coef``; the weighted mean of each layer)."""
+    k = cls_logits.shape[-1]
+    if class_loss == "ce":
+        target_class = torch.where(matched, target_class, k - 1)
+        ce = cross_entropy(cls_logits, target_class, reduction="none")  # (S, B, Q)
+        weight = torch.where(matched, ce.new_ones(()), ce.new_full((), eos_coef))
+        return (ce * weight).sum((1, 2)) / weight.sum((1, 2)).clamp(min=1e-12)
+    positive = one_hot(torch.where(matched, target_class, -1), k, pred.dtype)  # (S, B, Q, C)
+    if class_loss == "focal":
+        loss = sigmoid_focal_loss(cls_logits, positive, alpha, gamma, reduction="none")
+    else:
+        iou = aligned_box_iou_unchecked(cxcywh_to_xyxy(pred.detach()), cxcywh_to_xyxy(target_box), "iou")
+        iou = torch.where(matched, iou, 0.0)
+        if class_loss == "vfl":
+            loss = detr_varifocal_loss(cls_logits, positive, iou, alpha, gamma)
+        elif class_loss == "mal":
+            loss = matchability_aware_loss(cls_logits, positive, iou, gamma, mal_alpha)
+        else:
+            loss = iou_aware_bce_loss(cls_logits, positive, iou, alpha, gamma)
+    return loss.sum((1, 2, 3)) / num
