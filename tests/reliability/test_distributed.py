@@ -1,4 +1,5 @@
-"""Two-process gloo test: DDP gradients equal the single-process gradients, every family.
+"""Two-process gloo test: DDP gradients equal the single-process gradients, every family
+(the real-time DETR and the oriented-box / YOLO26 families included).
 
 One ``torch.multiprocessing.spawn`` of 2 ranks runs every family and scenario. Each rank
 takes its half of a global batch of 4 images and computes the gradient of its loss with
@@ -26,12 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .cases import FAMILIES, loss_and_grads, make_case
+from .cases import FAMILIES, RT_DETR_FAMILIES, YOLO_TASK_FAMILIES, loss_and_grads, make_case
 
 WORLD = 2
 SCENARIOS = {"both": [3, 1, 2, 4], "one-empty": [2, 3, 0, 0]}
 # (family, options, label); every entry is run in every scenario
-CONFIGS = [(f, {"distributed": True}, f) for f in FAMILIES if f != "yolov3"] + [
+CONFIGS = [(f, {"distributed": True}, f) for f in FAMILIES + RT_DETR_FAMILIES + YOLO_TASK_FAMILIES if f != "yolov3"] + [
     ("yolov3", {"distributed": True, "normalize_by": "num_pos"}, "yolov3-num_pos"),
     ("yolov3", {}, "yolov3-batch"),
     ("ssd", {}, "ssd-not-distributed"),

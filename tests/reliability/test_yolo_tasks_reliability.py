@@ -1,20 +1,15 @@
 """Reliability of the oriented-box YOLO and YOLO26 families (``yolo_obb``, ``yolo26``, ``yolo26_obb``
 in :mod:`.cases`): half predictions and bf16 autocast, ``torch.compile(fullgraph=True)``,
-determinism, 2-process gloo gradients equal to the single process (a process without objects
-included), a sync-free dense step with at most one host read when value checks are on, and bad
-input (NaN angle, negative size, a 4-column box given to the OBB loss)."""
+determinism, a sync-free dense step with at most one host read when value checks are on, and bad
+input (NaN angle, negative size, a 4-column box given to the OBB loss). Their 2-process gloo
+gradients are checked with every other family's in ``test_distributed.py``."""
 from __future__ import annotations
 
-import os
-import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import detloss
 from .cases import YOLO_TASK_FAMILIES, loss_and_grads, make_case, scalar_items
@@ -88,50 +83,6 @@ def test_two_runs_bitwise_equal_and_degenerate_boxes_finite(family):
     out, grads = loss_and_grads(make_case(family, seed=42, degenerate=True))
     assert all(torch.isfinite(v) for v in scalar_items(out).values())
     assert all(torch.isfinite(g).all() for g in grads)
-
-
-# --------------------------------------------------------------------------- distributed
-WORLD = 2
-SCENARIOS = {"both": [3, 1, 2, 4], "one-empty": [2, 3, 0, 0]}
-
-
-def _case(family: str, counts: list, distributed: bool):
-    return make_case(family, batch=4, num_gt=counts, seed=61, options={"distributed": distributed})
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for family in YOLO_TASK_FAMILIES:
-            for scenario, counts in SCENARIOS.items():
-                case = _case(family, counts, True).slice(rank * 2, rank * 2 + 2).leaves()
-                _, grads = loss_and_grads(case)
-                torch.save([g.detach() for g in grads], os.path.join(out_dir, f"{family}-{scenario}-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def rank_grads():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(port, out_dir), nprocs=WORLD, join=True)
-        yield {name[:-3]: torch.load(os.path.join(out_dir, name)) for name in os.listdir(out_dir)}
-
-
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("family", YOLO_TASK_FAMILIES)
-def test_ddp_gradients_equal_single_process(rank_grads, family, scenario):
-    """Each process holds 2 of 4 images ("one-empty": the second process has no objects)."""
-    single = _case(family, SCENARIOS[scenario], False)
-    _, grads = loss_and_grads(single.leaves())
-    for rank in range(WORLD):
-        for g_rank, g_all in zip(rank_grads[f"{family}-{scenario}-{rank}"], grads):
-            torch.testing.assert_close(g_rank / WORLD, g_all.narrow(0, rank * 2, 2), rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------- host reads and syncs
