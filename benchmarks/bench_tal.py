@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import detloss
 from detloss import YOLOv8Loss, match_task_aligned
 from detloss.priors import anchor_points
-from resident_memory import PeakResident
+from paired import paired_medians, peak_growth
 
 BATCH, SIZE, NUM_CLASSES, REG_MAX, STRIDES = 8, 640, 80, 16, (8, 16, 32)
 TOPK, ALPHA, BETA, SIDE, EPS = 10, 0.5, 6.0, 16.0, 1e-9
@@ -171,23 +171,12 @@ def ab(num_gt: int, runs: int) -> dict:
 
 def peak_one(form: str, what: str, num_gt: int, runs: int) -> dict:
     inputs = make_inputs(num_gt)
-    with PeakResident() as probe:
-        for _ in range(runs):
-            step(form, what, inputs)
-    return {"peak_mib": probe.growth_mib}
+    return peak_growth(lambda: step(form, what, inputs), runs)
 
 
 def times(what: str, num_gt: int, runs: int) -> dict:
     inputs = make_inputs(num_gt)
-    out = {"detloss": [], "dense": []}
-    for form in out:  # warm-up
-        step(form, what, inputs)
-    for _ in range(runs):
-        for form in out:
-            t0 = time.perf_counter()
-            step(form, what, inputs)
-            out[form].append((time.perf_counter() - t0) * 1e3)
-    return {form: statistics.median(v) for form, v in out.items()}
+    return paired_medians({form: lambda form=form: step(form, what, inputs) for form in ("detloss", "dense")}, runs)
 
 
 class OpCounter(TorchDispatchMode):
