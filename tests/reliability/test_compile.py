@@ -1,4 +1,5 @@
-"""``torch.compile(fullgraph=True)`` of every native composite loss forward.
+"""``torch.compile(fullgraph=True)`` of every native composite loss forward (the real-time DETR,
+oriented-box and YOLO26 families included).
 
 ``fullgraph=True`` turns any graph break (``.item()``, data-dependent Python branching,
 boolean-mask indexing) into an error, so compiling at all proves the forward has none. The
@@ -15,10 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import FAMILIES, loss_and_grads, make_case, scalar_items
+from .cases import FAMILIES, RT_DETR_FAMILIES, YOLO_TASK_FAMILIES, loss_and_grads, make_case, scalar_items
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
+# the newer families, one of each kind in the default suite (a compile takes tens of seconds)
+FAST_NEW = ("rt_detr", "yolo_obb")
+NEW_FAMILIES = [f if f in FAST_NEW else pytest.param(f, marks=pytest.mark.slow) for f in RT_DETR_FAMILIES + YOLO_TASK_FAMILIES]
 
 
 def _compiled_equals_eager(family: str, backend: str, **kw) -> None:
@@ -42,6 +45,11 @@ def _compiled_equals_eager(family: str, backend: str, **kw) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fullgraph_aot_eager_equals_eager(family):
     _compiled_equals_eager(family, "aot_eager")
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_fullgraph_aot_eager_equals_eager_newer_families(family):
+    _compiled_equals_eager(family, "aot_eager", num_gt=[3, 0])
 
 
 @pytest.mark.parametrize("family", ["ssd", "retinanet", "rpn"])
