@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from detloss import match_rotated_task_aligned
 from detloss.compat.ultralytics import v8OBBLoss
 from detloss.priors import anchor_points
+from bench_tal import dense_targets
 from paired import paired_medians, peak_growth
 
 BATCH, SIZE, NUM_CLASSES, REG_MAX, STRIDES = 4, 1024, 15, 16, (8, 16, 32)
@@ -117,8 +118,6 @@ def probiou(b1, b2, variance=0.0, eps=1e-7):
 
 def dense_assign(scores, pred, points, gt, labels, valid):
     """Rotated task-aligned assignment on ``(B, M, A)`` tensors."""
-    b, a, c = scores.shape
-    m = gt.shape[1]
     wh = torch.where((gt[..., 2:4] < SIDE) & valid[..., None], torch.full_like(gt[..., 2:4], SIDE), gt[..., 2:4])
     cos, sin = gt[..., 4].cos(), gt[..., 4].sin()
     d = points[None, None] - gt[:, :, None, :2]  # (B, M, A, 2)
@@ -126,21 +125,7 @@ def dense_assign(scores, pred, points, gt, labels, valid):
     v_ = -d[..., 0] * sin[..., None] + d[..., 1] * cos[..., None]
     mask = (u_.abs() <= wh[..., 0:1] / 2) & (v_.abs() <= wh[..., 1:2] / 2) & valid[..., None]  # (B, M, A)
     u = torch.where(mask, probiou(gt[:, :, None], pred[:, None]).clamp(min=0), 0.0)  # (B, M, A)
-    s = scores.transpose(1, 2).gather(1, labels[..., None].expand(-1, -1, a))  # (B, M, A)
-    metric = torch.where(mask, s.pow(ALPHA) * u.pow(BETA), 0.0)
-    top = metric.topk(min(TOPK, a), dim=-1).indices
-    mask_pos = torch.zeros_like(mask).scatter_(-1, top, True) & mask & (metric > 0)
-    count = mask_pos.sum(1)  # (B, A)
-    best = F.one_hot(u.argmax(1), m).transpose(1, 2).bool()  # (B, M, A)
-    mask_pos = torch.where((count > 1)[:, None], best, mask_pos)
-    fg = mask_pos.any(1)
-    gt_idx = mask_pos.float().argmax(1)
-    metric, u = metric * mask_pos, u * mask_pos
-    norm = (metric * u.amax(-1, keepdim=True) / (metric.amax(-1, keepdim=True) + EPS)).amax(1)  # (B, A)
-    target_labels = labels.gather(1, gt_idx)
-    target_boxes = gt.gather(1, gt_idx[..., None].expand(-1, -1, 5))
-    target_scores = F.one_hot(target_labels, c) * (norm * fg)[..., None]
-    return fg, target_boxes, target_scores
+    return dense_targets(mask, u, scores, labels, gt)
 
 
 def dense_loss(preds, batch):

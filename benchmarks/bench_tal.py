@@ -87,17 +87,22 @@ def ciou(b1, b2, eps=1e-7):
 @torch.no_grad()
 def dense_assign(scores, pred, points, gt, labels, valid):
     """Task-aligned assignment on ``(B, M, A)`` tensors (the formulation of ultralytics)."""
-    b, a, c = scores.shape
-    m = gt.shape[1]
     centre, size = (gt[..., :2] + gt[..., 2:]) / 2, gt[..., 2:] - gt[..., :2]
     size = torch.where(size < SIDE, torch.full_like(size, SIDE), size)
     floored = torch.cat((centre - size / 2, centre + size / 2), -1)
     deltas = torch.cat((points[None, None] - floored[:, :, None, :2], floored[:, :, None, 2:] - points[None, None]), -1)
     mask = (deltas.amin(-1) > 1e-9) & valid[..., None]  # (B, M, A)
     u = torch.where(mask, ciou(gt[:, :, None], pred[:, None]).clamp(min=0), 0.0)  # (B, M, A)
+    return dense_targets(mask, u, scores, labels, gt)
+
+
+def dense_targets(mask: torch.Tensor, u: torch.Tensor, scores, labels, gt) -> tuple:
+    """Steps 2-6 of the dense formulation, for any box geometry: candidates ``mask (B, M, A)``,
+    overlaps ``u (B, M, A)``; returns ``(fg (B, A), target_boxes (B, A, D), target_scores (B, A, C))``."""
+    (_, m, a), c = mask.shape, scores.shape[-1]
     s = scores.transpose(1, 2).gather(1, labels[..., None].expand(-1, -1, a))  # (B, M, A)
     metric = torch.where(mask, s.pow(ALPHA) * u.pow(BETA), 0.0)
-    top = metric.topk(TOPK, dim=-1).indices
+    top = metric.topk(min(TOPK, a), dim=-1).indices
     mask_pos = torch.zeros_like(mask).scatter_(-1, top, True) & mask & (metric > 0)
     count = mask_pos.sum(1)  # (B, A)
     best = F.one_hot(u.argmax(1), m).transpose(1, 2).bool()  # (B, M, A)
@@ -107,7 +112,7 @@ def dense_assign(scores, pred, points, gt, labels, valid):
     metric, u = metric * mask_pos, u * mask_pos
     norm = (metric * u.amax(-1, keepdim=True) / (metric.amax(-1, keepdim=True) + EPS)).amax(1)  # (B, A)
     target_labels = labels.gather(1, gt_idx)
-    target_boxes = gt.gather(1, gt_idx[..., None].expand(-1, -1, 4))
+    target_boxes = gt.gather(1, gt_idx[..., None].expand(-1, -1, gt.shape[-1]))
     target_scores = F.one_hot(target_labels, c) * (norm * fg)[..., None]
     return fg, target_boxes, target_scores
 
