@@ -194,7 +194,7 @@ def test_padding_rows_anywhere_change_nothing():
 
 # ------------------------------------------------------------------------ one solve a step
 def test_every_layer_and_image_in_one_solve(monkeypatch):
-    calls, cpu_copies = [], []
+    calls = []
     real = H._solve_all
     monkeypatch.setattr(H, "_solve_all", lambda cost, *a: calls.append(tuple(cost.shape)) or real(cost, *a))
     logits, boxes, gt, labels, valid = _random_case(6, 4, 10, [3, 0, 5, 2], 15, "ce")

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import detloss
 from detloss import YOLO26Loss, YOLOOBBLoss, YOLOv8Loss, aligned_probiou, yolo26_branch_weights
 from detloss.priors import anchor_points
 

@@ -201,7 +201,6 @@ def match_priors_unchecked(
         priors_xyxy = cxcywh_to_xyxy(priors_xyxy)
     b, m = gt_valid.shape
     num_slots = m
-    p = priors.shape[0]
     if m == 0:  # no GT slots at all: pad one invalid slot so the reductions are defined
         gt_boxes = gt_boxes.new_zeros(b, 1, 4)
         gt_valid = gt_valid.new_zeros(b, 1)
